@@ -1,0 +1,544 @@
+"""LocalMIM for ViT on timm 1.0: encoder, per-stage decoders, multi-scale HOG targets, loss, FreezeOut units.
+
+Data flow of one forward pass (B images of H×W, patch p, grid g = H/p, L = g² tokens):
+
+    imgs [B,3,H,W] -> HOG targets (fp32, autocast off, no grad), only for ACTIVE stages
+                   -> patch embed + fixed sin-cos pos -> random mask (keep L·(1-r)) -> [cls | visible]
+                   -> blocks; after each tap block b (stage k): stage norm k -> latent_k [B,1+keep,D]
+                   -> decoder k (embed 256, mask tokens, unshuffle, 1 block, norm, scale head) -> [B,(g·s_k)²,3·nb]
+                   -> masked-mean MSE per stage (mask resampled to g·s_k) -> total = Σ_k w_k · loss_k
+
+Differences from the reference code (all deliberate, see ``docs/``): ``img_size``/``patch_size`` reach the model;
+HOG cells are ``patch / scale`` (integer, checked) instead of hard-coded 4/8/16/32 px; ViT-H/14 uses scales
+(2, 2, 1, 0.5) because 14/4 = 3.5 px cells do not exist; the HOG pass is shared by all stages; the forward returns
+per-stage losses too; and a FreezeOut-frozen prefix runs under ``no_grad`` with the stages it feeds switched off.
+"""
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+
+from util.errors import UserError
+from util.pos_embed import sincos_2d_tensor
+
+__all__ = ['HOGTargets', 'LocalMIM', 'ParamUnit', 'stage_layout', 'parse_stage_weights', 'create_model',
+           'MODEL_NAMES']
+
+# ---------------------------------------------------------------------------------------------------------------------
+# HOG targets
+
+
+class HOGTargets(nn.Module):
+    """Multi-scale HOG maps of an image batch, computed in one pass (reference maths, different order of work).
+
+    Per colour channel: Sobel (reflect padding) -> magnitude and atan2(ch0, ch1) -> unsigned hard binning
+    ``floor(phi / pi * nb) mod nb`` -> mean magnitude per bin per ``c×c`` cell -> L2 normalisation of each cell's
+    nb-vector -> R, G, B concatenated. No Gaussian window, no block normalisation, no interpolation between bins.
+
+    The reference builds a full-resolution one-hot [B, nb, H, W] and average-pools it once per stage. Here the
+    gradients and bins are computed once, the finest requested cell histogram is built by a scatter-add into
+    cells, and coarser cell sizes that are multiples of it are sum-pooled from it (averaging averages of equal-size
+    cells is exact), so the cost is one full-resolution pass regardless of the number of stages.
+
+    With ``bias=True`` (``--hog_bias``) each stage has its own frozen random gradient bias drawn from U(-1/3, 1/3)
+    (PyTorch's default conv-bias init for fan-in 9, as the reference's four HOG layers get). The bias changes the
+    bins, so then the Sobel convolution is still shared but binning runs once per stage.
+
+    Args:
+        nbins: orientation bins over [0, pi).
+        cell_sizes: cell size in pixels for each stage.
+        bias: add a frozen random bias to the gradients (``--hog_bias``).
+        bias_seed: seed of the bias draw, the same on every rank (default 0).
+    """
+
+    def __init__(self, nbins: int, cell_sizes: Sequence[int], bias: bool = False, bias_seed: int = 0):
+        super().__init__()
+        self.nbins = nbins
+        self.cell_sizes = [int(c) for c in cell_sizes]
+        sobel = torch.tensor([[1., 0., -1.], [2., 0., -2.], [1., 0., -1.]])
+        self.register_buffer('weight', torch.stack([sobel, sobel.t()]).unsqueeze(1), persistent=False)  # [2,1,3,3]
+        if bias:
+            g = torch.Generator().manual_seed(bias_seed)
+            b = (torch.rand(len(self.cell_sizes), 2, generator=g) * 2 - 1) / 3.0
+            self.register_buffer('bias', b)  # in the state dict, so a run's targets can be reproduced exactly
+        else:
+            self.bias = None
+        self._cell_index_cache: Dict[Tuple[int, int, int, str], torch.Tensor] = {}
+
+    def _cell_index(self, h: int, w: int, cell: int, device: torch.device) -> torch.Tensor:
+        key = (h, w, cell, str(device))
+        idx = self._cell_index_cache.get(key)
+        if idx is None:
+            rows = torch.arange(h, device=device) // cell
+            cols = torch.arange(w, device=device) // cell
+            idx = (rows[:, None] * (w // cell) + cols[None, :]).reshape(-1)
+            self._cell_index_cache[key] = idx
+        return idx
+
+    def _histogram(self, mag: torch.Tensor, bins: torch.Tensor, cell: int) -> torch.Tensor:
+        """[N,H,W] magnitudes and bins -> [N, H/c, W/c, nb] mean magnitude per cell and bin."""
+        n, h, w = mag.shape
+        hc, wc = h // cell, w // cell
+        if hc * cell != h or wc * cell != w:
+            mag, bins = mag[:, :hc * cell, :wc * cell], bins[:, :hc * cell, :wc * cell]
+            h, w = hc * cell, wc * cell
+        index = self._cell_index(h, w, cell, mag.device)[None, :] * self.nbins + bins.reshape(n, -1)
+        hist = mag.new_zeros(n, hc * wc * self.nbins)
+        hist.scatter_add_(1, index, mag.reshape(n, -1))
+        return (hist / float(cell * cell)).view(n, hc, wc, self.nbins)
+
+    def _bins(self, gxy: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        if bias is not None:
+            gxy = gxy + bias.view(1, 2, 1, 1)
+        mag = torch.linalg.vector_norm(gxy, dim=1)
+        phase = torch.atan2(gxy[:, 0], gxy[:, 1])
+        bins = torch.floor(phase / math.pi * self.nbins).long().remainder_(self.nbins)
+        return mag, bins
+
+    @torch.no_grad()
+    def maps(self, imgs: torch.Tensor, stages: Optional[Sequence[int]] = None) -> Dict[int, torch.Tensor]:
+        """HOG maps ``{stage: [B, 3·nb, H/c, W/c]}`` (channel-first, R bins then G then B) for ``stages``."""
+        stages = list(range(len(self.cell_sizes))) if stages is None else list(stages)
+        hists = self._cell_histograms(imgs, stages)
+        b = imgs.shape[0]
+        out = {}
+        for k in stages:
+            hist = hists[k]
+            _, hc, wc, nb = hist.shape
+            out[k] = hist.view(b, -1, hc, wc, nb).permute(0, 1, 4, 2, 3).reshape(b, -1, hc, wc)
+        return out
+
+    @torch.no_grad()
+    def forward(self, imgs: torch.Tensor, stages: Optional[Sequence[int]] = None) -> Dict[int, torch.Tensor]:
+        """Targets ``{stage: [B, (H/c)·(W/c), 3·nb]}`` in row-major cell order, ready for the loss."""
+        stages = list(range(len(self.cell_sizes))) if stages is None else list(stages)
+        hists = self._cell_histograms(imgs, stages)
+        b = imgs.shape[0]
+        out = {}
+        for k in stages:
+            hist = hists[k]
+            _, hc, wc, nb = hist.shape
+            out[k] = hist.view(b, -1, hc * wc, nb).transpose(1, 2).reshape(b, hc * wc, -1)
+        return out
+
+    def _cell_histograms(self, imgs: torch.Tensor, stages: List[int]) -> Dict[int, torch.Tensor]:
+        """Normalised [B·C, H/c, W/c, nb] histograms for each requested stage."""
+        with torch.autocast(device_type=imgs.device.type, enabled=False):
+            x = imgs.float()
+            b, c, h, w = x.shape
+            x = F.pad(x.reshape(b * c, 1, h, w), (1, 1, 1, 1), mode='reflect')
+            gxy = F.conv2d(x, self.weight.to(x.device))  # [B·C, 2, H, W]
+            raw: Dict[int, torch.Tensor] = {}
+            if self.bias is None:
+                mag, bins = self._bins(gxy, None)
+                base = min(self.cell_sizes[k] for k in stages) if stages else 1
+                finest = None
+                for k in sorted(stages, key=lambda s: self.cell_sizes[s]):
+                    cell = self.cell_sizes[k]
+                    if cell % base == 0 and finest is not None and h % cell == 0 and w % cell == 0:
+                        f = cell // base
+                        n, hc, wc, nb = finest.shape
+                        raw[k] = finest.view(n, hc // f, f, wc // f, f, nb).mean(dim=(2, 4))
+                    else:
+                        raw[k] = self._histogram(mag, bins, cell)
+                        if cell == base:
+                            finest = raw[k]
+            else:
+                for k in stages:
+                    mag, bins = self._bins(gxy, self.bias[k].to(gxy.device))
+                    raw[k] = self._histogram(mag, bins, self.cell_sizes[k])
+            return {k: F.normalize(v, p=2, dim=-1) for k, v in raw.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stage layout
+
+
+def default_taps(depth: int) -> List[int]:
+    """0-based blocks feeding the four stages: [1, 3, depth-3, depth-1] (LocalMIM)."""
+    if depth < 4:
+        raise UserError(f'LocalMIM needs at least 4 encoder blocks, got depth {depth}')
+    return [1, 3, depth - 3, depth - 1]
+
+
+def stage_layout(depth: int, patch_size: int, base_scales: Sequence[float] = (4, 2, 1, 0.5),
+                 all_stages: bool = False) -> List[Tuple[int, float]]:
+    """``[(feeding_block, scale), ...]`` per stage, shallow to deep.
+
+    Default: the four LocalMIM taps with ``base_scales``. ``all_stages``: every block feeds a decoder; block b gets
+    the scale of the last default tap at or before b, and blocks before the first tap get twice the first tap's
+    scale (if that gives an integer HOG cell, else the first tap's scale). For depth 12 this is exactly the seed's
+    table 8,4,4,2,2,2,2,2,2,1,1,0.5. With depth < 7 the default taps repeat a block (e.g. depth 4: [1,3,1,3]); each
+    stage still has its own norm and decoder.
+    """
+    taps = default_taps(depth)
+    if not all_stages:
+        return list(zip(taps, [float(s) for s in base_scales]))
+    layout = []
+    for b in range(depth):
+        before = [i for i, t in enumerate(taps) if t <= b]
+        if before:
+            s = float(base_scales[max(before, key=lambda i: (taps[i], i))])
+        else:
+            s = 2.0 * base_scales[0]
+            if (patch_size / s) != int(patch_size / s):
+                s = float(base_scales[0])
+        layout.append((b, s))
+    return layout
+
+
+def cell_size(patch_size: int, scale: float) -> int:
+    c = patch_size / scale
+    if c != int(c) or c < 1:
+        raise UserError(f'HOG cell of patch_size/scale = {patch_size}/{scale:g} = {c:g} px is not a whole number of '
+                        f'pixels; choose --patch_size divisible by {scale:g} (or drop --all_stages)')
+    return int(c)
+
+
+def parse_stage_weights(spec: Union[str, Sequence[float], None], num_stages: int) -> List[float]:
+    """``equal`` (paper) | ``4321`` (4,3,2,1 shallow→deep) | ``1overk`` (1/4,1/3,1/2,1) | comma list of floats.
+
+    The presets generalise to S stages as S..1 and 1/S..1/1.
+    """
+    if spec is None or spec == 'equal':
+        return [1.0] * num_stages
+    if isinstance(spec, str):
+        if spec == '4321':
+            return [float(num_stages - k) for k in range(num_stages)]
+        if spec == '1overk':
+            return [1.0 / (num_stages - k) for k in range(num_stages)]
+        try:
+            w = [float(x) for x in spec.split(',') if x.strip()]
+        except ValueError:
+            raise UserError(f"--stage_weights {spec!r}: use 'equal', '4321', '1overk' or a comma list of "
+                            f'{num_stages} numbers') from None
+    else:
+        w = [float(x) for x in spec]
+    if len(w) != num_stages:
+        raise UserError(f'--stage_weights: got {len(w)} weights for {num_stages} stages; give exactly {num_stages}')
+    if any(not math.isfinite(x) or x < 0 for x in w):
+        raise UserError(f'--stage_weights {spec!r}: weights must be finite and >= 0')
+    return w
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoder
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel dim of [B,C,H,W] maps (ConvNeXt style, as in the reference's scale-4 head)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+def scale_head(in_dim: int, out_dim: int, scale: float) -> nn.Sequential:
+    """[B,in,g,g] -> [B,out,g·s,g·s]. s = 2^k: k stride-2 deconvs halving channels, LN2d+GELU between them, then a
+    1×1 conv (s=4 and s=2 are the reference's heads); s = 1: 1×1 conv; s = 0.5: 2×2 average pool + 1×1 conv."""
+    if scale == 0.5:
+        return nn.Sequential(nn.AvgPool2d(2, 2), nn.Conv2d(in_dim, out_dim, 1))
+    k = math.log2(scale) if scale >= 1 else -1
+    if scale < 1 or k != int(k):
+        raise UserError(f'decoder scale {scale:g} is not supported (use 0.5 or a power of two >= 1)')
+    layers: List[nn.Module] = []
+    dim = in_dim
+    for i in range(int(k)):
+        layers.append(nn.ConvTranspose2d(dim, dim // 2, kernel_size=2, stride=2))
+        dim //= 2
+        if i < int(k) - 1:
+            layers += [LayerNorm2d(dim, eps=1e-6), nn.GELU()]
+    layers.append(nn.Conv2d(dim, out_dim, 1))
+    return nn.Sequential(*layers)
+
+
+class StageDecoder(nn.Module):
+    """One LocalMIM decoder: latent [B,1+keep,D] + ids_restore [B,L] -> prediction [B,(g·s)², out_dim]."""
+
+    def __init__(self, in_dim: int, grid: int, out_dim: int, scale: float, embed_dim: int = 256, depth: int = 1,
+                 num_heads: int = 8, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.grid, self.scale = grid, scale
+        self.embed = nn.Linear(in_dim, embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(sincos_2d_tensor(embed_dim, grid, cls_token=True), requires_grad=False)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True,
+                                           norm_layer=_ln) for _ in range(depth)])
+        self.norm = _ln(embed_dim)
+        self.pred = scale_head(embed_dim, out_dim, scale)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in [self.embed, self.blocks, self.norm]:
+            m.apply(_init_linear_ln)
+
+    def forward(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        b, n_vis, d = x.shape
+        n_mask = ids_restore.shape[1] + 1 - n_vis
+        patches = torch.cat([x[:, 1:], self.mask_token.expand(b, n_mask, d)], dim=1)
+        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d))
+        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)[:, 1:]
+        x = x.transpose(1, 2).reshape(b, d, self.grid, self.grid)
+        return self.pred(x).flatten(2).transpose(1, 2)
+
+
+def _ln(dim: int) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=1e-6)
+
+
+def _init_linear_ln(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class ParamUnit:
+    """An ordered FreezeOut unit: a name and its trainable parameters (by state-dict name)."""
+    name: str
+    params: Dict[str, nn.Parameter] = field(default_factory=dict)
+
+
+class LocalMIM(nn.Module):
+    """LocalMIM ViT: MAE encoder with stage taps, one decoder per stage, HOG targets, masked multi-scale loss.
+
+    Args:
+        img_size: square input size in pixels (an int, or an (h, w) pair with h == w).
+        patch_size: patch size in pixels; ``img_size`` must be divisible by it.
+        embed_dim, depth, num_heads, mlp_ratio: encoder shape.
+        hog_nbins: orientation bins; targets have ``3·hog_nbins`` features.
+        hog_bias: frozen random gradient bias in the HOG (``--hog_bias``).
+        all_stages: every block feeds a decoder (see :func:`stage_layout`).
+        stage_weights: loss weight per stage (see :func:`parse_stage_weights`).
+        stage_scales: scales of the four default taps (4, 2, 1, 0.5).
+        decoder_embed_dim, decoder_depth, decoder_num_heads: per-stage decoder shape (256, 1, 8).
+        hog_bias_seed: seed of the hog bias draw (same on all ranks).
+    """
+
+    def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 16, embed_dim: int = 1024,
+                 depth: int = 24, num_heads: int = 16, mlp_ratio: float = 4.0, hog_nbins: int = 9,
+                 hog_bias: bool = False, all_stages: bool = False,
+                 stage_weights: Union[str, Sequence[float], None] = 'equal',
+                 stage_scales: Sequence[float] = (4, 2, 1, 0.5), decoder_embed_dim: int = 256,
+                 decoder_depth: int = 1, decoder_num_heads: int = 8, hog_bias_seed: int = 0, in_chans: int = 3):
+        super().__init__()
+        if isinstance(img_size, (tuple, list)):
+            if len(img_size) != 2 or img_size[0] != img_size[1]:
+                raise UserError(f'input size {tuple(img_size)} gives a non-square patch grid; LocalMIM needs square '
+                                f'inputs (--input_size N)')
+            img_size = img_size[0]
+        if patch_size < 1 or img_size % patch_size:
+            raise UserError(f'--input_size {img_size} is not divisible by --patch_size {patch_size}; pick sizes with '
+                            f'input_size = k · patch_size')
+        self.img_size, self.patch_size, self.grid = img_size, patch_size, img_size // patch_size
+        self.num_patches = self.grid ** 2
+        self.depth, self.embed_dim = depth, embed_dim
+
+        # encoder
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(sincos_2d_tensor(embed_dim, self.grid, cls_token=True), requires_grad=False)
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=_ln)
+                                     for _ in range(depth)])
+
+        # stages
+        self.layout = stage_layout(depth, patch_size, stage_scales, all_stages)
+        self.stage_blocks = [b for b, _ in self.layout]
+        self.stage_scales = [s for _, s in self.layout]
+        self.cell_sizes = [cell_size(patch_size, s) for s in self.stage_scales]
+        for s in self.stage_scales:
+            if (self.grid * s) != int(self.grid * s):
+                raise UserError(f'a {self.grid}x{self.grid} patch grid cannot be resampled at scale {s:g}; use an even '
+                                f'grid (input_size / patch_size)')
+        self.stage_weights = parse_stage_weights(stage_weights, len(self.layout))
+        self.norm = nn.ModuleList([_ln(embed_dim) for _ in self.layout])
+
+        self._init_encoder()  # before the decoders, as in the reference: decoders initialise themselves
+        out_dim = in_chans * hog_nbins
+        self.decoder = nn.ModuleList([
+            StageDecoder(embed_dim, self.grid, out_dim, s, decoder_embed_dim, decoder_depth, decoder_num_heads)
+            for s in self.stage_scales])
+        self.hog = HOGTargets(hog_nbins, self.cell_sizes, bias=hog_bias, bias_seed=hog_bias_seed)
+
+        # FreezeOut state (declared here, driven by freezeout.py through set_frozen)
+        self.num_frozen_blocks = 0
+        self.embed_frozen = False
+
+    def _init_encoder(self) -> None:
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        for m in [self.blocks, self.norm]:
+            m.apply(_init_linear_ln)
+
+    # ---- FreezeOut seam ----------------------------------------------------------------------------------------
+
+    def units(self) -> List[ParamUnit]:
+        """FreezeOut units in forward order.
+
+        Unit 0 = patch embedding + cls token (the fixed sin-cos ``pos_embed`` is not trainable). Unit k (1..depth) =
+        block k-1 plus the norm and decoder of every stage that block feeds. Only trainable parameters are listed;
+        every trainable parameter is in exactly one unit.
+        """
+        named = dict(self.named_parameters())
+        units = [ParamUnit('embed', {n: p for n, p in named.items()
+                                     if (n.startswith('patch_embed.') or n == 'cls_token') and p.requires_grad})]
+        for b in range(self.depth):
+            prefixes = [f'blocks.{b}.'] + [f'{m}.{k}.' for k, (blk, _) in enumerate(self.layout) if blk == b
+                                          for m in ('norm', 'decoder')]
+            units.append(ParamUnit(f'block{b + 1}', {n: p for n, p in named.items()
+                                                     if p.requires_grad and any(n.startswith(x) for x in prefixes)}))
+        return units
+
+    def set_frozen(self, num_frozen_blocks: int, embed_frozen: bool) -> None:
+        """Run the first ``num_frozen_blocks`` blocks (and, if ``embed_frozen``, the embedding) without training them.
+
+        With the embedding frozen the whole frozen prefix runs under ``no_grad`` (no activations kept, no backward);
+        otherwise (``--dont_freeze_pe``) it keeps the graph so gradients reach the patch embedding. Stages fed by a
+        frozen block are switched off: no target, no decoder, no loss.
+        """
+        self.num_frozen_blocks, self.embed_frozen = int(num_frozen_blocks), bool(embed_frozen)
+        for b, blk in enumerate(self.blocks):
+            blk.train(self.training and b >= self.num_frozen_blocks)
+
+    def train(self, mode: bool = True) -> 'LocalMIM':
+        super().train(mode)
+        for b in range(min(self.num_frozen_blocks, self.depth)):
+            self.blocks[b].eval()  # frozen blocks never see dropout/drop-path: their function must not change
+        return self
+
+    def active_stages(self) -> List[int]:
+        return [k for k, b in enumerate(self.stage_blocks) if b >= self.num_frozen_blocks]
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+
+    def random_masking(self, x: torch.Tensor, mask_ratio: float
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """MAE per-sample random masking. x [B,L,D] -> (kept [B,keep,D], mask [B,L] 1=removed, ids_restore [B,L])."""
+        b, n, d = x.shape
+        keep = int(n * (1 - mask_ratio))
+        noise = torch.rand(b, n, device=x.device)
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        kept = torch.gather(x, 1, ids_shuffle[:, :keep].unsqueeze(-1).expand(-1, -1, d))
+        mask = torch.ones(b, n, device=x.device)
+        mask[:, :keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)
+        return kept, mask, ids_restore
+
+    def stage_mask(self, mask: torch.Tensor, scale: float) -> torch.Tensor:
+        """[B,L] patch mask -> [B,(g·s)²] weights: nearest ×s for s >= 1, 2×2 (generally 1/s × 1/s) mean for s < 1."""
+        b, g = mask.shape[0], self.grid
+        m = mask.view(b, g, g)
+        if scale >= 1:
+            s = int(scale)
+            m = m.repeat_interleave(s, dim=1).repeat_interleave(s, dim=2)
+        else:
+            m = F.avg_pool2d(m.unsqueeze(1), int(round(1 / scale))).squeeze(1)
+        return m.reshape(b, -1)
+
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float
+                        ) -> Tuple[Dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """-> ({stage: normed latent [B,1+keep,D]} for active stages, mask [B,L], ids_restore [B,L])."""
+        k_frozen = self.num_frozen_blocks
+        prefix_ctx = torch.no_grad() if self.embed_frozen else nullcontext()
+        want = {}
+        for k in self.active_stages():
+            want.setdefault(self.stage_blocks[k], []).append(k)
+        latents: Dict[int, torch.Tensor] = {}
+        with prefix_ctx:
+            x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
+            x, mask, ids_restore = self.random_masking(x, mask_ratio)
+            cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+            x = torch.cat([cls, x], dim=1)
+            for blk in self.blocks[:k_frozen]:
+                x = blk(x)
+        if self.embed_frozen:
+            x = x.detach()
+        for b in range(k_frozen, self.depth):
+            x = self.blocks[b](x)
+            for k in want.get(b, ()):
+                latents[k] = self.norm[k](x)
+        return latents, mask, ids_restore
+
+    def stage_loss(self, pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Masked mean over cells of the per-cell MSE (mean over features)."""
+        per_cell = (pred.float() - target).pow(2).mean(dim=-1)
+        return (per_cell * weight).sum() / weight.sum().clamp_min(1e-12)
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, return_vis: bool = False) -> Dict[str, object]:
+        """imgs [B,3,H,W] (normalised) -> dict with
+        ``loss`` (weighted sum over active stages), ``stage_losses`` ({stage: scalar}, graph kept),
+        and with ``return_vis``: ``pred``/``target`` ({stage: [B,cells,3·nb]}) and ``mask`` [B,L]."""
+        if not 0.0 <= mask_ratio < 1.0:
+            raise UserError(f'--mask_ratio {mask_ratio}: must be in [0, 1)')
+        active = self.active_stages()
+        targets = self.hog(imgs, active)
+        latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio)
+        stage_losses: Dict[int, torch.Tensor] = {}
+        preds: Dict[int, torch.Tensor] = {}
+        for k in active:
+            preds[k] = self.decoder[k](latents[k], ids_restore)
+            stage_losses[k] = self.stage_loss(preds[k], targets[k], self.stage_mask(mask, self.stage_scales[k]))
+        if stage_losses:
+            loss = sum(self.stage_weights[k] * stage_losses[k] for k in active)
+        else:
+            loss = imgs.new_zeros(())
+        out: Dict[str, object] = {'loss': loss, 'stage_losses': stage_losses}
+        if return_vis:
+            out.update(pred=preds, target=targets, mask=mask)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Factories
+
+MODEL_CONFIGS: Dict[str, Dict[str, object]] = {
+    'MIM_vit_tiny_patch16': dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    'MIM_vit_small_patch16': dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    'MIM_vit_base_patch16': dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    'MIM_vit_large_patch16': dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    # 14 px patches: the reference's 4/2/1/0.5 scales need 3.5 px cells, which do not exist. (2, 2, 1, 0.5) is the
+    # nearest power-of-two set with whole-pixel cells (7, 7, 14, 28 px).
+    'MIM_vit_huge_patch14': dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, stage_scales=(2, 2, 1, 0.5)),
+}
+MODEL_NAMES = list(MODEL_CONFIGS)
+_REGISTRY: Dict[str, Callable[..., LocalMIM]] = {}
+
+
+def _register(name: str) -> Callable[..., LocalMIM]:
+    def factory(**kwargs) -> LocalMIM:
+        cfg = dict(MODEL_CONFIGS[name])
+        cfg.update({k: v for k, v in kwargs.items() if v is not None})
+        return LocalMIM(**cfg)
+    factory.__name__ = name
+    factory.__doc__ = f'{name}: {MODEL_CONFIGS[name]}; kwargs override (img_size, patch_size, hog_nbins, ...).'
+    _REGISTRY[name] = factory
+    return factory
+
+
+for _name in MODEL_NAMES:
+    globals()[_name] = _register(_name)
+
+
+def create_model(name: str, **kwargs) -> LocalMIM:
+    """Build a registered LocalMIM model by name; unknown names are a UserError listing the valid ones."""
+    if name not in _REGISTRY:
+        raise UserError(f"--model {name!r} is not a pre-training model; choose one of {', '.join(MODEL_NAMES)}")
+    return _REGISTRY[name](**kwargs)

@@ -1,0 +1,200 @@
+"""Checkpoint I/O: atomic writes, safe loads (``weights_only=True``), auto-resume scan, RNG state capture/restore.
+
+Every checkpoint we write is a dict of tensors and plain Python values only, so ``torch.load(path,
+weights_only=True)`` loads it and loading never executes code from the file. Keys:
+``model, optimizer, scaler, epoch, step, args (dict), rng, version`` plus whatever the caller adds (e.g.
+``freezeout``). ``epoch`` is the last *finished* epoch (MAE convention: resume starts at ``epoch + 1``).
+"""
+import argparse
+import glob
+import os
+import random
+import re
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from util import distributed as du
+from util.errors import UserError
+
+CHECKPOINT_VERSION = 1
+LAST_NAME = 'checkpoint-last.pth'
+_NUMBERED = re.compile(r'^checkpoint-(\d+)\.pth$')
+
+
+def args_to_dict(args: argparse.Namespace) -> Dict[str, Any]:
+    """``vars(args)`` restricted to plain values (anything else becomes its ``str``) so it loads weights-only."""
+    out = {}
+    for k, v in vars(args).items():
+        if v is None or isinstance(v, (bool, int, float, str)):
+            out[k] = v
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v):
+            out[k] = list(v)
+        else:
+            out[k] = str(v)
+    return out
+
+
+def capture_rng_state() -> Dict[str, Any]:
+    """Torch (CPU and CUDA), numpy and Python RNG states as tensors/plain values."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        'torch': torch.get_rng_state(),
+        'numpy': {'keys': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
+                  'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])},
+        'python': {'version': py_state[0], 'state': list(py_state[1]), 'gauss': py_state[2]},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Optional[Dict[str, Any]]) -> None:
+    if not state:
+        return
+    torch.set_rng_state(state['torch'])
+    n = state['numpy']
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
+                         n['cached_gaussian']))
+    p = state['python']
+    random.setstate((p['version'], tuple(p['state']), p['gauss']))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def save_atomic(obj: Dict[str, Any], path: str) -> None:
+    """Write ``obj`` to ``path`` so that a kill at any moment leaves either the old file or the new one.
+
+    The bytes go to a temporary file in the same directory, are fsync'ed, then renamed over ``path``.
+    ``VITFREEZE_TEST_PAUSE_IN_SAVE=<seconds>`` pauses between write and rename (for crash tests only).
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp-{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        pause = float(os.environ.get('VITFREEZE_TEST_PAUSE_IN_SAVE', '0') or 0)
+        if pause > 0:
+            print(f'[test hook] pausing {pause}s inside save of {path}', flush=True)
+            time.sleep(pause)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path: str, flag: str = '--resume') -> Dict[str, Any]:
+    """Load a checkpoint safely (weights only) or raise a one-line UserError naming ``flag`` and the file."""
+    if not os.path.isfile(path):
+        raise UserError(f'{flag} {path}: file not found')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle means "not a usable checkpoint"
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f'{flag} {path}: not a readable checkpoint ({msg[:160]})') from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f'{flag} {path}: not a checkpoint (expected a dict, got {type(ckpt).__name__})')
+    return ckpt
+
+
+def checkpoint_candidates(output_dir: str) -> List[Tuple[int, str]]:
+    """``(epoch_from_name, path)`` for ``checkpoint-N.pth`` in ``output_dir``, newest first (``last`` = +inf)."""
+    found = []
+    for p in glob.glob(os.path.join(output_dir, 'checkpoint-*.pth')):
+        name = os.path.basename(p)
+        m = _NUMBERED.match(name)
+        if m:
+            found.append((int(m.group(1)), p))
+        elif name == LAST_NAME:
+            found.append((1 << 62, p))
+    return sorted(found, reverse=True)
+
+
+def find_resumable(output_dir: str) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """The newest checkpoint in ``output_dir`` that loads, as ``(path, ckpt)``; says which ones it skipped and why."""
+    best: Optional[Tuple[str, Dict[str, Any]]] = None
+    for _, path in checkpoint_candidates(output_dir):
+        try:
+            ckpt = load_checkpoint(path, flag='--auto_resume')
+            if 'model' not in ckpt or 'epoch' not in ckpt:
+                raise UserError(f'--auto_resume {path}: no model/epoch keys')
+        except UserError as e:
+            du.print0(f'auto-resume: skipping {path}: {e}')
+            continue
+        if best is None or int(ckpt['epoch']) > int(best[1]['epoch']):
+            best = (path, ckpt)
+        if os.path.basename(path) != LAST_NAME:
+            break  # numbered files are sorted newest first: the first valid one is the newest numbered
+    return best
+
+
+def save_checkpoint(output_dir: str, epoch: int, state: Dict[str, Any], args: argparse.Namespace,
+                    numbered: bool) -> List[str]:
+    """Write ``checkpoint-last.pth`` (always) and ``checkpoint-{epoch}.pth`` (if ``numbered``); rank 0 only.
+
+    ``state`` holds model/optimizer/scaler/step/... . RNG state and args are added here. Returns the paths written.
+    """
+    if not output_dir or not du.is_main_process():
+        return []
+    obj = dict(state)
+    obj.update(epoch=epoch, args=args_to_dict(args), rng=capture_rng_state(), version=CHECKPOINT_VERSION)
+    paths = [os.path.join(output_dir, f'checkpoint-{epoch}.pth')] if numbered else []
+    paths.append(os.path.join(output_dir, LAST_NAME))
+    for p in paths:
+        save_atomic(obj, p)
+    keep = getattr(args, 'keep_last', 0) or 0
+    if keep > 0:
+        prune_numbered(output_dir, keep)
+    return paths
+
+
+def prune_numbered(output_dir: str, keep: int) -> None:
+    """Delete all but the ``keep`` newest ``checkpoint-N.pth`` (``checkpoint-last.pth`` is never touched)."""
+    numbered = [(e, p) for e, p in checkpoint_candidates(output_dir) if os.path.basename(p) != LAST_NAME]
+    for _, p in numbered[max(1, keep):]:
+        os.remove(p)
+
+
+def resolve_resume(args: argparse.Namespace) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """Decide what to resume from: ``--resume PATH`` wins; else ``--auto_resume`` scans ``--output_dir``."""
+    if getattr(args, 'resume', ''):
+        return args.resume, load_checkpoint(args.resume, flag='--resume')
+    if getattr(args, 'auto_resume', False) and args.output_dir and os.path.isdir(args.output_dir):
+        found = find_resumable(args.output_dir)
+        if found:
+            du.print0(f'Auto resume checkpoint: {found[0]}')
+        return found
+    return None
+
+
+# Flags whose change alters the run: a resumed run with different values is no longer "the same run".
+RUN_DEFINING_FLAGS = ('model', 'input_size', 'patch_size', 'mask_ratio', 'hog_nbins', 'hog_bias', 'all_stages',
+                      'stage_weights', 'batch_size', 'accum_iter', 'epochs', 'warmup_epochs', 'lr', 'blr', 'min_lr',
+                      'weight_decay', 'seed', 'world_size', 't_0', 'how_scale', 'not_scale_lr', 'non_layerwise_lr',
+                      'dont_freeze_pe', 'freezeout', 'layer_decay', 'drop_path', 'nb_classes', 'smoothing', 'mixup',
+                      'cutmix')
+
+
+def warn_changed_flags(saved: Dict[str, Any], args: argparse.Namespace) -> List[str]:
+    """Warn (not fail) about run-defining flags that differ from the checkpoint's; returns the changed names."""
+    changed = []
+    now = args_to_dict(args)
+    for k in RUN_DEFINING_FLAGS:
+        if k in saved and k in now and saved[k] != now[k]:
+            changed.append(k)
+            du.print0(f'warning: resuming with --{k} {now[k]!r} but the checkpoint was trained with {saved[k]!r}; '
+                      f'the continued run will differ from an uninterrupted one')
+    return changed

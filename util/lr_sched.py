@@ -1,0 +1,49 @@
+"""Learning-rate schedule: per-optimizer-step linear warm-up then half-cosine to ``min_lr`` (MAE/LocalMIM).
+
+Positions are counted in optimizer steps (not micro-batches), so gradient accumulation and world size only change
+how many steps there are, never the shape of the curve. FreezeOut (``freezeout.py``) uses the same function with a
+per-unit end point, which is why ``--t_0 1`` reproduces plain training bit-exactly.
+"""
+import math
+from typing import Optional
+
+import torch
+
+
+def warmup_cosine(step: int, peak: float, min_lr: float, warmup_steps: int, end_step: int) -> float:
+    """LR at optimizer step ``step``.
+
+    ``step < warmup_steps``: ``peak * step / warmup_steps``; otherwise
+    ``min_lr + (peak - min_lr) * 0.5 * (1 + cos(pi * (step - warmup_steps) / (end_step - warmup_steps)))``,
+    clamped at ``min_lr`` past ``end_step``.
+    """
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    span = end_step - warmup_steps
+    if span <= 0:
+        return min_lr
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class WarmupCosine:
+    """The plain (non-FreezeOut) schedule: every param group follows one curve, times its ``lr_scale`` if present."""
+
+    def __init__(self, peak: float, min_lr: float, warmup_steps: int, total_steps: int):
+        self.peak, self.min_lr, self.warmup_steps, self.total_steps = peak, min_lr, warmup_steps, total_steps
+
+    def lr_at(self, step: int) -> float:
+        return warmup_cosine(step, self.peak, self.min_lr, self.warmup_steps, self.total_steps)
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        lr = self.lr_at(step)
+        for g in optimizer.param_groups:
+            g['lr'] = lr * g.get('lr_scale', 1.0)
+        return lr
+
+
+def steps_per_epoch(loader_len: int, accum_iter: int, debug_iters: Optional[int] = None) -> int:
+    """Optimizer steps in one epoch: the trailing micro-batches that do not fill an accumulation window are
+    dropped (they would never be stepped), unlike MAE/LocalMIM which silently discards them next epoch."""
+    n = loader_len if not debug_iters else min(loader_len, debug_iters)
+    return n // accum_iter
