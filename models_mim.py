@@ -16,6 +16,7 @@ per-stage losses too; and a FreezeOut-frozen prefix runs under ``no_grad`` with 
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -184,7 +185,7 @@ def stage_layout(depth: int, patch_size: int, base_scales: Sequence[float] = (4,
     for b in range(depth):
         before = [i for i, t in enumerate(taps) if t <= b]
         if before:
-            s = float(base_scales[max(before, key=lambda i: (taps[i], i))])
+            s = float(base_scales[max(before, key=lambda i: (taps[i], -i))])
         else:
             s = 2.0 * base_scales[0]
             if (patch_size / s) != int(patch_size / s):
@@ -290,8 +291,7 @@ class StageDecoder(nn.Module):
         return self.pred(x).flatten(2).transpose(1, 2)
 
 
-def _ln(dim: int) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, eps=1e-6)
+_ln = partial(nn.LayerNorm, eps=1e-6)
 
 
 def _init_linear_ln(m: nn.Module) -> None:
