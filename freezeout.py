@@ -1,0 +1,304 @@
+"""FreezeOut for pre-training: per-unit cosine schedules that end at a unit-specific point t_i, then freezing.
+
+The module knows *ordered units of parameters*, nothing about LocalMIM. A model offers ``units()`` (unit 0 =
+input side, then one unit per block in forward order) and ``set_frozen(num_frozen_blocks, embed_frozen)``.
+
+Schedule (positions in optimizer steps from the start of training; T total steps, W warm-up steps):
+
+    x_i = t0 + (1 - t0) · i / N,   t_i = s(x_i),  s ∈ {identity, square, cube}  (--how_scale)
+    J_i = t_i · T,                 α_i = lr / t_i (default, "scale_lr") or lr (--not_scale_lr)
+    j < W:         lr_i(j) = α_i · j / W
+    W <= j < J_i:  lr_i(j) = min_lr + (α_i - min_lr) · ½ (1 + cos(π (j - W) / (J_i - W)))
+    j >= J_i:      unit i is frozen (at an optimizer-step boundary)
+
+Units are 0..N with N = number of blocks (unit 0 = patch embedding + cls token, unit i = block i). With
+``--dont_freeze_pe`` the embedding is not a unit (global schedule, never frozen) and the blocks are units 0..N-1
+with denominator N-1, so the first block freezes at s(t0) and the last at 1. The last unit always has t = 1 and
+never freezes. ``--non_layerwise_lr``: every unit follows the global warm-up + cosine and is still frozen at J_i.
+With t_i = 1 the per-unit curve *is* the global one (same function, same numbers), so ``--t_0 1`` reproduces plain
+training bit-exactly.
+
+Freezing (what saves compute): parameters get ``requires_grad=False``, their param groups leave the optimizer, their
+optimizer state is deleted, the model runs the frozen prefix under ``no_grad`` and drops the stages it fed, and the
+caller re-wraps DDP so frozen parameters are no longer all-reduced.
+"""
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from util.errors import UserError
+from util.lr_sched import warmup_cosine
+
+SCALINGS = {'linear': lambda x: x, 'squared': lambda x: x ** 2, 'cubic': lambda x: x ** 3}
+
+
+def freeze_points(num_units: int, t_0: float, how_scale: str) -> List[float]:
+    """t_i for units 0..num_units-1 (denominator num_units-1, so the last unit has t = 1)."""
+    if how_scale not in SCALINGS:
+        raise UserError(f"--how_scale {how_scale!r}: choose linear, squared or cubic")
+    if not (0.0 < t_0 <= 1.0):
+        raise UserError(f'--t_0 {t_0}: must be in (0, 1] (1 = never freeze)')
+    n = num_units - 1
+    s = SCALINGS[how_scale]
+    return [s(t_0 + (1.0 - t_0) * i / n) if n > 0 else 1.0 for i in range(num_units)]
+
+
+@dataclass
+class UnitPlan:
+    index: int          # FreezeOut unit index
+    name: str
+    t: float            # freeze point as a fraction of training
+    alpha: float        # initial (peak) LR of the unit
+    end_step: float     # J_i = t_i · T
+    freeze_step: Optional[int]  # first optimizer step at which the unit is frozen; None = never
+
+
+class FreezeOutSchedule:
+    """The pure schedule: t_i, α_i, J_i, lr_i(step), freeze steps. No model needed.
+
+    Args:
+        unit_names: names of the scheduled units in forward order (embedding first unless ``dont_freeze_pe``).
+        total_steps: T, optimizer steps of the whole run (from the real loader length, epochs, accum, world size).
+        warmup_steps: W.
+        lr, min_lr: peak and final LR of the global schedule.
+        t_0, how_scale, scale_lr, layerwise_lr: the method's knobs (see module docstring).
+    """
+
+    def __init__(self, unit_names: Sequence[str], total_steps: int, warmup_steps: int, lr: float, min_lr: float,
+                 t_0: float = 0.8, how_scale: str = 'cubic', scale_lr: bool = True, layerwise_lr: bool = True):
+        if total_steps < 1:
+            raise UserError('FreezeOut needs at least one optimizer step: check --epochs, --batch_size, '
+                            '--accum_iter against the dataset size')
+        self.total_steps, self.warmup_steps = int(total_steps), int(warmup_steps)
+        self.lr, self.min_lr = float(lr), float(min_lr)
+        self.t_0, self.how_scale, self.scale_lr, self.layerwise_lr = t_0, how_scale, scale_lr, layerwise_lr
+        ts = freeze_points(len(unit_names), t_0, how_scale)
+        self.units: List[UnitPlan] = []
+        for i, (name, t) in enumerate(zip(unit_names, ts)):
+            alpha = self.lr / t if scale_lr else self.lr
+            end = t * self.total_steps
+            # round first: 0.8**3 * T is 51200.000000000004, which must freeze at 51200, not 51201
+            freeze = math.ceil(round(end, 6)) if round(end, 6) < self.total_steps else None
+            self.units.append(UnitPlan(i, name, t, alpha, end, freeze))
+
+    def lr_at(self, unit: int, step: int) -> float:
+        """LR of ``unit`` at optimizer step ``step`` (valid while the unit is active)."""
+        if not self.layerwise_lr:
+            return warmup_cosine(step, self.lr, self.min_lr, self.warmup_steps, self.total_steps)
+        u = self.units[unit]
+        end = u.end_step if u.freeze_step is not None else self.total_steps
+        return warmup_cosine(step, u.alpha, self.min_lr, self.warmup_steps, end)
+
+    def global_lr_at(self, step: int) -> float:
+        return warmup_cosine(step, self.lr, self.min_lr, self.warmup_steps, self.total_steps)
+
+    def num_frozen_at(self, step: int) -> int:
+        """Length of the frozen prefix at optimizer step ``step`` (t_i increases with i, so it is a prefix)."""
+        return sum(1 for u in self.units if u.freeze_step is not None and step >= u.freeze_step)
+
+    def state_boundaries(self) -> List[int]:
+        """Steps where the frozen count changes, sorted, within [0, T)."""
+        return sorted({u.freeze_step for u in self.units if u.freeze_step is not None})
+
+    def steps_in_state(self) -> List[int]:
+        """Number of optimizer steps spent with 0, 1, 2, ... frozen units (sums to T)."""
+        counts = [0] * (len(self.units) + 1)
+        bounds = [0] + [b for b in self.state_boundaries()] + [self.total_steps]
+        for n in range(len(bounds) - 1):
+            counts[self.num_frozen_at(bounds[n])] += max(0, min(bounds[n + 1], self.total_steps) - bounds[n])
+        return counts
+
+
+class FreezeOut:
+    """Applies a :class:`FreezeOutSchedule` to a model and its optimizer, one call per optimizer step.
+
+    The optimizer must be built from :meth:`param_groups` (groups tagged with ``unit``; ``unit = -1`` for the never
+    frozen embedding under ``dont_freeze_pe``).
+    """
+
+    def __init__(self, model: nn.Module, schedule: FreezeOutSchedule, dont_freeze_pe: bool = False):
+        self.model, self.schedule, self.dont_freeze_pe = model, schedule, dont_freeze_pe
+        units = model.units()
+        self.embed_unit = units[0]
+        self.sched_units = units[1:] if dont_freeze_pe else units
+        if len(self.sched_units) != len(schedule.units):
+            raise ValueError(f'schedule has {len(schedule.units)} units, model {len(self.sched_units)}')
+        self.num_frozen = 0
+
+    @staticmethod
+    def unit_names(model: nn.Module, dont_freeze_pe: bool) -> List[str]:
+        units = model.units()
+        return [u.name for u in (units[1:] if dont_freeze_pe else units)]
+
+    def param_groups(self, weight_decay: float) -> List[Dict[str, Any]]:
+        """Two groups (decay / no decay, timm's rule: no decay for ndim <= 1 or ``.bias``) per unit, in unit order."""
+        groups = []
+        tagged = [(-1, self.embed_unit)] if self.dont_freeze_pe else []
+        tagged += list(enumerate(self.sched_units))
+        for idx, unit in tagged:
+            decay = [p for n, p in unit.params.items() if not (p.ndim <= 1 or n.endswith('.bias'))]
+            no_decay = [p for n, p in unit.params.items() if p.ndim <= 1 or n.endswith('.bias')]
+            for params, wd in ((no_decay, 0.0), (decay, weight_decay)):
+                if params:
+                    groups.append({'params': params, 'weight_decay': wd, 'unit': idx, 'name': unit.name})
+        return groups
+
+    def lr_by_unit(self, step: int) -> Dict[str, float]:
+        """LR of every active unit at ``step`` (for logging)."""
+        out = {}
+        if self.dont_freeze_pe:
+            out[self.embed_unit.name] = self.schedule.global_lr_at(step)
+        for i, u in enumerate(self.sched_units):
+            if i >= self.num_frozen:
+                out[u.name] = self.schedule.lr_at(i, step)
+        return out
+
+    def step(self, optimizer: torch.optim.Optimizer, step: int) -> bool:
+        """At optimizer step ``step``: freeze every unit that is due, then set the LR of the rest.
+
+        Returns True when the frozen set changed (the caller must then re-wrap DDP / rebuild compiled graphs).
+        """
+        due = self.schedule.num_frozen_at(step)
+        changed = due > self.num_frozen
+        if changed:
+            self.apply_frozen(optimizer, due)
+        for g in optimizer.param_groups:
+            u = g['unit']
+            g['lr'] = self.schedule.global_lr_at(step) if u < 0 else self.schedule.lr_at(u, step)
+        return changed
+
+    def apply_frozen(self, optimizer: Optional[torch.optim.Optimizer], count: int) -> None:
+        """Freeze the first ``count`` scheduled units (idempotent; used at freeze events and when resuming)."""
+        for unit in self.sched_units[:count]:
+            for p in unit.params.values():
+                p.requires_grad_(False)
+                p.grad = None
+                if optimizer is not None:
+                    optimizer.state.pop(p, None)
+        if optimizer is not None:
+            optimizer.param_groups[:] = [g for g in optimizer.param_groups if g['unit'] < 0 or g['unit'] >= count]
+        self.num_frozen = count
+        if self.dont_freeze_pe:
+            self.model.set_frozen(count, embed_frozen=False)
+        else:
+            self.model.set_frozen(max(0, count - 1), embed_frozen=count >= 1)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {'num_frozen': self.num_frozen, 'frozen_units': [u.name for u in self.sched_units[:self.num_frozen]]}
+
+    def load_state_dict(self, state: Dict[str, Any], optimizer: Optional[torch.optim.Optimizer]) -> None:
+        """Re-apply the saved frozen set; call BEFORE ``optimizer.load_state_dict`` so the group layouts match."""
+        self.apply_frozen(optimizer, int(state.get('num_frozen', 0)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FLOP model and plan
+
+
+def measure_unit_flops(model: nn.Module, input_size: int, mask_ratio: float, device: torch.device,
+                       dont_freeze_pe: bool = False) -> Dict[str, Any]:
+    """Forward FLOPs of one image, per unit, measured on the actual model with torch's FlopCounterMode.
+
+    Each unit counts its block plus the norms/decoders of the stages it feeds; attention matmuls are added
+    analytically (4·N²·C per attention call) because fused SDPA kernels are not counted on every backend.
+    Everything else (HOG targets, masking) is ``shared``. The model's RNG use is isolated (fork_rng) so measuring
+    does not change the run.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    from timm.models.vision_transformer import Attention
+
+    attn_extra: Dict[str, float] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, Attention):
+            def hook(m, inp, _name=name):
+                b, n, c = inp[0].shape
+                attn_extra[_name] = attn_extra.get(_name, 0.0) + 4.0 * b * n * n * c
+            hooks.append(mod.register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []), torch.no_grad():
+            x = torch.randn(1, 3, input_size, input_size, device=device)
+            with FlopCounterMode(display=False) as fc:
+                model(x, mask_ratio=mask_ratio)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    counts = {k: float(sum(v.values())) for k, v in fc.get_flop_counts().items()}
+    root = type(model).__name__
+
+    def under(prefix: str) -> float:
+        total = counts.get(f'{root}.{prefix}', 0.0)
+        total += sum(v for k, v in attn_extra.items() if k == prefix or k.startswith(prefix + '.'))
+        return total
+
+    units = model.units()
+    per_unit, per_unit_enc = [], []
+    for u in units:
+        mods = sorted({'.'.join(n.split('.')[:2]) if n.split('.')[0] in ('blocks', 'norm', 'decoder')
+                       else n.split('.')[0] for n in u.params})
+        per_unit.append(sum(under(m) for m in mods))
+        per_unit_enc.append(sum(under(m) for m in mods if not m.startswith(('norm.', 'decoder.'))))
+    total = counts.get('Global', 0.0) + sum(attn_extra.values())
+    return {'names': [u.name for u in units], 'unit_fwd': per_unit, 'unit_enc_fwd': per_unit_enc,
+            'total_fwd': total, 'shared_fwd': max(0.0, total - sum(per_unit))}
+
+
+def step_cost(flops: Dict[str, Any], num_frozen: int, dont_freeze_pe: bool) -> float:
+    """Relative training cost of one step with ``num_frozen`` scheduled units frozen (backward = 2× forward).
+
+    Active unit: 3× its forward. Frozen unit: its encoder forward only (1×) under no_grad — or 2× with
+    ``dont_freeze_pe``, where the input-side backward still runs through the frozen blocks — and its decoders are
+    not run at all. Shared work (HOG targets, masking) is paid every step.
+    """
+    fwd = flops['unit_fwd']
+    enc = flops.get('unit_enc_fwd', fwd)
+    cost = flops['shared_fwd']
+    offset = 1 if dont_freeze_pe else 0
+    for i, f in enumerate(fwd):
+        sched_idx = i - offset
+        frozen = 0 <= sched_idx < num_frozen
+        if not frozen:
+            cost += 3.0 * f
+        else:
+            cost += (2.0 if dont_freeze_pe else 1.0) * enc[i]
+    return cost
+
+
+def projected_saving(schedule: FreezeOutSchedule, flops: Dict[str, Any], dont_freeze_pe: bool) -> float:
+    """1 - (FLOPs of the FreezeOut run) / (FLOPs of the same run without freezing)."""
+    steps = schedule.steps_in_state()
+    base = step_cost(flops, 0, dont_freeze_pe) * schedule.total_steps
+    run = sum(n * step_cost(flops, k, dont_freeze_pe) for k, n in enumerate(steps))
+    return 1.0 - run / base
+
+
+def format_plan(schedule: FreezeOutSchedule, steps_per_epoch: int, flops: Optional[Dict[str, Any]] = None,
+                dont_freeze_pe: bool = False) -> str:
+    """A human-readable freeze plan: per unit t_i, initial LR, freeze step and epoch; projected FLOP saving."""
+    s = schedule
+    lines = [f'FreezeOut plan: {s.how_scale} t_0={s.t_0:g}, scale_lr={s.scale_lr}, layerwise_lr={s.layerwise_lr}, '
+             f'T={s.total_steps} optimizer steps ({steps_per_epoch}/epoch), warm-up W={s.warmup_steps}',
+             f"{'unit':>4} {'name':<10} {'t_i':>7} {'init lr':>10} {'J_i':>10} {'freeze step':>11} "
+             f"{'epoch':>8}  note"]
+    if dont_freeze_pe:
+        lines.append(f"{'-':>4} {'embed':<10} {'-':>7} {s.lr:>10.3e} {'-':>10} {'never':>11} {'-':>8}  global "
+                     f"schedule; backward still runs through frozen blocks to reach it")
+    for u in s.units:
+        alpha = u.alpha if s.layerwise_lr else s.lr
+        if u.freeze_step is None:
+            fs, ep, note = 'never', '-', 't = 1'
+        else:
+            fs, ep = str(u.freeze_step), f'{u.freeze_step / max(1, steps_per_epoch):.2f}'
+            note = 'J_i <= warm-up: frozen before its cosine starts' if u.end_step <= s.warmup_steps else ''
+        lines.append(f'{u.index:>4} {u.name:<10} {u.t:>7.4f} {alpha:>10.3e} {u.end_step:>10.1f} {fs:>11} {ep:>8}  '
+                     f'{note}')
+    if flops is not None:
+        lines.append(f'projected saving of training FLOPs (FLOP model, backward = 2x forward, decoders and targets '
+                     f'included): {100 * projected_saving(s, flops, dont_freeze_pe):.1f}%')
+    return '\n'.join(lines)

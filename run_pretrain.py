@@ -1,0 +1,308 @@
+"""LocalMIM pre-training of a ViT, optionally with FreezeOut (progressive layer freezing).
+
+    torchrun --nproc_per_node=8 run_pretrain.py --batch_size 256 --model MIM_vit_base_patch16 --hog_nbins 9 \
+        --mask_ratio 0.75 --epochs 1600 --warmup_epochs 40 --blr 2e-4 --weight_decay 0.05 \
+        --data_path /path/to/imagenet --output_dir out/ [--how_scale cubic --t_0 0.8]
+
+``python run_pretrain.py --demo`` trains a tiny model on the built-in demo data in a few minutes on a CPU.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+from timm.optim import param_groups_weight_decay
+
+import models_mim
+from engine_pretrain import NonFiniteLoss, PretrainState, train_one_epoch
+from freezeout import FreezeOut, FreezeOutSchedule, format_plan, measure_unit_flops, projected_saving, step_cost
+from util import distributed as du
+from util.amp import make_amp
+from util.args import (add_common_args, apply_demo_defaults, check_output_dir, resolve_device_flag, run_main,
+                       str2bool)
+from util.checkpoint import resolve_resume, restore_rng_state, save_checkpoint, warn_changed_flags
+from util.datasets import build_dataset, build_loader, check_min_images, pretrain_transform, seed_loader_epoch
+from util.errors import UserError
+from util.log import TensorBoard, append_json_log
+from util.lr_sched import WarmupCosine, steps_per_epoch
+
+DEMO_DEFAULTS = dict(model='MIM_vit_tiny_patch16', input_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3,
+                     batch_size=32, epochs=10, warmup_epochs=1, blr=1e-2, num_workers=0, save_freq=5,
+                     output_dir='./output_dir/demo_pretrain', log_dir='./output_dir/demo_pretrain/tb',
+                     device='cpu')
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser('LocalMIM pre-training (with optional FreezeOut)', add_help=True)
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--batch_size', default=128, type=int,
+                   help='images per GPU/process per iteration; effective batch = batch_size * accum_iter * '
+                        'world size (default: 128)')
+    g.add_argument('--epochs', default=400, type=int, help='training epochs (default: 400)')
+    g.add_argument('--accum_iter', default=1, type=int,
+                   help='micro-batches accumulated per optimizer step (default: 1)')
+    g.add_argument('--weight_decay', type=float, default=0.05,
+                   help='AdamW weight decay; none on biases, norms and other 1-D params (default: 0.05)')
+    g.add_argument('--lr', type=float, default=None, metavar='LR',
+                   help='absolute peak learning rate; if unset lr = blr * effective batch / 256 (default: None)')
+    g.add_argument('--blr', type=float, default=1e-3, metavar='LR',
+                   help='base learning rate per 256 images (default: 1e-3; LocalMIM ViT-B uses 2e-4)')
+    g.add_argument('--min_lr', type=float, default=1e-6, metavar='LR',
+                   help='final learning rate of the cosine (default: 1e-6)')
+    g.add_argument('--warmup_epochs', type=int, default=40, metavar='N',
+                   help='epochs of linear warm-up, counted in optimizer steps (default: 40)')
+    g = p.add_argument_group('model')
+    g.add_argument('--model', default='MIM_vit_base_patch16', type=str, metavar='MODEL',
+                   help=f"model name: {', '.join(models_mim.MODEL_NAMES)} (default: MIM_vit_base_patch16)")
+    g.add_argument('--input_size', default=224, type=int, help='square input size in pixels (default: 224)')
+    g.add_argument('--patch_size', default=None, type=int,
+                   help="patch size in pixels; default: the model's (16, or 14 for ViT-H)")
+    g.add_argument('--embed_dim', default=None, type=int, help="encoder width override (default: the model's)")
+    g.add_argument('--depth', default=None, type=int, help="encoder depth override (default: the model's)")
+    g.add_argument('--num_heads', default=None, type=int, help="attention heads override (default: the model's)")
+    g.add_argument('--mask_ratio', default=0.75, type=float,
+                   help='fraction of patches removed from the encoder input, in [0, 1) (default: 0.75)')
+    g.add_argument('--hog_nbins', default=9, type=int, help='HOG orientation bins over 180 degrees (default: 9)')
+    g.add_argument('--hog_bias', action='store_true',
+                   help='frozen random bias on the HOG gradients, as in the ViT-L recipe (default: off)')
+    g.add_argument('--all_stages', action='store_true',
+                   help='every block feeds a decoder instead of blocks [1, 3, depth-3, depth-1] (default: off)')
+    g.add_argument('--stage_weights', default='equal', type=str,
+                   help="per-stage loss weights shallow->deep: 'equal' (paper), '4321', '1overk' (1/4,1/3,1/2,1) "
+                        "or a comma list (default: equal)")
+    g = p.add_argument_group('FreezeOut (on when --t_0 or --how_scale is given)')
+    g.add_argument('--t_0', default=None, type=float,
+                   help='freeze point of the first unit before scaling, in (0, 1]; 1 = never freeze (default when '
+                        'FreezeOut is on: 0.8)')
+    g.add_argument('--how_scale', default=None, choices=['linear', 'squared', 'cubic'],
+                   help='t_i = s(t_0 + (1 - t_0) i / N) with s = identity/square/cube (default when on: cubic)')
+    g.add_argument('--not_scale_lr', action='store_true',
+                   help='initial LR of every unit = lr, instead of lr / t_i (default: scaled)')
+    g.add_argument('--non_layerwise_lr', action='store_true',
+                   help='all units follow the global warm-up + cosine; units are still frozen at t_i')
+    g.add_argument('--dont_freeze_pe', action='store_true',
+                   help='never freeze the patch embedding and cls token (they follow the global schedule); '
+                        'blocks become units 0..N-1')
+    g.add_argument('--plan_only', action='store_true',
+                   help='print the FreezeOut plan (and projected saving) and exit without training')
+    g = p.add_argument_group('evaluation during pre-training')
+    g.add_argument('--knn_eval_freq', default=0, type=int,
+                   help='run weighted k-NN on the current encoder every N epochs (0 = off; --demo: 2)')
+    g.add_argument('--knn_data_path', default=None, type=str,
+                   help='ImageNet-style root with train/ and val/ for the online k-NN (default: --data_path)')
+    g.add_argument('--compile', action='store_true', help='torch.compile the model (not with FreezeOut)')
+    add_common_args(p, output_dir='./output_dir', num_workers=10)
+    return p
+
+
+def prepare_args(args: argparse.Namespace) -> None:
+    argv = getattr(args, 'argv', [])
+    if args.demo:
+        from util.demo_data import default_demo_root, make_demo_dataset
+        defaults = dict(DEMO_DEFAULTS, data_path=str(default_demo_root()), knn_eval_freq=4)
+        apply_demo_defaults(args, defaults, argv)
+        if args.data_path == str(default_demo_root()):
+            make_demo_dataset(args.data_path)
+    resolve_device_flag(args, argv)
+    args.freezeout = args.t_0 is not None or args.how_scale is not None
+    if args.freezeout:
+        args.t_0 = 0.8 if args.t_0 is None else args.t_0
+        args.how_scale = args.how_scale or 'cubic'
+        if not (0.0 < args.t_0 <= 1.0):
+            raise UserError(f'--t_0 {args.t_0}: must be in (0, 1] (1 = never freeze)')
+        if args.compile:
+            raise UserError('--compile with FreezeOut is not supported: compiled graphs ignore requires_grad flips '
+                            '(pytorch#139476); drop --compile or --t_0/--how_scale')
+    elif args.not_scale_lr or args.non_layerwise_lr or args.dont_freeze_pe:
+        print('note: --not_scale_lr/--non_layerwise_lr/--dont_freeze_pe only act with FreezeOut (--t_0/--how_scale)')
+    if args.batch_size < 1:
+        raise UserError(f'--batch_size {args.batch_size}: must be >= 1')
+    if args.accum_iter < 1:
+        raise UserError(f'--accum_iter {args.accum_iter}: must be >= 1')
+    if args.epochs < 1:
+        raise UserError(f'--epochs {args.epochs}: must be >= 1')
+    if not 0.0 <= args.mask_ratio < 1.0:
+        raise UserError(f'--mask_ratio {args.mask_ratio}: must be in [0, 1)')
+    if args.save_freq is None:
+        args.save_freq = 50  # LocalMIM's period; checkpoint-last.pth still covers pre-emption every epoch
+
+
+def build_model(args: argparse.Namespace) -> models_mim.LocalMIM:
+    return models_mim.create_model(
+        args.model, img_size=args.input_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
+        depth=args.depth, num_heads=args.num_heads, hog_nbins=args.hog_nbins, hog_bias=args.hog_bias,
+        all_stages=args.all_stages, stage_weights=args.stage_weights, hog_bias_seed=args.seed)
+
+
+def main(args: argparse.Namespace) -> None:
+    prepare_args(args)
+    model = build_model(args)  # before any process group: bad model flags fail fast and identically everywhere
+    device = du.init_distributed_mode(args)
+    if args.output_dir and not args.plan_only:
+        check_output_dir(args.output_dir)
+    seed = args.seed + du.get_rank()
+    torch.manual_seed(seed)
+    import numpy as np
+    import random
+    np.random.seed(seed)
+    random.seed(seed)
+
+    dataset = build_dataset(args.data_path, 'train', pretrain_transform(args.input_size), allow_root=True,
+                            bad_images=args.bad_images, seed=args.seed + du.get_rank())
+    check_min_images(dataset, args.batch_size * du.get_world_size(), '--batch_size')
+    loader = build_loader(dataset, args.batch_size, shuffle=True, drop_last=True, num_workers=args.num_workers,
+                          pin_mem=args.pin_mem, seed=args.seed, distributed=args.distributed,
+                          world_size=du.get_world_size(), rank=du.get_rank())
+    spe = steps_per_epoch(len(loader), args.accum_iter, 5 if args.debug else None)
+    if spe < 1:
+        raise UserError(f'--accum_iter {args.accum_iter}: an epoch has only {len(loader)} batches of '
+                        f'{args.batch_size}; lower --accum_iter or --batch_size')
+    total_steps, warmup_steps = spe * args.epochs, spe * args.warmup_epochs
+
+    model.to(device)
+    eff_batch = args.batch_size * args.accum_iter * du.get_world_size()
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+    du.print0(f'{dataset.root}: {len(dataset)} images, {len(loader)} iterations/epoch, {spe} optimizer steps/epoch')
+    du.print0(f'base lr: {args.lr * 256 / eff_batch:.2e}  actual lr: {args.lr:.2e}  accumulate grad iterations: '
+              f'{args.accum_iter}  effective batch size: {eff_batch} ({args.batch_size} x {args.accum_iter} x '
+              f'{du.get_world_size()} processes)')
+    du.print0(f'model {args.model}: {args.input_size}px, patch {model.patch_size}, {model.depth} blocks, stages '
+              f'(block, scale, cell px): {list(zip(model.stage_blocks, model.stage_scales, model.cell_sizes))}, '
+              f'stage weights {model.stage_weights}')
+
+    freezer = None
+    if args.freezeout:
+        schedule = FreezeOutSchedule(FreezeOut.unit_names(model, args.dont_freeze_pe), total_steps, warmup_steps,
+                                     args.lr, args.min_lr, args.t_0, args.how_scale, scale_lr=not args.not_scale_lr,
+                                     layerwise_lr=not args.non_layerwise_lr)
+        freezer = FreezeOut(model, schedule, args.dont_freeze_pe)
+        flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
+        du.print0(format_plan(schedule, spe, flops, args.dont_freeze_pe))
+        param_groups = freezer.param_groups(args.weight_decay)
+    else:
+        param_groups = param_groups_weight_decay(model, args.weight_decay)
+    if args.plan_only:
+        if not args.freezeout:
+            du.print0('no FreezeOut (--t_0/--how_scale not given): plain warm-up + cosine, nothing freezes; '
+                      f'T={total_steps} steps, W={warmup_steps}')
+        du.cleanup()
+        return
+
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95))
+    amp = make_amp(device, args.amp)
+    lr_control = freezer if freezer is not None else WarmupCosine(args.lr, args.min_lr, warmup_steps, total_steps)
+
+    def rewrap() -> nn.Module:
+        # A fresh DDP reducer only registers parameters that still require grad, so frozen ones stop being
+        # all-reduced and no find_unused_parameters traversal is needed.
+        if not args.distributed:
+            return model
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
+
+    state = PretrainState(model=model, model_without_ddp=model, optimizer=optimizer, amp=amp,
+                          lr_control=lr_control, steps_per_epoch=spe, total_steps=total_steps, rewrap=rewrap)
+    resumed = resolve_resume(args)
+    if resumed:
+        path, ckpt = resumed
+        warn_changed_flags(ckpt.get('args', {}), args)
+        if freezer is not None:
+            freezer.load_state_dict(ckpt.get('freezeout', {}), optimizer)  # before the optimizer: groups must match
+        elif ckpt.get('freezeout', {}).get('num_frozen', 0):
+            raise UserError(f'--resume {path}: the checkpoint has frozen FreezeOut units; resume with the same '
+                            f'--t_0/--how_scale flags')
+        try:
+            model.load_state_dict(ckpt['model'])
+        except RuntimeError as e:
+            raise UserError(f'--resume {path}: checkpoint does not match --model {args.model} '
+                            f'({str(e).splitlines()[0][:200]})') from None
+        if 'optimizer' in ckpt:
+            optimizer.load_state_dict(ckpt['optimizer'])
+        if amp.scaler is not None and ckpt.get('scaler'):
+            amp.scaler.load_state_dict(ckpt['scaler'])
+        args.start_epoch = int(ckpt['epoch']) + 1
+        state.global_step = int(ckpt.get('step', args.start_epoch * spe))
+        restore_rng_state(ckpt.get('rng'))
+        du.print0(f'Resumed from {path}: epoch {ckpt["epoch"]} done, optimizer step {state.global_step}')
+    if args.compile:
+        state.model = torch.compile(model)
+    state.model = rewrap() if args.distributed else state.model
+
+    log_writer = TensorBoard(args.log_dir)
+    knn = _knn_setup(args, device) if args.knn_eval_freq > 0 else None
+    du.print0(f'Start training for {args.epochs} epochs (from epoch {args.start_epoch})')
+    start = time.time()
+    base_step_time = None
+    for epoch in range(args.start_epoch, args.epochs):
+        seed_loader_epoch(loader, args.seed, epoch, du.get_rank())
+        stats = train_one_epoch(state, loader, epoch, args, log_writer)
+        record = {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch, 'step': state.global_step}
+        if freezer is not None:
+            record.update(frozen_units=freezer.num_frozen, active_stages=model.active_stages(),
+                          unit_lr=freezer.lr_by_unit(state.global_step))
+            if freezer.num_frozen == 0:
+                base_step_time = stats['step_time']
+            elif base_step_time:
+                record['step_time_vs_unfrozen'] = stats['step_time'] / base_step_time
+        if knn is not None and ((epoch + 1) % args.knn_eval_freq == 0 or epoch + 1 == args.epochs):
+            record.update(knn(model))
+        _log_epoch(log_writer, record, epoch, freezer)
+        append_json_log(args.output_dir, record)
+        numbered = (epoch % args.save_freq == 0) or (epoch + 1 == args.epochs)
+        save_checkpoint(args.output_dir, epoch, {
+            'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+            'scaler': amp.scaler.state_dict() if amp.scaler is not None else None, 'step': state.global_step,
+            'freezeout': freezer.state_dict() if freezer is not None else {},
+        }, args, numbered=numbered)
+        du.print0(f'epoch {epoch}: loss {stats["loss"]:.4f}  lr {stats["lr"]:.2e}  '
+                  f'frozen units {freezer.num_frozen if freezer else 0}  {stats["img_per_s"]:.1f} img/s  '
+                  f'time left {_eta(start, epoch - args.start_epoch + 1, args.epochs - epoch - 1)}')
+    log_writer.close()
+    du.print0(f'Training time {time.strftime("%H:%M:%S", time.gmtime(time.time() - start))}')
+    du.cleanup()
+
+
+def _eta(start: float, done: int, left: int) -> str:
+    per = (time.time() - start) / max(1, done)
+    return time.strftime('%H:%M:%S', time.gmtime(per * left))
+
+
+def _log_epoch(tb: TensorBoard, record: dict, epoch: int, freezer) -> None:
+    if not tb:
+        return
+    x = (epoch + 1) * 1000
+    for k in ('train_img_per_s', 'train_step_time', 'train_epoch_time'):
+        if k in record:
+            tb.scalar(f'perf/{k[6:]}', record[k], x)
+    if freezer is not None:
+        tb.scalar('freezeout/frozen_units', record['frozen_units'], x)
+        tb.scalar('freezeout/active_stages', len(record['active_stages']), x)
+        tb.scalars('freezeout/unit_lr', record['unit_lr'], x)
+    for k, v in record.items():
+        if k.startswith('knn_'):
+            tb.scalar(f'knn/{k[4:]}', v, x)
+    tb.flush()
+
+
+def _knn_setup(args, device):
+    """Online k-NN on the current encoder (util/knn.py), every --knn_eval_freq epochs."""
+    try:
+        from util.knn import online_knn_factory
+    except ImportError:
+        du.print0('warning: online k-NN is not available in this build; --knn_eval_freq ignored')
+        return None
+    return online_knn_factory(args, device)
+
+
+if __name__ == '__main__':
+    def _main(args):
+        try:
+            main(args)
+        except NonFiniteLoss as e:
+            print(f'error: {e}', file=sys.stderr, flush=True)
+            sys.exit(3)
+    run_main(_main, get_args_parser())
