@@ -151,7 +151,7 @@ def main(args: argparse.Namespace) -> None:
     random.seed(seed)
 
     dataset = build_dataset(args.data_path, 'train', pretrain_transform(args.input_size), allow_root=True,
-                            bad_images=args.bad_images, seed=args.seed + du.get_rank())
+                            bad_images=args.bad_images, seed=args.seed)  # per-sample seeds: same augmentation for any world size
     check_min_images(dataset, args.batch_size * du.get_world_size(), '--batch_size')
     loader = build_loader(dataset, args.batch_size, shuffle=True, drop_last=True, num_workers=args.num_workers,
                           pin_mem=args.pin_mem, seed=args.seed, distributed=args.distributed,

@@ -112,5 +112,13 @@ def run_main(main, parser: argparse.ArgumentParser) -> None:
     try:
         main(args)
     except UserError as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
+        print(f'error: {one_line(str(e))}', file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def one_line(msg: str) -> str:
+    """A DataLoader worker re-raises our error wrapped in its traceback text: keep the original message only."""
+    if 'Original Traceback' in msg:
+        last = [l for l in msg.strip().splitlines() if l.strip()][-1]
+        return last.split('UserError: ', 1)[-1]
+    return msg
