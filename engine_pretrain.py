@@ -107,7 +107,13 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
     epoch_time = time.time() - epoch_start
     stats = {k: m.global_avg for k, m in metric_logger.meters.items()}
     world = du.get_world_size()
-    stats.update(epoch_time=epoch_time, compute_time=compute_time,
+    if torch.cuda.is_available() and device.type == 'cuda':
+        max_mem = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    else:
+        import resource
+        max_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
+    stats.update(epoch_time=epoch_time, compute_time=compute_time, data_time=max(0.0, epoch_time - compute_time),
+                 max_mem_mb=max_mem,
                  step_time=compute_time / max(1, state.steps_per_epoch),
                  img_per_s=world * images / max(1e-9, epoch_time))
     du.print0(f'Averaged stats: {metric_logger}  compute time {compute_time:.1f}s  '

@@ -24,10 +24,12 @@ from util.amp import make_amp
 from util.args import (add_common_args, apply_demo_defaults, check_output_dir, resolve_device_flag, run_main,
                        str2bool)
 from util.checkpoint import resolve_resume, restore_rng_state, save_checkpoint, warn_changed_flags
-from util.datasets import build_dataset, build_loader, check_min_images, pretrain_transform, seed_loader_epoch
+from util.datasets import (build_dataset, build_loader, check_min_images, eval_transform, pretrain_transform,
+                           seed_loader_epoch)
 from util.errors import UserError
 from util.log import TensorBoard, append_json_log
 from util.lr_sched import WarmupCosine, steps_per_epoch
+from util.vis import fixed_batch, render_stages
 
 DEMO_DEFAULTS = dict(model='MIM_vit_tiny_patch16', input_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3,
                      batch_size=32, epochs=10, warmup_epochs=1, blr=1e-2, num_workers=0, save_freq=5,
@@ -93,6 +95,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='run weighted k-NN on the current encoder every N epochs (0 = off; --demo: 2)')
     g.add_argument('--knn_data_path', default=None, type=str,
                    help='ImageNet-style root with train/ and val/ for the online k-NN (default: --data_path)')
+    g.add_argument('--vis_freq', default=20, type=int,
+                   help='every N epochs write TensorBoard images of a fixed batch: input, mask, and HOG target vs '
+                        'prediction of each active stage (0 = off; needs --log_dir) (default: 20; --demo: 2)')
+    g.add_argument('--vis_images', default=4, type=int, help='images in the visualisation batch (default: 4)')
     g.add_argument('--compile', action='store_true', help='torch.compile the model (not with FreezeOut)')
     add_common_args(p, output_dir='./output_dir', num_workers=10)
     return p
@@ -102,7 +108,7 @@ def prepare_args(args: argparse.Namespace) -> None:
     argv = getattr(args, 'argv', [])
     if args.demo:
         from util.demo_data import default_demo_root, make_demo_dataset
-        defaults = dict(DEMO_DEFAULTS, data_path=str(default_demo_root()), knn_eval_freq=4)
+        defaults = dict(DEMO_DEFAULTS, data_path=str(default_demo_root()), knn_eval_freq=5, vis_freq=2)
         apply_demo_defaults(args, defaults, argv)
         if args.data_path == str(default_demo_root()):
             make_demo_dataset(args.data_path)
@@ -234,6 +240,7 @@ def main(args: argparse.Namespace) -> None:
 
     log_writer = TensorBoard(args.log_dir)
     knn = _knn_setup(args, device) if args.knn_eval_freq > 0 else None
+    vis_batch = _vis_batch(args, device) if (log_writer and args.vis_freq > 0) else None
     du.print0(f'Start training for {args.epochs} epochs (from epoch {args.start_epoch})')
     start = time.time()
     base_step_time = None
@@ -250,6 +257,9 @@ def main(args: argparse.Namespace) -> None:
                 record['step_time_vs_unfrozen'] = stats['step_time'] / base_step_time
         if knn is not None and ((epoch + 1) % args.knn_eval_freq == 0 or epoch + 1 == args.epochs):
             record.update(knn(model))
+        if vis_batch is not None and ((epoch + 1) % args.vis_freq == 0 or epoch + 1 == args.epochs):
+            for tag, img in render_stages(model, vis_batch, args.mask_ratio, seed=args.seed).items():
+                log_writer.image(tag, img, (epoch + 1) * 1000)
         _log_epoch(log_writer, record, epoch, freezer)
         append_json_log(args.output_dir, record)
         numbered = (epoch % args.save_freq == 0) or (epoch + 1 == args.epochs)
@@ -275,7 +285,7 @@ def _log_epoch(tb: TensorBoard, record: dict, epoch: int, freezer) -> None:
     if not tb:
         return
     x = (epoch + 1) * 1000
-    for k in ('train_img_per_s', 'train_step_time', 'train_epoch_time'):
+    for k in ('train_img_per_s', 'train_step_time', 'train_epoch_time', 'train_data_time', 'train_max_mem_mb'):
         if k in record:
             tb.scalar(f'perf/{k[6:]}', record[k], x)
     if freezer is not None:
@@ -286,6 +296,15 @@ def _log_epoch(tb: TensorBoard, record: dict, epoch: int, freezer) -> None:
         if k.startswith('knn_'):
             tb.scalar(f'knn/{k[4:]}', v, x)
     tb.flush()
+
+
+def _vis_batch(args, device):
+    """A fixed, un-augmented batch (val split if there is one) for the TensorBoard pictures."""
+    try:
+        ds = build_dataset(args.data_path, 'val', eval_transform(args.input_size), allow_root=False)
+    except UserError:
+        ds = build_dataset(args.data_path, 'train', eval_transform(args.input_size), allow_root=True)
+    return fixed_batch(ds, args.vis_images, device)
 
 
 def _knn_setup(args, device):
