@@ -308,13 +308,24 @@ def _vis_batch(args, device):
 
 
 def _knn_setup(args, device):
-    """Online k-NN on the current encoder (util/knn.py), every --knn_eval_freq epochs."""
-    try:
-        from util.knn import online_knn_factory
-    except ImportError:
-        du.print0('warning: online k-NN is not available in this build; --knn_eval_freq ignored')
-        return None
-    return online_knn_factory(args, device)
+    """Online weighted k-NN (the same code as run_knn.py) on the current encoder; call on every rank."""
+    from models_vit import encoder_features, encoder_from_mim_model
+    from util.knn import DEFAULT_KS, build_knn_loaders, format_knn, knn_evaluate
+    data_path = args.knn_data_path or args.data_path
+    train_loader, val_loader = build_knn_loaders(data_path, args.input_size, args.batch_size, args.num_workers,
+                                                 shard=args.distributed, pin_mem=args.pin_mem,
+                                                 bad_images=args.bad_images)
+    ks = [k for k in DEFAULT_KS if k <= len(train_loader.dataset)] or [len(train_loader.dataset)]
+
+    def run(mim_model) -> dict:
+        encoder = encoder_from_mim_model(mim_model).eval()
+        with torch.no_grad():
+            res = knn_evaluate(lambda x: encoder_features(encoder, x, 'token'), train_loader, val_loader, device,
+                               ks=ks)
+        for line in format_knn(res, ks):
+            du.print0(line)
+        return res
+    return run
 
 
 if __name__ == '__main__':
