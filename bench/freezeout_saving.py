@@ -1,0 +1,397 @@
+"""FreezeOut: measured wall-clock saving vs the FLOP model, per freeze state, single process / DDP / end to end.
+
+    python bench/freezeout_saving.py --model MIM_vit_tiny_patch16 --input_size 224 --batch_size 8 --threads 2 \
+        --steps 3 --schedules cubic:0.8,linear:0.5,cubic:0.9 --json out.json
+    python bench/freezeout_saving.py ... --ddp 2        # the same sweep in 2 gloo processes (1 thread each)
+    python bench/freezeout_saving.py ... --e2e          # + a real run_pretrain.py --demo pair (plain vs cubic 0.8)
+
+(a) Every freeze state the plan passes through (0, 1, 2, ... frozen units) is timed on one model: per state the
+    parameters are made trainable again, a fresh AdamW is built from ``FreezeOut.param_groups`` and
+    ``FreezeOut.apply_frozen(optimizer, n)`` freezes the first n units exactly as training does. The states are
+    measured in rounds whose order alternates (0,1,..,K then K,..,1,0), so drift on a shared machine hits all states
+    alike; each state's step time is the median of its timed steps over all rounds. Integrating over the steps the
+    plan spends in each state (``schedule.steps_in_state()``) gives the measured saving of the whole run:
+    1 - Σ_k n_k·t_k / (T·t_0).
+(b) The FLOP-model saving: ``freezeout.projected_saving`` on ``measure_unit_flops`` of the same model.
+(c) measured / FLOP-model.
+    Per state also: the time breakdown (HOG, encoder incl. the no-grad prefix, decoders, backward, optimizer), the
+    activation memory (bytes of the tensors autograd saves for backward, counted once per storage, parameters
+    excluded, via ``torch.autograd.graph.saved_tensors_hooks``) and the gradient + AdamW state of the trainable
+    parameters.
+(d) ``--e2e``: ``run_pretrain.py --demo`` twice with the same seed and flags, without FreezeOut and with
+    ``--how_scale cubic --t_0 0.8``; the saving is 1 - Σ train_epoch_time(FreezeOut) / Σ train_epoch_time(plain)
+    from log.txt (the training loops' wall clock, data loading included).
+``--ddp N``: the state sweep under N-process gloo DDP (torch.multiprocessing.spawn, 1 thread per process, the model
+re-wrapped in a fresh DDP per state as run_pretrain.py does after a freeze event), per-step wall time of rank 0.
+"""
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+for _p in (REPO, HERE):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+import pretrain_step as ps  # noqa: E402
+from freezeout import FreezeOut, FreezeOutSchedule, measure_unit_flops, projected_saving, step_cost  # noqa: E402
+
+PHASES = ['hog', 'encoder', 'decoders', 'backward', 'optim']
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# schedules
+
+
+def parse_schedules(args: argparse.Namespace) -> List[Tuple[str, float]]:
+    if args.schedules:
+        out = []
+        for item in args.schedules.split(','):
+            how, _, t0 = item.partition(':')
+            out.append((how.strip(), float(t0)))
+        return out
+    return [(args.how_scale, args.t_0)]
+
+
+def make_schedule(args, names: Sequence[str], how: str, t0: float) -> FreezeOutSchedule:
+    total = args.epochs * args.steps_per_epoch
+    return FreezeOutSchedule(names, total, args.warmup_epochs * args.steps_per_epoch, args.lr, args.min_lr, t0, how,
+                             scale_lr=not args.not_scale_lr, layerwise_lr=not args.non_layerwise_lr)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# measurement on one process (also the body of each DDP worker)
+
+
+def saved_tensor_bytes(model: nn.Module, net: nn.Module, imgs: torch.Tensor, mask_ratio: float) -> int:
+    """Bytes autograd keeps for backward in one forward (each storage once; parameters and buffers excluded)."""
+    skip = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = net(imgs, mask_ratio=mask_ratio)
+    del out
+    return sum(seen.values())
+
+
+def trainable_state_bytes(model: nn.Module) -> int:
+    """Gradient + AdamW exp_avg + exp_avg_sq of the trainable parameters (3 copies, same dtype)."""
+    return sum(3 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def sweep(args: argparse.Namespace, states: Sequence[int], distributed: bool = False,
+          log=print) -> Dict[int, Dict[str, object]]:
+    """Time the training step in every freeze state in ``states`` (see the module docstring)."""
+    from util.amp import make_amp
+    device = torch.device('cpu')
+    sync = ps.sync_fn(device)
+    torch.manual_seed(args.seed)
+    model = ps.build_model(args).to(device)
+    model.train(True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    names = FreezeOut.unit_names(model, args.dont_freeze_pe)
+    sched = make_schedule(args, names, 'linear', 0.5)  # any schedule: the sweep only uses apply_frozen(n)
+    freezer = FreezeOut(model, sched, args.dont_freeze_pe)
+    amp = make_amp(device, 'none')
+    rank = dist.get_rank() if distributed else 0
+    gen_args = argparse.Namespace(**vars(args))
+    gen_args.seed = args.seed + rank
+    batch = ps.make_batch(gen_args, device)
+    res: Dict[int, Dict[str, object]] = {n: {'times': [], 'phases': {ph: [] for ph in PHASES}} for n in states}
+    for rnd in range(args.rounds):
+        order = list(states) if rnd % 2 == 0 else list(reversed(states))
+        for n in order:
+            for p in trainable:
+                p.requires_grad_(True)
+            model.set_frozen(0, False)
+            opt = torch.optim.AdamW(freezer.param_groups(args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+            freezer.apply_frozen(opt, n)
+            net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if distributed else model
+            for i in range(args.warmup + args.steps):
+                if distributed:
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    loss = net(batch, mask_ratio=args.mask_ratio)['loss']
+                    t1 = time.perf_counter()
+                    loss.backward()
+                    t2 = time.perf_counter()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    t3 = time.perf_counter()
+                    t = {'step': (t3 - t0) * 1e3, 'forward': (t1 - t0) * 1e3, 'backward': (t2 - t1) * 1e3,
+                         'optim': (t3 - t2) * 1e3}
+                else:
+                    t = ps.timed_step(model, opt, batch, device, amp, args.mask_ratio, sync)
+                if i >= args.warmup:
+                    res[n]['times'].append(t['step'])
+                    for ph in t:
+                        if ph != 'step':
+                            res[n]['phases'].setdefault(ph, []).append(t[ph])
+            if rnd == 0:
+                res[n]['activation_bytes'] = saved_tensor_bytes(model, model, batch, args.mask_ratio)
+                res[n]['trainable_state_bytes'] = trainable_state_bytes(model)
+                res[n]['active_stages'] = model.active_stages()
+                res[n]['trainable_params'] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            del net, opt
+            if rank == 0:
+                log(f'  round {rnd + 1}/{args.rounds} state {n:>2}: {ps.median(res[n]["times"][-args.steps:]):8.1f} ms')
+    for n in states:
+        r = res[n]
+        r['step_ms'] = ps.median(r['times'])
+        r['phase_ms'] = {ph: ps.median(v) for ph, v in r['phases'].items() if v}
+        del r['phases']
+    return res
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, args: argparse.Namespace, states: List[int], out: str, port: int) -> None:
+    os.environ['MASTER_ADDR'], os.environ['MASTER_PORT'] = '127.0.0.1', str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', rank=rank, world_size=world)
+    try:
+        res = sweep(args, states, distributed=True, log=lambda m: print(f'[ddp] {m}', flush=True))
+        if rank == 0:
+            with open(out, 'w') as f:
+                json.dump({str(k): v for k, v in res.items()}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_sweep(args: argparse.Namespace, states: List[int]) -> Dict[int, Dict[str, object]]:
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, 'ddp.json')
+        mp.spawn(_ddp_worker, args=(args.ddp, args, list(states), out, _free_port()), nprocs=args.ddp, join=True)
+        with open(out) as f:
+            return {int(k): v for k, v in json.load(f).items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# savings
+
+
+def measured_saving(schedule: FreezeOutSchedule, step_ms: Dict[int, float]) -> float:
+    steps = schedule.steps_in_state()
+    run = sum(c * step_ms[k] for k, c in enumerate(steps) if c)
+    return 1.0 - run / (schedule.total_steps * step_ms[0])
+
+
+def summarise(args, names, schedules, flops, single, ddp) -> Dict[str, object]:
+    out = []
+    for how, t0 in schedules:
+        s = make_schedule(args, names, how, t0)
+        row = {'how_scale': how, 't_0': t0, 'steps_in_state': s.steps_in_state(),
+               'flop_saving': projected_saving(s, flops, args.dont_freeze_pe),
+               'measured_saving': measured_saving(s, {k: v['step_ms'] for k, v in single.items()})}
+        row['ratio'] = row['measured_saving'] / row['flop_saving'] if row['flop_saving'] else float('nan')
+        if ddp:
+            row['ddp_measured_saving'] = measured_saving(s, {k: v['step_ms'] for k, v in ddp.items()})
+            row['ddp_ratio'] = row['ddp_measured_saving'] / row['flop_saving'] if row['flop_saving'] else float('nan')
+        out.append(row)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# end to end
+
+
+def e2e(args: argparse.Namespace, log=print) -> Dict[str, object]:
+    """A real run_pretrain.py --demo pair (plain vs cubic 0.8), same seed and flags; ABBA order for repeats > 1."""
+    runs = {'plain': [], 'freezeout': []}
+    plan_saving = None
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED='1')
+    base = [sys.executable, os.path.join(REPO, 'run_pretrain.py'), '--demo', '--epochs', str(args.e2e_epochs),
+            '--warmup_epochs', str(args.e2e_warmup_epochs), '--seed', str(args.seed), '--knn_eval_freq', '0',
+            '--save_freq', '1000'] + (args.e2e_flags.split() if args.e2e_flags else [])
+    order = []
+    for r in range(args.e2e_repeats):
+        order += ['plain', 'freezeout'] if r % 2 == 0 else ['freezeout', 'plain']
+    with tempfile.TemporaryDirectory() as d:
+        for i, kind in enumerate(order):
+            od = os.path.join(d, f'{kind}{i}')
+            cmd = base + ['--output_dir', od, '--log_dir', os.path.join(od, 'tb')]
+            if kind == 'freezeout':
+                cmd += ['--how_scale', 'cubic', '--t_0', '0.8']
+            t = time.time()
+            p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+            if p.returncode != 0:
+                raise RuntimeError(f'{" ".join(cmd)} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}')
+            with open(os.path.join(od, 'log.txt')) as f:
+                recs = [json.loads(line) for line in f if line.strip()]
+            m = re.search(r'projected saving of training FLOPs[^:]*: ([0-9.]+)%', p.stdout)
+            if m:
+                plan_saving = float(m.group(1)) / 100
+            runs[kind].append({'train_loop_s': sum(r['train_epoch_time'] for r in recs),
+                               'compute_s': sum(r.get('train_compute_time', 0.0) for r in recs),
+                               'process_s': time.time() - t, 'epochs': len(recs),
+                               'frozen_units': [r.get('frozen_units', 0) for r in recs],
+                               'final_loss': recs[-1].get('train_loss')})
+            log(f'  e2e {kind:<9}: training loop {runs[kind][-1]["train_loop_s"]:.1f}s '
+                f'(compute {runs[kind][-1]["compute_s"]:.1f}s), frozen units per epoch {runs[kind][-1]["frozen_units"]}')
+    a = sum(r['train_loop_s'] for r in runs['plain'])
+    b = sum(r['train_loop_s'] for r in runs['freezeout'])
+    ac = sum(r['compute_s'] for r in runs['plain'])
+    bc = sum(r['compute_s'] for r in runs['freezeout'])
+    res = {'command': ' '.join(base[1:]), 'runs': runs, 'measured_saving': 1 - b / a,
+           'measured_saving_compute': 1 - bc / ac if ac else float('nan'), 'flop_saving': plan_saving}
+    if plan_saving:
+        res['ratio'] = res['measured_saving'] / plan_saving
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# main
+
+
+def unit_label(names: Sequence[str], n: int) -> str:
+    if n == 0:
+        return '-'
+    return names[0] if n == 1 else f'{names[0]}..{names[n - 1]}'
+
+
+def print_report(res: Dict[str, object]) -> None:
+    names, states = res['unit_names'], res['states']
+    single, ddp = res['single'], res.get('ddp')
+    cfg = res['config']
+    print(f"\n{cfg['model']} {cfg['input_size']}px patch {cfg['patch_size']} depth {cfg['depth']}, batch "
+          f"{cfg['batch_size']}, {cfg['threads']} threads; T = {cfg['epochs']} epochs x {cfg['steps_per_epoch']} "
+          f"steps; median of {cfg['steps']} steps x {cfg['rounds']} rounds per state")
+    hdr = (f"{'state':>5} {'frozen units':<16} {'active stages':<13} {'step ms':>8} {'rel':>5} {'FLOP rel':>8} "
+           + f"{'hog':>6} {'enc':>6} {'dec':>6} {'bwd':>6} {'opt':>6}"
+           + f" {'act MB':>7} {'grad+Adam MB':>12}")
+    if ddp:
+        hdr += f" {'DDP ms':>8} {'DDP rel':>7}"
+    steps_cols = [f"{r['how_scale']} {r['t_0']:g}" for r in res['summary']]
+    hdr += ''.join(f' {c:>11}' for c in steps_cols)
+    print(hdr)
+    base = single[0]['step_ms']
+    for n in states:
+        r = single[n]
+        ph = r['phase_ms']
+        line = (f"{n:>5} {unit_label(names, n):<16} {str(r['active_stages']).replace(' ', ''):<13} "
+                f"{r['step_ms']:>8.1f} {r['step_ms'] / base:>5.2f} {res['flop_rel'][n]:>8.2f} "
+                + ' '.join(f"{ph.get(k, float('nan')):>6.0f}" for k in PHASES)
+                + f" {r['activation_bytes'] / 2 ** 20:>7.1f} {r['trainable_state_bytes'] / 2 ** 20:>12.1f}")
+        if ddp:
+            line += f" {ddp[n]['step_ms']:>8.1f} {ddp[n]['step_ms'] / ddp[0]['step_ms']:>7.2f}"
+        line += ''.join(f" {row['steps_in_state'][n]:>11}" for row in res['summary'])
+        print(line)
+    print(f"\n{'schedule':<12} {'measured':>9} {'FLOP model':>10} {'ratio':>6}" +
+          (f" {'DDP measured':>12} {'DDP ratio':>9}" if ddp else ''))
+    for row in res['summary']:
+        line = (f"{row['how_scale'] + ' ' + format(row['t_0'], 'g'):<12} {100 * row['measured_saving']:>8.1f}% "
+                f"{100 * row['flop_saving']:>9.1f}% {row['ratio']:>6.2f}")
+        if ddp:
+            line += f" {100 * row['ddp_measured_saving']:>11.1f}% {row['ddp_ratio']:>9.2f}"
+        print(line)
+    if 'e2e' in res:
+        e = res['e2e']
+        fl = f"{100 * e['flop_saving']:.1f}%" if e.get('flop_saving') else 'n/a'
+        print(f"\nend to end ({e['command']}): plain {sum(r['train_loop_s'] for r in e['runs']['plain']):.1f}s vs "
+              f"cubic 0.8 {sum(r['train_loop_s'] for r in e['runs']['freezeout']):.1f}s of training loop -> measured "
+              f"saving {100 * e['measured_saving']:.1f}% (compute only {100 * e['measured_saving_compute']:.1f}%), "
+              f"FLOP model {fl}")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ps.add_model_args(p)
+    p.set_defaults(batch_size=8)
+    p.add_argument('--steps', default=3, type=int, help='timed steps per state per round (default: 3)')
+    p.add_argument('--warmup', default=1, type=int, help='untimed steps per state per round (default: 1)')
+    p.add_argument('--rounds', default=2, type=int, help='passes over the states, alternating order (default: 2)')
+    p.add_argument('--t_0', default=0.8, type=float)
+    p.add_argument('--how_scale', default='cubic', choices=['linear', 'squared', 'cubic'])
+    p.add_argument('--schedules', default=None,
+                   help='several schedules from one sweep, e.g. cubic:0.8,linear:0.5,cubic:0.9 (overrides --t_0/'
+                        '--how_scale)')
+    p.add_argument('--not_scale_lr', action='store_true')
+    p.add_argument('--non_layerwise_lr', action='store_true')
+    p.add_argument('--dont_freeze_pe', action='store_true')
+    p.add_argument('--epochs', default=100, type=int, help='schedule length in epochs (default: 100)')
+    p.add_argument('--warmup_epochs', default=10, type=int)
+    p.add_argument('--steps_per_epoch', default=100, type=int)
+    p.add_argument('--lr', default=1.5e-4, type=float)
+    p.add_argument('--min_lr', default=1e-6, type=float)
+    p.add_argument('--weight_decay', default=0.05, type=float)
+    p.add_argument('--ddp', default=0, type=int, help='also sweep under N-process gloo DDP, 1 thread each')
+    p.add_argument('--e2e', action='store_true', help='also run the run_pretrain.py --demo pair')
+    p.add_argument('--e2e_only', action='store_true', help='only the end-to-end pair (no state sweep)')
+    p.add_argument('--e2e_epochs', default=6, type=int)
+    p.add_argument('--e2e_warmup_epochs', default=1, type=int)
+    p.add_argument('--e2e_repeats', default=1, type=int, help='pairs (ABBA order) (default: 1)')
+    p.add_argument('--e2e_flags', default='', help='extra run_pretrain.py flags for both runs of the pair')
+    p.add_argument('--json', default=None)
+    return p
+
+
+def main(argv=None) -> Dict[str, object]:
+    args = get_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    schedules = parse_schedules(args)
+    res: Dict[str, object] = {}
+    if not args.e2e_only:
+        torch.manual_seed(args.seed)
+        model = ps.build_model(args)
+        names = FreezeOut.unit_names(model, args.dont_freeze_pe)
+        flops = measure_unit_flops(model, args.input_size, args.mask_ratio, torch.device('cpu'), args.dont_freeze_pe)
+        del model
+        plans = [make_schedule(args, names, h, t) for h, t in schedules]
+        states = sorted({k for s in plans for k, c in enumerate(s.steps_in_state()) if c} | {0})
+        base_cost = step_cost(flops, 0, args.dont_freeze_pe)
+        res.update(config={**{k: v for k, v in vars(args).items()}, 'patch_size': ps.build_model(args).patch_size
+                           if args.patch_size is None else args.patch_size,
+                           'depth': len(names) - (0 if args.dont_freeze_pe else 1)},
+                   machine=ps.machine_info(torch.device('cpu'), args.threads), unit_names=names, states=states,
+                   flops={k: v for k, v in flops.items()},
+                   flop_rel={n: step_cost(flops, n, args.dont_freeze_pe) / base_cost for n in states})
+        print(f'sweeping {len(states)} freeze states {states} (single process, {args.threads} threads)', flush=True)
+        single = sweep(args, states)
+        res['single'] = single
+        ddp = None
+        if args.ddp:
+            print(f'sweeping under {args.ddp}-process gloo DDP, 1 thread each', flush=True)
+            ddp = ddp_sweep(args, states)
+            res['ddp'] = ddp
+        res['summary'] = summarise(args, names, schedules, flops, single, ddp)
+    if args.e2e or args.e2e_only:
+        print('end-to-end run pair (run_pretrain.py --demo)', flush=True)
+        res['e2e'] = e2e(args)
+    if 'single' in res:
+        print_report(res)
+    elif 'e2e' in res:
+        e = res['e2e']
+        print(f"end to end: measured saving {100 * e['measured_saving']:.1f}% (compute only "
+              f"{100 * e['measured_saving_compute']:.1f}%), FLOP model "
+              f"{100 * e['flop_saving'] if e.get('flop_saving') else float('nan'):.1f}%")
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(res, f, indent=1, default=str)
+    return res
+
+
+if __name__ == '__main__':
+    main()

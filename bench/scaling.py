@@ -1,0 +1,225 @@
+"""How step time and memory grow with batch size and input size (LocalMIM pre-training step, CPU or CUDA).
+
+    python bench/scaling.py --models MIM_vit_tiny_patch16,MIM_vit_small_patch16 --threads 2 --json scaling.json
+
+Two sweeps per model, each config timed with ``bench/pretrain_step.py``'s instrumented step (median of ``--steps``
+after one warm-up step):
+
+* batch sweep at ``--input_size`` (224): batch 1, 2, 4, 8, 16, 32, 64;
+* input sweep at ``--sweep_batch`` (8): 32, 64, 128, 160, 224 px. (112 px is not possible with 16 px patches:
+  its 7x7 grid cannot be pooled to the 0.5-scale stage, so 128 takes its place.)
+
+Per config: step time and its phases, ms per image, forward GFLOP per image (``freezeout.measure_unit_flops``),
+achieved GFLOP/s (training FLOPs = 3x forward), activation memory (bytes autograd saves for backward, each storage
+once, parameters excluded) and peak RSS of the config (Linux: ``/proc/self/clear_refs`` resets the high-water mark
+after ``malloc_trim``; ``-`` where that is not available; CUDA: ``max_memory_allocated``).
+
+Super-linear growth is flagged: (batch) ms per image at the largest batch more than ``--tol`` above its minimum;
+(input) the log-log slope of step time vs tokens between consecutive sizes above 1 + tol, and whether FLOPs explain it
+(the GFLOP/img slope) or the machine gets less efficient (falling GFLOP/s). A config whose predicted time exceeds
+``--max_config_s`` is skipped and listed.
+"""
+import argparse
+import ctypes
+import json
+import math
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+for _p in (REPO, HERE):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import torch  # noqa: E402
+
+import pretrain_step as ps  # noqa: E402
+from freezeout import measure_unit_flops  # noqa: E402
+
+PHASES = ['hog', 'encoder', 'decoders', 'backward', 'optim']
+
+
+def _trim() -> None:
+    try:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0). False if not possible."""
+    _trim()
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False
+
+
+def vm_hwm_mb(key: str = 'VmHWM') -> Optional[float]:
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(key + ':'):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def measure(args: argparse.Namespace, model_name: str, size: int, batch: int) -> Dict[str, object]:
+    from util.amp import make_amp
+    from freezeout_saving import saved_tensor_bytes  # noqa: E402  (same helper as the FreezeOut bench)
+    device = torch.device(args.device)
+    sync = ps.sync_fn(device)
+    cfg = argparse.Namespace(model=model_name, input_size=size, patch_size=None, hog_nbins=9, batch_size=batch,
+                             seed=0, depth=None, embed_dim=None, num_heads=None)
+    torch.manual_seed(0)
+    model = ps.build_model(cfg).to(device)
+    fl = measure_unit_flops(model, size, args.mask_ratio, device)
+    opt = ps.make_optimizer(model)
+    amp = make_amp(device, 'auto')
+    batch_t = ps.make_batch(cfg, device)
+    rss_ok = reset_peak_rss() if device.type == 'cpu' else False
+    rss0 = vm_hwm_mb('VmRSS') if rss_ok else None
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    samples = []
+    for i in range(1 + args.steps):
+        t = ps.timed_step(model, opt, batch_t, device, amp, args.mask_ratio, sync)
+        if i >= 1:
+            samples.append(t)
+    peak = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == 'cuda'
+            else (vm_hwm_mb() if rss_ok else None))
+    act = saved_tensor_bytes(model, model, batch_t.to(device), args.mask_ratio)
+    step = ps.median([s['step'] for s in samples])
+    res = {'model': model_name, 'input_size': size, 'batch_size': batch, 'tokens': model.num_patches,
+           'step_ms': step, 'ms_per_img': step / batch, 'img_per_s': batch / step * 1e3,
+           'phase_ms': {ph: ps.median([s[ph] for s in samples]) for ph in PHASES},
+           'gflop_fwd_per_img': fl['total_fwd'] / 1e9, 'activation_mb': act / 2 ** 20, 'peak_mem_mb': peak,
+           'peak_delta_mb': peak - rss0 if (peak is not None and rss0 is not None) else None,
+           'params_m': sum(p.numel() for p in model.parameters()) / 1e6}
+    res['gflop_per_s'] = 3 * res['gflop_fwd_per_img'] * batch / (step / 1e3)
+    del model, opt, batch_t
+    _trim()
+    return res
+
+
+def flag_batch(rows: List[Dict[str, object]], tol: float) -> Optional[str]:
+    per = [(r['batch_size'], r['ms_per_img']) for r in rows]
+    if len(per) < 2:
+        return None
+    best_b, best = min(per, key=lambda x: x[1])
+    last_b, last = per[-1]
+    if last > (1 + tol) * best:
+        return (f'ms/img rises from {best:.1f} (batch {best_b}) to {last:.1f} (batch {last_b}): '
+                f'{last / best:.2f}x, super-linear in batch')
+    return None
+
+
+def flag_input(rows: List[Dict[str, object]], tol: float) -> List[str]:
+    out = []
+    for a, b in zip(rows, rows[1:]):
+        lt = math.log(b['tokens'] / a['tokens'])
+        s_time = math.log(b['step_ms'] / a['step_ms']) / lt
+        s_flop = math.log(b['gflop_fwd_per_img'] / a['gflop_fwd_per_img']) / lt
+        b['slope_time_vs_tokens'], b['slope_flop_vs_tokens'] = s_time, s_flop
+        b['phase_slopes'] = {ph: math.log(max(1e-6, b['phase_ms'][ph]) / max(1e-6, a['phase_ms'][ph])) / lt
+                             for ph in PHASES}
+        if s_time > 1 + tol:
+            why = 'FLOPs grow as fast' if s_flop > 1 + tol and s_time <= s_flop + tol else \
+                'FLOPs do not explain it (efficiency falls)'
+            out.append(f"{a['input_size']}->{b['input_size']} px: time ~ tokens^{s_time:.2f} (FLOPs ~ "
+                       f"tokens^{s_flop:.2f}; {why})")
+    return out
+
+
+def main(argv=None) -> Dict[str, object]:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--models', default='MIM_vit_tiny_patch16,MIM_vit_small_patch16')
+    p.add_argument('--batches', default='1,2,4,8,16,32,64')
+    p.add_argument('--input_size', default=224, type=int, help='input size of the batch sweep (default: 224)')
+    p.add_argument('--sizes', default='32,64,128,160,224')
+    p.add_argument('--sweep_batch', default=8, type=int, help='batch of the input-size sweep (default: 8)')
+    p.add_argument('--steps', default=2, type=int, help='timed steps per config after 1 warm-up (default: 2)')
+    p.add_argument('--threads', default=2, type=int)
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--mask_ratio', default=0.75, type=float)
+    p.add_argument('--max_config_s', default=90.0, type=float,
+                   help='skip a config whose predicted time (warm-up + steps) exceeds this (default: 90)')
+    p.add_argument('--tol', default=0.15, type=float, help='tolerance of the super-linear flags (default: 0.15)')
+    p.add_argument('--json', default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out: Dict[str, object] = {'machine': ps.machine_info(torch.device(args.device), args.threads),
+                              'batch_sweep': {}, 'input_sweep': {}, 'skipped': [], 'flags': {}}
+    t_start = time.time()
+    for name in args.models.split(','):
+        for sweep, configs in (('batch_sweep', [(args.input_size, int(b)) for b in args.batches.split(',')]),
+                               ('input_sweep', [(int(s), args.sweep_batch) for s in args.sizes.split(',')])):
+            rows: List[Dict[str, object]] = []
+            for size, b in configs:
+                if rows:
+                    prev = rows[-1]
+                    scale = (b / prev['batch_size']) * (size / prev['input_size']) ** 2
+                    predicted = prev['step_ms'] / 1e3 * scale * (1 + args.steps)
+                    if predicted > args.max_config_s:
+                        out['skipped'].append({'model': name, 'input_size': size, 'batch_size': b,
+                                               'predicted_s': predicted})
+                        print(f'{name} {size}px batch {b}: skipped (predicted {predicted:.0f}s > '
+                              f'--max_config_s {args.max_config_s:g})', flush=True)
+                        continue
+                r = measure(args, name, size, b)
+                rows.append(r)
+                pk = _peak(r)
+                print(f"{name:<22} {size:>4}px batch {b:>3}: {r['step_ms']:>9.1f} ms  {r['ms_per_img']:>7.1f} ms/img  "
+                      f"{r['gflop_per_s']:>6.1f} GFLOP/s  act {r['activation_mb']:>7.1f} MB  peak RSS {pk} MB  "
+                      + ' '.join(f"{ph} {r['phase_ms'][ph]:.0f}" for ph in PHASES), flush=True)
+            out[sweep][name] = rows
+        fb = flag_batch(out['batch_sweep'][name], args.tol)
+        fi = flag_input(out['input_sweep'][name], args.tol)
+        out['flags'][name] = {'batch': fb, 'input': fi}
+    out['total_s'] = time.time() - t_start
+    print_tables(out)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+def _peak(r: Dict[str, object]) -> str:
+    if r.get('peak_mem_mb') is None:
+        return '-'
+    d = r.get('peak_delta_mb')
+    return f"{r['peak_mem_mb']:.0f}" + (f" (+{d:.0f})" if d is not None else '')
+
+
+def print_tables(out: Dict[str, object]) -> None:
+    m = out['machine']
+    print(f"\n{m['cpu']} ({m['cpu_count']} cores), {m['threads']} threads, torch {m['torch']}; "
+          f"total {out['total_s']:.0f}s")
+    for sweep in ('batch_sweep', 'input_sweep'):
+        print(f"\n{sweep.replace('_', ' ')}")
+        print(f"{'model':<22} {'px':>4} {'batch':>5} {'tokens':>6} {'step ms':>9} {'ms/img':>7} {'img/s':>6} "
+              f"{'GFLOP/img':>9} {'GFLOP/s':>7} {'act MB':>7} {'peak MB (+step)':>15}  " + ' '.join(f'{ph:>8}' for ph in PHASES))
+        for name, rows in out[sweep].items():
+            for r in rows:
+                pk = _peak(r)
+                print(f"{name:<22} {r['input_size']:>4} {r['batch_size']:>5} {r['tokens']:>6} {r['step_ms']:>9.1f} "
+                      f"{r['ms_per_img']:>7.1f} {r['img_per_s']:>6.2f} {r['gflop_fwd_per_img']:>9.2f} "
+                      f"{r['gflop_per_s']:>7.1f} {r['activation_mb']:>7.1f} {pk:>15}  "
+                      + ' '.join(f"{r['phase_ms'][ph]:>8.0f}" for ph in PHASES))
+    for s in out['skipped']:
+        print(f"skipped: {s['model']} {s['input_size']}px batch {s['batch_size']} (predicted {s['predicted_s']:.0f}s)")
+    for name, f in out['flags'].items():
+        print(f"{name}: batch: {f['batch'] or 'no super-linear growth'}")
+        for line in f['input'] or ['no super-linear growth with input size']:
+            print(f"{name}: input: {line}")
+
+
+if __name__ == '__main__':
+    main()

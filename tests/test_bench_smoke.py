@@ -1,0 +1,100 @@
+"""Smoke tests of the benchmark scripts and the schedule plot: they run, write the JSON keys, and the reference-style
+HOG written in the bench agrees with ours. Minimal sizes (32 px, patch 4, depth 4, 2 steps); no timed asserts."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ['--model', 'MIM_vit_tiny_patch16', '--input_size', '32', '--patch_size', '4', '--depth', '4',
+        '--embed_dim', '48', '--num_heads', '3', '--batch_size', '2', '--threads', '1', '--steps', '2']
+
+
+def _run(args, timeout=300):
+    p = subprocess.run([sys.executable] + [str(a) for a in args], cwd=REPO, capture_output=True, text=True,
+                       timeout=timeout)
+    assert p.returncode == 0, f'{args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}'
+    return p
+
+
+def test_pretrain_step_with_hog_reference(tmp_path):
+    out = tmp_path / 'step.json'
+    p = _run(['bench/pretrain_step.py', *TINY, '--warmup', '1', '--compare_hog_reference', '--json', out])
+    r = json.loads(out.read_text())
+    for key in ('img_per_s', 'step_ms', 'hog_ms', 'peak_mem_mb', 'data_ms', 'encoder_ms', 'decoders_ms',
+                'backward_ms', 'optim_ms', 'hog_ref_ms', 'hog_ours_ms', 'hog_speedup', 'hog_max_abs_diff'):
+        assert key in r, key
+    assert r['img_per_s'] > 0 and r['step_ms'] > 0 and r['peak_mem_mb'] > 0
+    assert r['hog_max_abs_diff'] < 1e-5           # the reference design and ours compute the same targets
+    assert r['hog_hypot_max_abs_diff'] < 1e-5
+    assert r['decomposition_abs_err'] == 0.0      # the phased step is LocalMIM.forward
+    assert len(r['step_all_ms']) == 2
+    assert 'speed-up' in p.stdout
+
+
+def test_reference_style_hog_matches_ours_with_bias():
+    sys.path.insert(0, str(REPO / 'bench'))
+    import torch
+    import models_mim
+    import pretrain_step as ps
+    torch.manual_seed(0)
+    m = models_mim.create_model('MIM_vit_tiny_patch16', img_size=32, patch_size=4, depth=4, embed_dim=48,
+                                num_heads=3, hog_bias=True)
+    x = torch.randn(2, 3, 32, 32)
+    stages = list(range(4))
+    ref = ps.reference_hog_for(m)(x, stages)
+    ours = m.hog(x, stages)
+    assert ps.hog_max_abs_diff(ours, ref) < 1e-5
+
+
+def test_freezeout_saving_sweep(tmp_path):
+    out = tmp_path / 'fo.json'
+    p = _run(['bench/freezeout_saving.py', *TINY, '--warmup', '0', '--rounds', '1', '--epochs', '4',
+              '--warmup_epochs', '1', '--steps_per_epoch', '5', '--schedules', 'cubic:0.8,linear:0.5',
+              '--json', out])
+    r = json.loads(out.read_text())
+    for key in ('single', 'summary', 'states', 'flop_rel', 'unit_names'):
+        assert key in r, key
+    assert r['states'][0] == 0 and len(r['states']) >= 2
+    assert r['unit_names'][0] == 'embed' and len(r['unit_names']) == 5
+    for n in r['states']:
+        s = r['single'][str(n)]
+        assert s['step_ms'] > 0 and s['activation_bytes'] > 0 and 'phase_ms' in s
+    # freezing really drops what autograd keeps and what the optimizer holds
+    last = r['single'][str(r['states'][-1])]
+    assert last['activation_bytes'] < r['single']['0']['activation_bytes']
+    assert last['trainable_state_bytes'] < r['single']['0']['trainable_state_bytes']
+    assert [row['how_scale'] for row in r['summary']] == ['cubic', 'linear']
+    for row in r['summary']:
+        assert {'measured_saving', 'flop_saving', 'ratio', 'steps_in_state'} <= set(row)
+        assert sum(row['steps_in_state']) == 20
+        assert 0 < row['flop_saving'] < 1
+    assert 'FLOP model' in p.stdout
+
+
+def test_plot_schedule_png(tmp_path):
+    pytest.importorskip('matplotlib', reason='matplotlib is a dev-only dependency (requirements-dev.txt)')
+    out = tmp_path / 'sched.png'
+    _run(['util/plot_schedule.py', '--epochs', '20', '--warmup_epochs', '2', '--how_scale', 'cubic', '--t_0', '0.8',
+          '--depth', '4', '--steps_per_epoch', '10', '--out', out])
+    data = out.read_bytes()
+    assert data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) > 5000
+    out2 = tmp_path / 'sched2.png'
+    _run(['util/plot_schedule.py', '--how_scale', 'linear', '--t_0', '0.5', '--not_scale_lr', '--non_layerwise_lr',
+          '--dont_freeze_pe', '--lr', '1e-3', '--min_lr', '0', '--out', out2])
+    assert out2.read_bytes()[:4] == b'\x89PNG'
+
+
+def test_plot_schedule_uses_freezeout_schedule():
+    pytest.importorskip('matplotlib', reason='matplotlib is a dev-only dependency (requirements-dev.txt)')
+    sys.path.insert(0, str(REPO))
+    from util.plot_schedule import build_schedule, get_parser
+    a = get_parser().parse_args(['--epochs', '10', '--warmup_epochs', '1', '--depth', '4', '--steps_per_epoch', '10',
+                                 '--blr', '1e-3', '--batch_size', '512', '--out', 'x.png'])
+    s = build_schedule(a)
+    assert [u.name for u in s.units] == ['embed', 'block1', 'block2', 'block3', 'block4']
+    assert s.total_steps == 100 and s.warmup_steps == 10 and s.lr == pytest.approx(2e-3)
+    a = get_parser().parse_args(['--dont_freeze_pe', '--depth', '4', '--out', 'x.png'])
+    assert [u.name for u in build_schedule(a).units][0] == 'block1'
