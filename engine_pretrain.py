@@ -5,6 +5,7 @@ The loop never syncs the host per step: losses stay on the device and are read (
 (``epoch_1000x``). A non-finite loss raises :class:`NonFiniteLoss` before any checkpoint of that epoch is written.
 """
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -17,10 +18,15 @@ import torch.nn as nn
 from util import distributed as du
 from util.amp import Amp
 from util.log import MetricLogger, SmoothedValue, TensorBoard
+from util.signals import NO_STOP, TrainingStopped
+
+# TEST ONLY: VITFREEZE_TEST_NAN_AT_STEP=<global micro-step> replaces that step's loss with NaN (tests/test_reliability.py).
+_TEST_NAN_AT_STEP = int(os.environ.get('VITFREEZE_TEST_NAN_AT_STEP', '-1') or -1)
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(TrainingStopped, RuntimeError):
     """Training produced a NaN/inf loss; the message names epoch, step and the stage losses."""
+    exit_code = 3
 
 
 @dataclass
@@ -48,7 +54,8 @@ def set_lr(state: PretrainState, step: int) -> bool:
 
 
 def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: Optional[TensorBoard] = None,
-                    print_freq: int = 50) -> Dict[str, float]:
+                    print_freq: int = 50, stop=NO_STOP) -> Dict[str, float]:
+    """``stop`` (a util.signals.GracefulStop) is checked before every micro-batch: Interrupted, nothing written."""
     model = state.model
     model.train(True)
     device = next(state.model_without_ddp.parameters()).device
@@ -67,6 +74,7 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
 
     for i, (samples, _) in enumerate(metric_logger.log_every(islice(loader, n_micro), print_freq, header,
                                                              remaining_after=remaining, total=n_micro)):
+        stop.check(epoch, i)
         t0 = time.time()
         if i % accum == 0:
             if set_lr(state, state.global_step):
@@ -85,6 +93,8 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
             with state.amp.autocast():
                 out = model(samples, mask_ratio=args.mask_ratio)
             loss = out['loss']
+            if epoch * n_micro + i == _TEST_NAN_AT_STEP:
+                loss = loss * float('nan')  # TEST ONLY (VITFREEZE_TEST_NAN_AT_STEP)
             scaled = loss / accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if update:

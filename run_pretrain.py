@@ -27,7 +27,8 @@ from util.checkpoint import resolve_resume, restore_rng_state, save_checkpoint, 
 from util.datasets import (build_dataset, build_loader, check_min_images, eval_transform, pretrain_transform,
                            seed_loader_epoch)
 from util.errors import UserError
-from util.log import TensorBoard, append_json_log
+from util.log import TensorBoard, append_json_log, trim_json_log
+from util.signals import GracefulStop
 from util.lr_sched import WarmupCosine, steps_per_epoch
 from util.vis import fixed_batch, render_stages
 
@@ -224,10 +225,15 @@ def main(args: argparse.Namespace) -> None:
         try:
             model.load_state_dict(ckpt['model'])
         except RuntimeError as e:
-            raise UserError(f'--resume {path}: checkpoint does not match --model {args.model} '
-                            f'({str(e).splitlines()[0][:200]})') from None
+            detail = '; '.join(l.strip() for l in str(e).splitlines()[1:3]) or str(e).splitlines()[0]
+            raise UserError(f'--resume {path}: checkpoint does not match --model {args.model} with these flags '
+                            f'({detail[:300]})') from None
         if 'optimizer' in ckpt:
-            optimizer.load_state_dict(ckpt['optimizer'])
+            try:
+                optimizer.load_state_dict(ckpt['optimizer'])
+            except ValueError as e:  # e.g. saved without FreezeOut, resumed with --t_0/--how_scale (other groups)
+                raise UserError(f'--resume {path}: optimizer state does not match these flags ({e}); resume with the '
+                                f'FreezeOut flags (--t_0/--how_scale/--dont_freeze_pe) the run was started with') from None
         if amp.scaler is not None and ckpt.get('scaler'):
             amp.scaler.load_state_dict(ckpt['scaler'])
         args.start_epoch = int(ckpt['epoch']) + 1
@@ -244,9 +250,11 @@ def main(args: argparse.Namespace) -> None:
     du.print0(f'Start training for {args.epochs} epochs (from epoch {args.start_epoch})')
     start = time.time()
     base_step_time = None
+    trim_json_log(args.output_dir, args.start_epoch - 1)  # records of epochs redone now (written after the checkpoint)
+    stop = GracefulStop().start()  # SIGINT/SIGTERM: stop at a micro-batch boundary, keep checkpoint-last as is
     for epoch in range(args.start_epoch, args.epochs):
         seed_loader_epoch(loader, args.seed, epoch, du.get_rank())
-        stats = train_one_epoch(state, loader, epoch, args, log_writer)
+        stats = train_one_epoch(state, loader, epoch, args, log_writer, stop=stop)
         record = {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch, 'step': state.global_step}
         if freezer is not None:
             record.update(frozen_units=freezer.num_frozen, active_stages=model.active_stages(),
@@ -268,12 +276,36 @@ def main(args: argparse.Namespace) -> None:
             'scaler': amp.scaler.state_dict() if amp.scaler is not None else None, 'step': state.global_step,
             'freezeout': freezer.state_dict() if freezer is not None else {},
         }, args, numbered=numbered)
+        _test_dump_rank_weights(model, optimizer, epoch)
         du.print0(f'epoch {epoch}: loss {stats["loss"]:.4f}  lr {stats["lr"]:.2e}  '
                   f'frozen units {freezer.num_frozen if freezer else 0}  {stats["img_per_s"]:.1f} img/s  '
                   f'time left {_eta(start, epoch - args.start_epoch + 1, args.epochs - epoch - 1)}')
     log_writer.close()
     du.print0(f'Training time {time.strftime("%H:%M:%S", time.gmtime(time.time() - start))}')
+    stop.close()
     du.cleanup()
+
+
+def _test_dump_rank_weights(model: nn.Module, optimizer, epoch: int) -> None:
+    """TEST ONLY: with VITFREEZE_TEST_DUMP_RANK_WEIGHTS=<dir>, every rank writes sha256 digests of its weights and
+    optimizer state after each epoch (only rank 0 writes checkpoints, so this is how tests compare the ranks)."""
+    out = os.environ.get('VITFREEZE_TEST_DUMP_RANK_WEIGHTS')
+    if not out:
+        return
+    import hashlib
+
+    def digest(tensors) -> str:
+        h = hashlib.sha256()
+        for k, t in tensors:
+            h.update(k.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+    opt = [(f'{i}.{k}', v) for i, st in sorted(optimizer.state_dict()['state'].items())
+           for k, v in sorted(st.items()) if torch.is_tensor(v)]
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f'rank{du.get_rank()}-epoch{epoch}.json'), 'w') as f:
+        json.dump({'rank': du.get_rank(), 'epoch': epoch, 'model': digest(sorted(model.state_dict().items())),
+                   'optimizer': digest(opt), 'world_size': du.get_world_size()}, f)
 
 
 def _eta(start: float, done: int, left: int) -> str:

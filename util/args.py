@@ -107,13 +107,39 @@ def check_output_dir(path: str, flag: str = '--output_dir') -> None:
 def run_main(main, parser: argparse.ArgumentParser) -> None:
     """Parse, run ``main(args)``, and turn UserError into one line on stderr with exit status 2."""
     argv = sys.argv[1:]
+
+    def _one_line_error(message: str) -> None:  # argparse would print the whole usage block first
+        print(f'error: {message} (see --help)', file=sys.stderr, flush=True)
+        sys.exit(2)
+    parser.error = _one_line_error
     args = parser.parse_args(argv)
     args.argv = argv
+    from util import signals
     try:
         main(args)
     except UserError as e:
         print(f'error: {one_line(str(e))}', file=sys.stderr, flush=True)
         sys.exit(2)
+    except signals.TrainingStopped as e:  # Interrupted (SIGINT/SIGTERM), NonFiniteLoss: nothing half-done written
+        _stopped(e, args)
+    except KeyboardInterrupt:  # SIGINT outside a training loop (start-up, evaluation): nothing is being written
+        _stopped(signals.Interrupted(2), args)
+    except Exception as e:  # e.g. a DataLoader worker killed by the same Ctrl-C: report the signal, not the crash
+        if signals.pending_signal() is None:
+            raise
+        _stopped(signals.Interrupted(signals.pending_signal()), args)
+
+
+def _stopped(e: Exception, args: argparse.Namespace) -> None:
+    from util import distributed as du
+    from util import signals
+    if isinstance(e, signals.Interrupted):
+        msg = signals.interrupted_message(e, args)
+    else:
+        msg = f'error: {one_line(str(e))}'
+    if du.is_main_process():
+        print(msg, file=sys.stderr, flush=True)
+    sys.exit(getattr(e, 'exit_code', 1))
 
 
 def one_line(msg: str) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from util import distributed as du
+from util import signals
 from util.errors import UserError
 
 CHECKPOINT_VERSION = 1
@@ -155,27 +156,42 @@ def save_checkpoint(output_dir: str, epoch: int, state: Dict[str, Any], args: ar
     paths.append(os.path.join(output_dir, LAST_NAME))
     for p in paths:
         save_atomic(obj, p)
+    signals.note_checkpoint(paths[-1], epoch)
     keep = getattr(args, 'keep_last', 0) or 0
     if keep > 0:
-        prune_numbered(output_dir, keep)
+        prune_numbered(output_dir, keep, protect=paths)
     return paths
 
 
-def prune_numbered(output_dir: str, keep: int) -> None:
-    """Delete all but the ``keep`` newest ``checkpoint-N.pth`` (``checkpoint-last.pth`` is never touched)."""
-    numbered = [(e, p) for e, p in checkpoint_candidates(output_dir) if os.path.basename(p) != LAST_NAME]
-    for _, p in numbered[max(1, keep):]:
+def prune_numbered(output_dir: str, keep: int, protect: List[str] = ()) -> None:
+    """Delete all but the ``keep`` newest ``checkpoint-N.pth`` (``checkpoint-last.pth`` is never touched).
+
+    ``protect`` (the files just written) always survive and count towards ``keep``: a stale or corrupt file with a
+    higher epoch in its name (e.g. from an earlier, longer run) must not push out the checkpoint just written.
+    """
+    keep_set = {os.path.abspath(p) for p in protect}
+    numbered = [p for e, p in checkpoint_candidates(output_dir) if os.path.basename(p) != LAST_NAME]
+    kept = sum(1 for p in numbered if os.path.abspath(p) in keep_set)
+    for p in numbered:
+        if os.path.abspath(p) in keep_set:
+            continue
+        if kept < max(1, keep):
+            kept += 1
+            continue
         os.remove(p)
 
 
 def resolve_resume(args: argparse.Namespace) -> Optional[Tuple[str, Dict[str, Any]]]:
     """Decide what to resume from: ``--resume PATH`` wins; else ``--auto_resume`` scans ``--output_dir``."""
     if getattr(args, 'resume', ''):
-        return args.resume, load_checkpoint(args.resume, flag='--resume')
+        ckpt = load_checkpoint(args.resume, flag='--resume')
+        signals.note_checkpoint(args.resume, ckpt.get('epoch'))
+        return args.resume, ckpt
     if getattr(args, 'auto_resume', False) and args.output_dir and os.path.isdir(args.output_dir):
         found = find_resumable(args.output_dir)
         if found:
             du.print0(f'Auto resume checkpoint: {found[0]}')
+            signals.note_checkpoint(found[0], found[1].get('epoch'))
         return found
     return None
 

@@ -130,6 +130,40 @@ def append_json_log(output_dir: str, record: Dict[str, Any], filename: str = 'lo
         os.fsync(f.fileno())
 
 
+def trim_json_log(output_dir: str, last_epoch: int, filename: str = 'log.txt') -> int:
+    """Before training from epoch ``last_epoch + 1``: drop ``log.txt`` records of later epochs and torn lines.
+
+    The epoch's record is appended just before its checkpoint is written, so a run killed in between (or whose
+    newest checkpoint turned out unreadable, or that died before its first checkpoint) leaves records that the
+    resumed run writes again. Records without an ``epoch`` are kept. Rank 0 only; the file is replaced
+    atomically. Returns the number of lines dropped.
+    """
+    path = os.path.join(output_dir or '', filename)
+    if not output_dir or not du.is_main_process() or not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(rec, dict) or int(rec.get('epoch', -1)) <= last_epoch:
+            keep.append(line if line.endswith('\n') else line + '\n')
+    dropped = len(lines) - len(keep)
+    if dropped:
+        tmp = f'{path}.tmp-{os.getpid()}'
+        with open(tmp, 'w') as f:
+            f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        du.print0(f'{path}: dropped {dropped} record(s) of epochs > {last_epoch} (not covered by the checkpoint '
+                  f'resumed from; they are trained and logged again)')
+    return dropped
+
+
 class TensorBoard:
     """A SummaryWriter on rank 0 when ``log_dir`` is set; a silent no-op elsewhere."""
 
