@@ -1,0 +1,506 @@
+"""Evaluation ViTs (native timm ``VisionTransformer``) and the pre-training checkpoint → encoder mapping.
+
+Models are plain timm 1.0 ViTs built with MAE's settings (qkv_bias, LayerNorm eps 1e-6), no subclass:
+
+* ``global_pool='avg'`` (default, MAE fine-tuning): mean of the patch tokens → ``fc_norm`` → head; ``norm`` is
+  ``Identity``. State-dict keys ``cls_token, pos_embed, patch_embed.*, blocks.*, fc_norm.*, head.*``.
+* ``global_pool='token'`` (``--cls_token``, linear probe, k-NN): ``norm`` after the last block, cls token → head.
+
+LocalMIM checkpoints have no single final norm but one LayerNorm per tapped stage, ``norm.0 … norm.{S-1}``; the last
+one is applied after the last block, so it *is* the encoder's final norm (LOCALMIM.md §1.2, §3.4). Loading maps
+``norm.{S-1}.* → norm.*`` for token models and, for average-pool models, leaves the new ``fc_norm`` at its fresh
+init exactly as MAE does (the pre-trained norm is not used there). Decoders, HOG buffers, mask tokens and the other
+stage norms are ignored and reported.
+
+Public API:
+    create_model(name, **kw) / vit_*_patch*(**kw)      build a model
+    load_pretrained(model, path, flag, head_init_std)   --finetune
+    encoder_from_mim_state(state_dict, mim_args)        current pre-training encoder as a timm ViT (online k-NN)
+    encoder_from_mim_model(mim_model)                    the same from a live models_mim.LocalMIM
+    encoder_features(model, x, pool)                     [B,3,H,W] -> [B,D] features for k-NN / probes
+    layer_decay_param_groups(model, wd, layer_decay)     MAE's layer-wise lr decay groups via timm
+    arch_from_args(ckpt_args)                            architecture flags recorded in a checkpoint
+"""
+import argparse
+import math
+import os
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.models.vision_transformer import VisionTransformer
+from timm.optim import param_groups_layer_decay
+
+from util.checkpoint import load_checkpoint
+from util.errors import UserError
+
+__all__ = ['VIT_CONFIGS', 'MODEL_NAMES', 'create_model', 'vit_tiny_patch16', 'vit_small_patch16', 'vit_base_patch16',
+           'vit_large_patch16', 'vit_huge_patch14', 'load_pretrained', 'load_encoder_state', 'read_checkpoint',
+           'state_dict_from_checkpoint', 'encoder_from_mim_state', 'encoder_from_mim_model', 'encoder_features',
+           'layer_decay_param_groups', 'mae_layer_id', 'arch_from_args', 'arch_from_checkpoint', 'arch_from_state',
+           'checkpoint_args', 'model_arch', 'vit_name', 'LoadReport']
+
+VIT_CONFIGS: Dict[str, Dict[str, int]] = {
+    'vit_tiny_patch16': dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    'vit_small_patch16': dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    'vit_base_patch16': dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    'vit_large_patch16': dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    'vit_huge_patch14': dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+}
+MODEL_NAMES = list(VIT_CONFIGS)
+ARCH_KEYS = ('patch_size', 'embed_dim', 'depth', 'num_heads')
+_ENCODER_PREFIXES = ('cls_token', 'pos_embed', 'patch_embed.', 'blocks.', 'norm.', 'fc_norm.', 'head.')
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Factories
+
+
+def _build(name: str, img_size: int = 224, patch_size: Optional[int] = None, embed_dim: Optional[int] = None,
+           depth: Optional[int] = None, num_heads: Optional[int] = None, num_classes: int = 1000,
+           global_pool: str = 'avg', drop_path_rate: float = 0.0, **kwargs: Any) -> VisionTransformer:
+    cfg = dict(VIT_CONFIGS[name])
+    cfg.update({k: v for k, v in dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                                      num_heads=num_heads).items() if v is not None})
+    if global_pool not in ('avg', 'token'):
+        raise UserError(f"global_pool {global_pool!r}: use 'avg' (mean of patch tokens + fc_norm) or 'token'")
+    if cfg['patch_size'] < 1 or img_size % cfg['patch_size']:
+        raise UserError(f"--input_size {img_size} is not divisible by --patch_size {cfg['patch_size']}; pick sizes "
+                        f"with input_size = k · patch_size")
+    if cfg['embed_dim'] % cfg['num_heads']:
+        raise UserError(f"--embed_dim {cfg['embed_dim']} is not divisible by --num_heads {cfg['num_heads']}")
+    return VisionTransformer(img_size=img_size, num_classes=num_classes, global_pool=global_pool, mlp_ratio=4.0,
+                             qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                             drop_path_rate=drop_path_rate, **cfg, **kwargs)
+
+
+def vit_tiny_patch16(**kwargs: Any) -> VisionTransformer:
+    """ViT-Ti/16: D 192, depth 12, 3 heads. kwargs: img_size, patch_size, embed_dim, depth, num_heads,
+    num_classes, global_pool ('avg' | 'token'), drop_path_rate."""
+    return _build('vit_tiny_patch16', **kwargs)
+
+
+def vit_small_patch16(**kwargs: Any) -> VisionTransformer:
+    """ViT-S/16: D 384, depth 12, 6 heads (kwargs as :func:`vit_tiny_patch16`)."""
+    return _build('vit_small_patch16', **kwargs)
+
+
+def vit_base_patch16(**kwargs: Any) -> VisionTransformer:
+    """ViT-B/16: D 768, depth 12, 12 heads (kwargs as :func:`vit_tiny_patch16`)."""
+    return _build('vit_base_patch16', **kwargs)
+
+
+def vit_large_patch16(**kwargs: Any) -> VisionTransformer:
+    """ViT-L/16: D 1024, depth 24, 16 heads (kwargs as :func:`vit_tiny_patch16`)."""
+    return _build('vit_large_patch16', **kwargs)
+
+
+def vit_huge_patch14(**kwargs: Any) -> VisionTransformer:
+    """ViT-H/14: D 1280, depth 32, 16 heads (kwargs as :func:`vit_tiny_patch16`)."""
+    return _build('vit_huge_patch14', **kwargs)
+
+
+def vit_name(name: str) -> Optional[str]:
+    """Evaluation model name for ``name`` (``MIM_vit_base_patch16`` → ``vit_base_patch16``), or None."""
+    base = name[4:] if name.startswith('MIM_') else name
+    return base if base in VIT_CONFIGS else None
+
+
+def create_model(name: str, **kwargs: Any) -> VisionTransformer:
+    """Build an evaluation ViT by name; ``None`` kwargs mean "the factory's default".
+
+    A pre-training name (``MIM_vit_base_patch16``) selects the matching encoder, since the mapping is unambiguous.
+    """
+    base = vit_name(name)
+    if base is None:
+        raise UserError(f"--model {name!r} is not an evaluation model; choose one of {', '.join(MODEL_NAMES)}")
+    return globals()[base](**{k: v for k, v in kwargs.items() if v is not None})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Architecture bookkeeping
+
+
+def model_arch(model: VisionTransformer) -> Dict[str, int]:
+    """patch_size, embed_dim, depth, num_heads and img_size of a timm ViT."""
+    return dict(patch_size=int(model.patch_embed.patch_size[0]), embed_dim=int(model.embed_dim),
+                depth=len(model.blocks), num_heads=int(model.blocks[0].attn.num_heads),
+                img_size=int(model.patch_embed.img_size[0]))
+
+
+def arch_from_args(ckpt_args: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """Architecture recorded in a checkpoint's ``args``: ``model`` (evaluation name) and ``patch_size``,
+    ``embed_dim``, ``depth``, ``num_heads``, ``input_size`` where known. Empty if the args name no known model."""
+    if not isinstance(ckpt_args, dict) or not isinstance(ckpt_args.get('model'), str):
+        return {}
+    name = vit_name(ckpt_args['model'])
+    if name is None:
+        return {}
+    out: Dict[str, Any] = dict(model=name, **VIT_CONFIGS[name])
+    for k in ARCH_KEYS + ('input_size',):
+        if ckpt_args.get(k) is not None:
+            out[k] = ckpt_args[k]
+    return out
+
+
+def arch_from_state(sd: Dict[str, torch.Tensor]) -> Dict[str, int]:
+    """What the tensors themselves say: embed_dim, depth, patch_size, grid (num_heads is not visible in shapes)."""
+    out: Dict[str, int] = {}
+    w = sd.get('patch_embed.proj.weight')
+    if w is not None and w.ndim == 4:
+        out['embed_dim'], out['patch_size'] = int(w.shape[0]), int(w.shape[-1])
+    blocks = {int(m.group(1)) for k in sd if (m := re.match(r'^blocks\.(\d+)\.', k))}
+    if blocks:
+        out['depth'] = max(blocks) + 1
+    pe = sd.get('pos_embed')
+    if pe is not None and pe.ndim == 3:
+        g = math.isqrt(pe.shape[1] - 1)
+        if g * g == pe.shape[1] - 1:
+            out['grid'] = g
+    return out
+
+
+def _heads_hint(ckpt_args: Optional[Dict[str, Any]], have: Dict[str, int]) -> Optional[int]:
+    """num_heads of a checkpoint: recorded explicitly, or the named model's default when width and depth show
+    that the named config was not overridden; None if unknown."""
+    if isinstance(ckpt_args, dict) and ckpt_args.get('num_heads') is not None:
+        return int(ckpt_args['num_heads'])
+    hint = arch_from_args(ckpt_args)
+    base = VIT_CONFIGS.get(hint.get('model', ''))
+    if base and have.get('embed_dim') == base['embed_dim'] and have.get('depth') == base['depth']:
+        return base['num_heads']
+    return None
+
+
+def _describe(arch: Dict[str, Any]) -> str:
+    keys = [k for k in ('embed_dim', 'depth', 'num_heads', 'patch_size') if k in arch]
+    return ', '.join(f'{k}={arch[k]}' for k in keys)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoint reading
+
+
+def read_checkpoint(path: str, flag: str = '--finetune') -> Dict[str, Any]:
+    """Load ``path`` weights-only (MAE/LocalMIM files that pickled an ``argparse.Namespace`` are allowed too)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return load_checkpoint(path, flag=flag)
+    except UserError:
+        if not os.path.isfile(path):
+            raise
+        with open(path, 'rb') as f:
+            magic = f.read(4)
+        if magic[:2] != b'PK' and magic[:1] != b'\x80':  # torch.save writes a zip archive (legacy: a pickle)
+            raise UserError(f'{flag} {path}: not a PyTorch checkpoint (not written by torch.save); pass a '
+                            f'checkpoint-N.pth from pre-training or fine-tuning') from None
+        raise
+
+
+def state_dict_from_checkpoint(ckpt: Dict[str, Any], where: str) -> Dict[str, torch.Tensor]:
+    """The model tensors of a checkpoint: ``ckpt['model']``, ``ckpt['state_dict']`` or a raw state dict, with the
+    ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes stripped."""
+    sd: Any = None
+    for key in ('model', 'state_dict', 'module'):
+        if isinstance(ckpt.get(key), dict):
+            sd = ckpt[key]
+            break
+    if sd is None and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        sd = ckpt
+    if sd is None:
+        raise UserError(f"{where}: no model weights in this file (keys: {', '.join(list(map(str, ckpt))[:8])}); "
+                        f"expected a training checkpoint with 'model' or a raw state dict")
+    out = OrderedDict()
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        for prefix in ('module.', '_orig_mod.'):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    if not any(k.startswith('blocks.') for k in out) or 'patch_embed.proj.weight' not in out:
+        raise UserError(f'{where}: not a ViT checkpoint (no patch_embed/blocks weights); pass a pre-training or '
+                        f'fine-tuning checkpoint of this project, MAE or LocalMIM')
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading an encoder
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_encoder_state` did; ``missing`` are model keys left at their init."""
+    loaded: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)
+    ignored: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+    head_loaded: bool = False
+
+
+def _summarise(keys: List[str], limit: int = 6) -> str:
+    """``decoder.*`` (72), ``hog.bias`` ... : one entry per top-level module."""
+    groups: Dict[str, int] = OrderedDict()
+    for k in keys:
+        top = k.split('.')[0]
+        if top == 'norm' and re.match(r'^norm\.\d+\.', k):
+            top = 'norm.' + k.split('.')[1]
+        groups[top] = groups.get(top, 0) + 1
+    parts = [f'{g}.* ({n})' if n > 1 else g for g, n in groups.items()]
+    return ', '.join(parts[:limit]) + (f', … ({len(parts) - limit} more)' if len(parts) > limit else '')
+
+
+def _map_final_norm(sd: Dict[str, torch.Tensor], model: VisionTransformer, report: LoadReport) -> None:
+    """LocalMIM ``norm.{S-1}`` → ``norm`` for token models; drop every pre-trained final norm for avg-pool models."""
+    stages = sorted({int(m.group(1)) for k in sd if (m := re.match(r'^norm\.(\d+)\.weight$', k))})
+    if stages:
+        last = stages[-1]
+        final = {s: sd[f'norm.{last}.{s}'] for s in ('weight', 'bias') if f'norm.{last}.{s}' in sd}
+        for k in [k for k in sd if re.match(r'^norm\.\d+\.', k)]:
+            if not k.startswith(f'norm.{last}.'):
+                report.ignored.append(k)
+            del sd[k]
+        src = f'norm.{last}'
+    else:
+        final = {s: sd.pop(f'norm.{s}') for s in ('weight', 'bias') if f'norm.{s}' in sd}
+        src = 'norm'
+    if not final:
+        return
+    if not isinstance(model.norm, nn.Identity):
+        sd.update({f'norm.{s}': v for s, v in final.items()})
+        if stages:
+            report.notes.append(f'stage norm {src} (after the last block) loaded as the final norm')
+    else:
+        # MAE semantics for global pooling: fc_norm starts fresh, the pre-trained final norm is not used.
+        report.ignored += [f'{src}.{s}' for s in final]
+        report.notes.append(f'global pool: {src} not used, fc_norm starts fresh (MAE convention)')
+
+
+def _check_arch(sd: Dict[str, torch.Tensor], model: VisionTransformer, where: str,
+                ckpt_args: Optional[Dict[str, Any]]) -> None:
+    have, want = arch_from_state(sd), model_arch(model)
+    hint = arch_from_args(ckpt_args)
+    heads = _heads_hint(ckpt_args, have)
+    if heads is not None:
+        have['num_heads'] = heads
+    bad = [k for k in ('embed_dim', 'depth', 'patch_size', 'num_heads') if k in have and have[k] != want[k]]
+    msd = model.state_dict()
+    if not bad:
+        bad = [f'{k} {tuple(v.shape)} vs {tuple(msd[k].shape)}' for k, v in sd.items()
+               if k in msd and k not in ('pos_embed',) and not k.startswith('head.') and v.shape != msd[k].shape]
+    if bad:
+        model_txt = f" (it was trained as --model {ckpt_args['model']})" if hint else ''
+        raise UserError(f'{where}: checkpoint architecture does not match the model: checkpoint has '
+                        f'{_describe(have)}, model has {_describe(want)}; pass matching --model/--embed_dim/'
+                        f'--depth/--num_heads/--patch_size{model_txt}')
+
+
+def _resample_pos_embed(sd: Dict[str, torch.Tensor], model: VisionTransformer, where: str,
+                        report: LoadReport) -> None:
+    pe = sd.get('pos_embed')
+    if pe is None:
+        return
+    target = model.pos_embed
+    if pe.shape == target.shape:
+        return
+    prefix = model.num_prefix_tokens
+    old = math.isqrt(pe.shape[1] - prefix)
+    if old * old != pe.shape[1] - prefix or pe.shape[2] != target.shape[2]:
+        raise UserError(f'{where}: pos_embed {tuple(pe.shape)} is not a square grid of width {target.shape[2]}; '
+                        f'cannot adapt it to {tuple(target.shape)}')
+    new = tuple(int(g) for g in model.patch_embed.grid_size)
+    sd['pos_embed'] = resample_abs_pos_embed(pe, new_size=list(new), old_size=[old, old], num_prefix_tokens=prefix)
+    report.notes.append(f'pos_embed resampled from a {old}x{old} to a {new[0]}x{new[1]} patch grid (bicubic)')
+
+
+def load_encoder_state(model: VisionTransformer, state_dict: Dict[str, torch.Tensor], where: str = 'checkpoint',
+                       ckpt_args: Optional[Dict[str, Any]] = None, head_init_std: Optional[float] = 2e-5,
+                       verbose: bool = True) -> LoadReport:
+    """Load an encoder state dict (LocalMIM, MAE, or our fine-tuned) into a timm ViT, non-strictly but checked.
+
+    Args:
+        model: target timm ViT (``global_pool`` 'avg' or 'token').
+        state_dict: checkpoint tensors (see :func:`state_dict_from_checkpoint`); not modified.
+        where: ``'--finetune PATH'``-style prefix for messages.
+        ckpt_args: the checkpoint's ``args`` dict (used for num_heads, which shapes cannot reveal).
+        head_init_std: if the head is not loaded, re-initialise ``head.weight`` ~ trunc-normal(std) and zero the bias
+            (MAE: 2e-5 for fine-tuning, 0.01 for linear probing); None leaves timm's init.
+        verbose: print the report.
+
+    Raises:
+        UserError: another architecture (width, depth, patch size, heads) or a non-square pos_embed.
+    """
+    sd = OrderedDict(state_dict)
+    report = LoadReport()
+    report.ignored = [k for k in sd if not k.startswith(_ENCODER_PREFIXES)]
+    for k in report.ignored:
+        del sd[k]
+    _check_arch(sd, model, where, ckpt_args)
+    _map_final_norm(sd, model, report)
+    msd = model.state_dict()
+    for k in [k for k in sd if k.startswith('fc_norm.') and k not in msd]:
+        report.ignored.append(k)
+        del sd[k]
+    head_ok = isinstance(model.head, nn.Linear) and all(
+        f'head.{s}' in sd and sd[f'head.{s}'].shape == msd[f'head.{s}'].shape for s in ('weight', 'bias'))
+    for k in [k for k in sd if k.startswith('head.')]:
+        if not head_ok:
+            report.ignored.append(k)
+            del sd[k]
+    if not head_ok and any(k.startswith('head.') for k in state_dict):
+        report.notes.append('checkpoint head not used (different number of classes or no linear head)')
+    _resample_pos_embed(sd, model, where, report)
+    result = model.load_state_dict(sd, strict=False)
+    report.loaded = list(sd)
+    report.missing = list(result.missing_keys)
+    report.head_loaded = head_ok
+    if result.unexpected_keys:  # filtered above; anything left is a mapping bug, not a user error
+        raise RuntimeError(f'unexpected keys after mapping: {result.unexpected_keys}')
+    if not head_ok and head_init_std is not None and isinstance(model.head, nn.Linear):
+        trunc_normal_(model.head.weight, std=head_init_std)
+        nn.init.zeros_(model.head.bias)
+    if verbose:
+        print(f'{where}: loaded {len(report.loaded)} tensors; missing (fresh init): {report.missing or "none"}; '
+              f'ignored: {_summarise(report.ignored) or "none"}', flush=True)
+        for note in report.notes:
+            print(f'  {note}', flush=True)
+    unexpected_missing = [k for k in report.missing if not k.startswith(('head.', 'fc_norm.'))]
+    if unexpected_missing:
+        print(f'warning: {where}: {_summarise(unexpected_missing)} not in the checkpoint; left at random init',
+              flush=True)
+    return report
+
+
+def checkpoint_args(ckpt: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """A checkpoint's ``args`` as a dict (ours store a dict; MAE/LocalMIM pickled a Namespace)."""
+    a = ckpt.get('args')
+    if isinstance(a, argparse.Namespace):
+        return vars(a)
+    return a if isinstance(a, dict) else None
+
+
+def arch_from_checkpoint(ckpt: Dict[str, Any]) -> Dict[str, Any]:
+    """Architecture of a checkpoint: the model name from its args, width/depth/patch from the tensors (they win
+    over the args), num_heads when recorded or implied by an un-overridden named config."""
+    cargs = checkpoint_args(ckpt)
+    arch = arch_from_args(cargs)
+    try:
+        have = arch_from_state(state_dict_from_checkpoint(ckpt, 'checkpoint'))
+    except UserError:
+        return arch
+    arch.update({k: have[k] for k in ('embed_dim', 'depth', 'patch_size') if k in have})
+    if 'model' not in arch:  # e.g. a raw MAE state dict: name the standard config with these shapes, if any
+        for name, cfg in VIT_CONFIGS.items():
+            if all(have.get(k) == cfg[k] for k in ('embed_dim', 'depth', 'patch_size')):
+                return dict(model=name, **cfg)
+        return arch
+    arch.pop('num_heads', None)
+    heads = _heads_hint(cargs, have)
+    if heads is not None:
+        arch['num_heads'] = heads
+    return arch
+
+
+def load_pretrained(model: VisionTransformer, path: str, flag: str = '--finetune',
+                    head_init_std: Optional[float] = 2e-5, verbose: bool = True,
+                    ckpt: Optional[Dict[str, Any]] = None) -> Tuple[LoadReport, Dict[str, Any]]:
+    """``--finetune PATH``: load a pre-training (LocalMIM/FreezeOut/MAE) or fine-tuning checkpoint's encoder.
+
+    ``ckpt`` is the already-read file, if the caller has it. Returns ``(report, checkpoint dict)``. Raises
+    UserError for a missing/unreadable/non-ViT file or another architecture. See :func:`load_encoder_state` for the
+    mapping and ``head_init_std`` (MAE: 2e-5 fine-tuning, 0.01 linear probe).
+    """
+    if ckpt is None:
+        ckpt = read_checkpoint(path, flag)
+    where = f'{flag} {path}'
+    sd = state_dict_from_checkpoint(ckpt, where)
+    report = load_encoder_state(model, sd, where, checkpoint_args(ckpt), head_init_std, verbose)
+    return report, ckpt
+
+
+def encoder_from_mim_state(mim_state_dict: Dict[str, torch.Tensor], mim_args: Optional[Dict[str, Any]] = None,
+                           num_heads: Optional[int] = None) -> VisionTransformer:
+    """The encoder of a LocalMIM state dict as a timm ViT (cls-token pooling, final norm = last stage norm, no head).
+
+    Width, depth, patch size and input size are read from the tensors; ``num_heads`` from the argument, else
+    ``mim_args`` (``num_heads`` or the model name's default). Meant for online k-NN during pre-training; call
+    ``.to(device).eval()`` on the result. Tensors are copied, so the pre-training model is not aliased.
+    """
+    sd = state_dict_from_checkpoint(dict(model=mim_state_dict), 'pre-training state')
+    arch = arch_from_state(sd)
+    hint = arch_from_args(mim_args)
+    heads = num_heads or _heads_hint(mim_args, arch)
+    if heads is None:
+        raise UserError('encoder_from_mim_state: num_heads unknown (no args with a model name); pass num_heads')
+    name = hint.get('model', 'vit_base_patch16')
+    model = create_model(name, img_size=arch['grid'] * arch['patch_size'], patch_size=arch['patch_size'],
+                         embed_dim=arch['embed_dim'], depth=arch['depth'], num_heads=int(heads), num_classes=0,
+                         global_pool='token')
+    load_encoder_state(model, sd, 'pre-training state', None, None, verbose=False)
+    return model
+
+
+def encoder_from_mim_model(mim_model: nn.Module) -> VisionTransformer:
+    """:func:`encoder_from_mim_state` for a live ``models_mim.LocalMIM`` (unwrap DDP first), on its device."""
+    heads = int(mim_model.blocks[0].attn.num_heads)
+    device = mim_model.cls_token.device
+    return encoder_from_mim_state(mim_model.state_dict(), None, num_heads=heads).to(device)
+
+
+def encoder_features(model: VisionTransformer, x: torch.Tensor, pool: str = 'token') -> torch.Tensor:
+    """Image features for k-NN: x [B,3,H,W] → [B,D].
+
+    ``pool='token'``: the cls token after the final norm (DINO convention). ``'avg'``: the mean of the patch tokens
+    after the final norm (for a LocalMIM encoder, the last stage norm). Needs a token-pool model (``norm`` set).
+    """
+    tokens = model.forward_features(x)
+    if pool == 'token':
+        return tokens[:, 0]
+    return tokens[:, model.num_prefix_tokens:].mean(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layer-wise learning-rate decay
+
+
+def mae_layer_id(name: str, num_layers: int) -> int:
+    """MAE's ``get_layer_id_for_vit``: embeddings 0, ``blocks.k`` k+1, everything else (norms, head) num_layers."""
+    if name in ('cls_token', 'pos_embed') or name.startswith('patch_embed'):
+        return 0
+    m = re.match(r'^blocks\.(\d+)\.', name)
+    if m:
+        return int(m.group(1)) + 1
+    return num_layers
+
+
+def layer_decay_param_groups(model: VisionTransformer, weight_decay: float, layer_decay: float,
+                             verbose: bool = False) -> List[Dict[str, Any]]:
+    """MAE's layer-decay param groups (scale ``layer_decay^(L+1-layer_id)``, L = depth) via timm's
+    ``param_groups_layer_decay``, checked parameter by parameter against :func:`mae_layer_id`.
+
+    timm 1.0 puts the final ``norm`` of a token-pool model in the last block's group (MAE: the top group, scale 1);
+    such parameters are moved to the group MAE would give them. No weight decay for 1-D tensors and
+    ``model.no_weight_decay()`` (pos_embed, cls_token).
+    """
+    groups = param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay,
+                                      no_weight_decay_list=tuple(model.no_weight_decay()))
+    names = {id(p): n for n, p in model.named_parameters()}
+    num_layers = len(model.blocks) + 1
+    fixed: Dict[Tuple[float, float], Dict[str, Any]] = OrderedDict()
+    moved = []
+    for g in groups:
+        for p in g['params']:
+            n = names[id(p)]
+            scale = layer_decay ** (num_layers - mae_layer_id(n, num_layers))
+            if not math.isclose(g['lr_scale'], scale, rel_tol=1e-9):
+                moved.append(n)
+            key = (scale, g['weight_decay'])
+            fixed.setdefault(key, dict(lr_scale=scale, weight_decay=g['weight_decay'], params=[]))['params'].append(p)
+    if moved and verbose:
+        print(f'layer decay: moved {", ".join(moved)} to the MAE group (timm groups them with the last block)')
+    return list(fixed.values())

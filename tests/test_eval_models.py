@@ -1,0 +1,204 @@
+"""Evaluation models: checkpoint → timm ViT mapping, pos-embed resampling, errors, export, layer decay (tiny, CPU)."""
+import json
+import re
+
+import pytest
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+
+import models_mim
+import models_vit
+from util.errors import UserError
+from util.export import export_encoder
+
+TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4)
+MIM_ARGS = dict(model='MIM_vit_tiny_patch16', input_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4)
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """Tiny tensors on 2 shared cores: one thread avoids contention (results are compared within one setting)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _mim(all_stages: bool = False) -> models_mim.LocalMIM:
+    torch.manual_seed(0)
+    m = models_mim.create_model('MIM_vit_tiny_patch16', all_stages=all_stages, **TINY)
+    with torch.no_grad():  # distinct stage norms, so a wrong mapping cannot go unnoticed
+        for k, norm in enumerate(m.norm):
+            norm.weight.fill_(1.0 + k)
+            norm.bias.fill_(0.1 * k)
+    return m.eval()
+
+
+def _save(tmp_path, mim, name='pre.pth', **extra):
+    path = tmp_path / name
+    torch.save(dict(model=mim.state_dict(), epoch=3, args=dict(MIM_ARGS, **extra)), path)
+    return str(path)
+
+
+def _vit(global_pool='avg', img_size=32, num_classes=5, **kw):
+    return models_vit.create_model('vit_tiny_patch16', **dict(TINY, img_size=img_size, **kw),
+                                   num_classes=num_classes, global_pool=global_pool)
+
+
+@pytest.mark.parametrize('all_stages', [False, True])
+def test_last_stage_norm_is_final_norm_for_cls_token(tmp_path, all_stages):
+    mim = _mim(all_stages)
+    last = len(mim.norm) - 1
+    assert last == (TINY['depth'] - 1 if all_stages else 3)
+    model = _vit('token')
+    report, _ = models_vit.load_pretrained(model, _save(tmp_path, mim), verbose=False)
+    assert sorted(report.missing) == ['head.bias', 'head.weight']
+    assert torch.equal(model.norm.weight, mim.norm[last].weight)
+    assert torch.equal(model.norm.bias, mim.norm[last].bias)
+    assert not any(k.startswith('decoder') for k in report.loaded)
+    # the mapped encoder computes what the pre-training encoder computed (unmasked): cls token after norm.{S-1}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        latents, _, _ = mim.forward_encoder(x, 0.0)
+        ours = models_vit.encoder_features(model.eval(), x, 'token')
+        ours_avg = models_vit.encoder_features(model, x, 'avg')
+    ref = latents[last]
+    torch.testing.assert_close(ours, ref[:, 0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours_avg, ref[:, 1:].mean(1), rtol=1e-4, atol=1e-5)  # order-free: masking shuffles
+
+
+def test_global_pool_keeps_fc_norm_fresh(tmp_path):
+    model = _vit('avg')
+    report, _ = models_vit.load_pretrained(model, _save(tmp_path, _mim()), verbose=False)
+    assert sorted(report.missing) == ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']
+    assert torch.equal(model.fc_norm.weight, torch.ones(64)) and torch.equal(model.fc_norm.bias, torch.zeros(64))
+    assert isinstance(model.norm, torch.nn.Identity)
+    assert model.head.weight.std() < 1e-4  # MAE fine-tune head init, trunc-normal std 2e-5
+
+
+def test_raw_and_ddp_prefixed_state_dicts(tmp_path):
+    mim = _mim()
+    path = tmp_path / 'raw.pth'
+    torch.save({f'module.{k}': v for k, v in mim.state_dict().items()}, path)
+    model = _vit('token')
+    models_vit.load_pretrained(model, str(path), verbose=False)
+    assert torch.equal(model.blocks[2].mlp.fc1.weight, mim.blocks[2].mlp.fc1.weight)
+    assert torch.equal(model.norm.weight, mim.norm[3].weight)
+
+
+def test_pos_embed_resampled_32_to_48(tmp_path):
+    mim = _mim()
+    model = _vit('avg', img_size=48)
+    report, _ = models_vit.load_pretrained(model, _save(tmp_path, mim), verbose=False)
+    assert any('8x8 to a 12x12' in n for n in report.notes)
+    assert model.pos_embed.shape == (1, 1 + 12 * 12, 64)
+    expected = resample_abs_pos_embed(mim.pos_embed.detach(), new_size=[12, 12], old_size=[8, 8],
+                                      num_prefix_tokens=1)
+    torch.testing.assert_close(model.pos_embed.detach(), expected)
+    assert torch.equal(model.pos_embed[0, 0], mim.pos_embed[0, 0])  # cls row untouched
+    assert model(torch.randn(1, 3, 48, 48)).shape == (1, 5)
+
+
+@pytest.mark.parametrize('kw,what', [(dict(depth=6), 'depth=6'), (dict(embed_dim=32, num_heads=4), 'embed_dim=32'),
+                                     (dict(num_heads=8), 'num_heads=8'), (dict(patch_size=8), 'patch_size=8')])
+def test_wrong_architecture_is_a_user_error(tmp_path, kw, what):
+    path = _save(tmp_path, _mim())
+    with pytest.raises(UserError, match=r'architecture does not match') as e:
+        models_vit.load_pretrained(_vit(**kw), path, verbose=False)
+    assert what in str(e.value) and '--finetune' in str(e.value)
+
+
+def test_non_checkpoint_files_are_user_errors(tmp_path):
+    text = tmp_path / 'notes.txt'
+    text.write_text('not a checkpoint\n')
+    with pytest.raises(UserError, match='not a PyTorch checkpoint'):
+        models_vit.load_pretrained(_vit(), str(text))
+    other = tmp_path / 'other.pth'
+    torch.save({'optimizer': {'lr': 1.0}, 'epoch': 1}, other)
+    with pytest.raises(UserError, match='no model weights'):
+        models_vit.load_pretrained(_vit(), str(other))
+    with pytest.raises(UserError, match='file not found'):
+        models_vit.load_pretrained(_vit(), str(tmp_path / 'missing.pth'))
+    with pytest.raises(UserError, match='not an evaluation model'):
+        models_vit.create_model('resnet50')
+
+
+def test_encoder_from_mim_state_and_model_agree():
+    mim = _mim()
+    x = torch.randn(2, 3, 32, 32)
+    a = models_vit.encoder_from_mim_state(mim.state_dict(), MIM_ARGS).eval()
+    b = models_vit.encoder_from_mim_model(mim).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(models_vit.encoder_features(a, x), models_vit.encoder_features(b, x))
+    assert a.num_classes == 0 and a.cls_token.data_ptr() != mim.cls_token.data_ptr()
+
+
+@pytest.mark.parametrize('pool', ['token', 'avg'])
+def test_export_loads_in_timm_with_same_features(tmp_path, pool):
+    mim = _mim()
+    out = tmp_path / f'enc_{pool}.pth'
+    name, kwargs = export_encoder(_save(tmp_path, mim), str(out), pool=pool)
+    spec = json.loads((tmp_path / f'enc_{pool}.pth.json').read_text())
+    assert spec == {'timm_model': name, 'kwargs': kwargs} and name in timm.list_models()
+    model = timm.create_model(spec['timm_model'], pretrained=False, checkpoint_path=str(out), **spec['kwargs']).eval()
+    ours = models_vit.encoder_from_mim_state(mim.state_dict(), MIM_ARGS).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), models_vit.encoder_features(ours, x, pool))
+
+
+def test_export_fine_tuned_keeps_head_and_pool(tmp_path):
+    model = _vit('avg', num_classes=7)
+    models_vit.load_pretrained(model, _save(tmp_path, _mim()), verbose=False)
+    path = tmp_path / 'ft.pth'
+    torch.save(dict(model=model.state_dict(), epoch=0, args=dict(model='vit_tiny_patch16', **{
+        k: v for k, v in MIM_ARGS.items() if k != 'model'})), path)
+    name, kwargs = export_encoder(str(path), str(tmp_path / 'ft_export.pth'))
+    assert kwargs['num_classes'] == 7 and kwargs['global_pool'] == 'avg'
+    timm_model = timm.create_model(name, checkpoint_path=str(tmp_path / 'ft_export.pth'), **kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(timm_model(x), model.eval()(x))
+
+
+@pytest.mark.parametrize('global_pool', ['avg', 'token'])
+def test_layer_decay_groups_follow_mae_rule(global_pool):
+    model = _vit(global_pool)
+    decay, depth = 0.75, TINY['depth']
+    groups = models_vit.layer_decay_param_groups(model, weight_decay=0.05, layer_decay=decay)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = set()
+    for g in groups:
+        for p in g['params']:
+            n = names[id(p)]
+            seen.add(n)
+            if n in ('cls_token', 'pos_embed') or n.startswith('patch_embed'):
+                layer_id = 0
+            elif n.startswith('blocks.'):
+                layer_id = int(re.match(r'blocks\.(\d+)\.', n).group(1)) + 1
+            else:
+                layer_id = depth + 1  # norm, fc_norm, head
+            assert g['lr_scale'] == pytest.approx(decay ** (depth + 1 - layer_id)), n
+            no_wd = p.ndim <= 1 or n in ('cls_token', 'pos_embed')
+            assert g['weight_decay'] == (0.0 if no_wd else 0.05), n
+    assert seen == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_default_randaugment_survives_zero_bit_posterize():
+    """'rand-m9-mstd0.5-inc1' reaches magnitude 10 = keep 0 bits, which Pillow >= 11 rejects; ours gives black."""
+    import argparse
+
+    import numpy as np
+    from PIL import Image
+
+    import run_finetune
+    from util.datasets import finetune_transform
+    args = argparse.Namespace(input_size=32, color_jitter=None, aa='rand-m9-mstd0.5-inc1', reprob=0.25,
+                              remode='pixel', recount=1)
+    tf = run_finetune.pillow_safe_randaugment(finetune_transform(True, args))
+    ops = [op for t in tf.transforms for op in getattr(t, 'ops', []) if op.name == 'PosterizeIncreasing']
+    assert len(ops) == 1
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    assert np.asarray(ops[0].aug_fn(img, 0)).max() == 0
+    assert np.asarray(ops[0].aug_fn(img, 2)).max() == 192
