@@ -18,7 +18,6 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image, ImageOps
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.utils.data import DataLoader, SequentialSampler
@@ -211,30 +210,6 @@ def build_datasets(args: argparse.Namespace, train_tf: Any, val_tf: Any) -> Tupl
     return train, val, args.nb_classes
 
 
-def _posterize_any_bits(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
-    """timm's posterize op, defined for 0 bits as Pillow < 11 did it (every pixel 0) instead of raising."""
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size)
-    return ImageOps.posterize(img, bits_to_keep)
-
-
-def pillow_safe_randaugment(transform: Any) -> Any:
-    """Make timm RandAugment's ``PosterizeIncreasing`` safe on Pillow >= 11 (returns ``transform``).
-
-    With ``inc1`` and magnitude noise (``mstd0.5``) the magnitude is clipped at 10, which maps to keeping 0 bits;
-    Pillow 13 raises "bits must be between or equal to 1 and 8" there, so MAE's default augmentation crashes a few
-    images into an epoch. Only that op's function is swapped, on this transform's own op instances.
-    """
-    for t in getattr(transform, 'transforms', []):
-        pillow_safe_randaugment(t)
-    for op in getattr(transform, 'ops', []):
-        if getattr(op, 'name', '').startswith('Posterize'):
-            op.aug_fn = _posterize_any_bits
-    return transform
-
-
 def build_loaders(args: argparse.Namespace, train: Any, val: Any) -> Tuple[DataLoader, DataLoader]:
     world, rank = du.get_world_size(), du.get_rank()
     check_min_images(train, args.batch_size * world, '--batch_size')
@@ -306,7 +281,7 @@ def checkpoints_for(args: argparse.Namespace) -> Tuple[Optional[Tuple[str, Dict[
 def main(args: argparse.Namespace) -> None:
     prepare_args(args, DEMO_DEFAULTS)
     device = init_run(args)
-    train_set, val_set, nb_classes = build_datasets(args, pillow_safe_randaugment(finetune_transform(True, args)),
+    train_set, val_set, nb_classes = build_datasets(args, finetune_transform(True, args),
                                                     finetune_transform(False, args))
     resume, pre = checkpoints_for(args)
     adopt_checkpoint_arch(args, resume[1] if resume else pre)

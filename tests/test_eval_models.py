@@ -192,11 +192,10 @@ def test_default_randaugment_survives_zero_bit_posterize():
     import numpy as np
     from PIL import Image
 
-    import run_finetune
     from util.datasets import finetune_transform
     args = argparse.Namespace(input_size=32, color_jitter=None, aa='rand-m9-mstd0.5-inc1', reprob=0.25,
                               remode='pixel', recount=1)
-    tf = run_finetune.pillow_safe_randaugment(finetune_transform(True, args))
+    tf = finetune_transform(True, args)  # the shipped transform must already be safe
     ops = [op for t in tf.transforms for op in getattr(t, 'ops', []) if op.name == 'PosterizeIncreasing']
     assert len(ops) == 1
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Sized
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
@@ -357,7 +357,7 @@ def finetune_transform(is_train: bool, args: Any) -> Callable:
     if not is_train:
         return eval_transform(args.input_size)
     aa = args.aa if args.aa not in (None, "", "none", "None") else None
-    return create_transform(
+    return pillow_safe_randaugment(create_transform(
         input_size=args.input_size,
         is_training=True,
         color_jitter=args.color_jitter,
@@ -368,7 +368,31 @@ def finetune_transform(is_train: bool, args: Any) -> Callable:
         re_count=args.recount,
         mean=IMAGENET_DEFAULT_MEAN,
         std=IMAGENET_DEFAULT_STD,
-    )
+    ))
+
+
+def _posterize_any_bits(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize op, defined for 0 bits as Pillow < 11 did it (every pixel 0) instead of raising."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def pillow_safe_randaugment(transform: Any) -> Any:
+    """Make timm RandAugment's ``PosterizeIncreasing`` safe on Pillow >= 11 (returns ``transform``).
+
+    With ``inc1`` and magnitude noise (``mstd0.5``) the magnitude is clipped at 10, which maps to keeping 0 bits;
+    Pillow 13 raises "bits must be between or equal to 1 and 8" there, so MAE's default augmentation crashes a few
+    images into an epoch. Only that op's function is swapped, on this transform's own op instances.
+    """
+    for t in getattr(transform, 'transforms', []):
+        pillow_safe_randaugment(t)
+    for op in getattr(transform, 'ops', []):
+        if getattr(op, 'name', '').startswith('Posterize'):
+            op.aug_fn = _posterize_any_bits
+    return transform
 
 
 class TFRandomResizedCrop(T.RandomResizedCrop):
