@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -115,7 +116,8 @@ def sweep(args: argparse.Namespace, states: Sequence[int], distributed: bool = F
     gen_args = argparse.Namespace(**vars(args))
     gen_args.seed = args.seed + rank
     batch = ps.make_batch(gen_args, device)
-    res: Dict[int, Dict[str, object]] = {n: {'times': [], 'phases': {ph: [] for ph in PHASES}} for n in states}
+    res: Dict[int, Dict[str, object]] = {n: {'times': [], 'cpu_times': [], 'phases': {ph: [] for ph in PHASES}}
+                                         for n in states}
     for rnd in range(args.rounds):
         order = list(states) if rnd % 2 == 0 else list(reversed(states))
         for n in order:
@@ -128,6 +130,7 @@ def sweep(args: argparse.Namespace, states: Sequence[int], distributed: bool = F
             for i in range(args.warmup + args.steps):
                 if distributed:
                     dist.barrier()
+                    c0 = time.process_time()
                     t0 = time.perf_counter()
                     loss = net(batch, mask_ratio=args.mask_ratio)['loss']
                     t1 = time.perf_counter()
@@ -137,13 +140,14 @@ def sweep(args: argparse.Namespace, states: Sequence[int], distributed: bool = F
                     opt.zero_grad(set_to_none=True)
                     t3 = time.perf_counter()
                     t = {'step': (t3 - t0) * 1e3, 'forward': (t1 - t0) * 1e3, 'backward': (t2 - t1) * 1e3,
-                         'optim': (t3 - t2) * 1e3}
+                         'optim': (t3 - t2) * 1e3, 'cpu': (time.process_time() - c0) * 1e3}
                 else:
                     t = ps.timed_step(model, opt, batch, device, amp, args.mask_ratio, sync)
                 if i >= args.warmup:
                     res[n]['times'].append(t['step'])
+                    res[n]['cpu_times'].append(t['cpu'])
                     for ph in t:
-                        if ph != 'step':
+                        if ph not in ('step', 'cpu'):
                             res[n]['phases'].setdefault(ph, []).append(t[ph])
             if rnd == 0:
                 res[n]['activation_bytes'] = saved_tensor_bytes(model, model, batch, args.mask_ratio)
@@ -152,10 +156,12 @@ def sweep(args: argparse.Namespace, states: Sequence[int], distributed: bool = F
                 res[n]['trainable_params'] = sum(p.numel() for p in model.parameters() if p.requires_grad)
             del net, opt
             if rank == 0:
-                log(f'  round {rnd + 1}/{args.rounds} state {n:>2}: {ps.median(res[n]["times"][-args.steps:]):8.1f} ms')
+                log(f'  round {rnd + 1}/{args.rounds} state {n:>2}: {ps.median(res[n]["times"][-args.steps:]):8.1f} ms '
+                    f'wall, {ps.median(res[n]["cpu_times"][-args.steps:]):8.1f} ms CPU (load {ps.loadavg()})')
     for n in states:
         r = res[n]
         r['step_ms'] = ps.median(r['times'])
+        r['cpu_ms'] = ps.median(r['cpu_times'])
         r['phase_ms'] = {ph: ps.median(v) for ph, v in r['phases'].items() if v}
         del r['phases']
     return res
@@ -205,11 +211,13 @@ def summarise(args, names, schedules, flops, single, ddp) -> Dict[str, object]:
         s = make_schedule(args, names, how, t0)
         row = {'how_scale': how, 't_0': t0, 'steps_in_state': s.steps_in_state(),
                'flop_saving': projected_saving(s, flops, args.dont_freeze_pe),
-               'measured_saving': measured_saving(s, {k: v['step_ms'] for k, v in single.items()})}
+               'measured_saving': measured_saving(s, {k: v['step_ms'] for k, v in single.items()}),
+               'measured_saving_cpu_time': measured_saving(s, {k: v['cpu_ms'] for k, v in single.items()})}
         row['ratio'] = row['measured_saving'] / row['flop_saving'] if row['flop_saving'] else float('nan')
         if ddp:
             row['ddp_measured_saving'] = measured_saving(s, {k: v['step_ms'] for k, v in ddp.items()})
             row['ddp_ratio'] = row['ddp_measured_saving'] / row['flop_saving'] if row['flop_saving'] else float('nan')
+            row['ddp_measured_saving_cpu_time'] = measured_saving(s, {k: v['cpu_ms'] for k, v in ddp.items()})
         out.append(row)
     return out
 
@@ -236,7 +244,10 @@ def e2e(args: argparse.Namespace, log=print) -> Dict[str, object]:
             if kind == 'freezeout':
                 cmd += ['--how_scale', 'cubic', '--t_0', '0.8']
             t = time.time()
+            ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+            ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu_s = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
             if p.returncode != 0:
                 raise RuntimeError(f'{" ".join(cmd)} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}')
             with open(os.path.join(od, 'log.txt')) as f:
@@ -246,16 +257,21 @@ def e2e(args: argparse.Namespace, log=print) -> Dict[str, object]:
                 plan_saving = float(m.group(1)) / 100
             runs[kind].append({'train_loop_s': sum(r['train_epoch_time'] for r in recs),
                                'compute_s': sum(r.get('train_compute_time', 0.0) for r in recs),
-                               'process_s': time.time() - t, 'epochs': len(recs),
+                               'process_s': time.time() - t, 'process_cpu_s': cpu_s, 'epochs': len(recs),
                                'frozen_units': [r.get('frozen_units', 0) for r in recs],
                                'final_loss': recs[-1].get('train_loss')})
             log(f'  e2e {kind:<9}: training loop {runs[kind][-1]["train_loop_s"]:.1f}s '
-                f'(compute {runs[kind][-1]["compute_s"]:.1f}s), frozen units per epoch {runs[kind][-1]["frozen_units"]}')
+                f'(compute {runs[kind][-1]["compute_s"]:.1f}s; process CPU time {cpu_s:.1f}s), frozen units per '
+                f'epoch {runs[kind][-1]["frozen_units"]}', flush=True)
     a = sum(r['train_loop_s'] for r in runs['plain'])
     b = sum(r['train_loop_s'] for r in runs['freezeout'])
     ac = sum(r['compute_s'] for r in runs['plain'])
     bc = sum(r['compute_s'] for r in runs['freezeout'])
+    pa = sum(r['process_cpu_s'] for r in runs['plain'])
+    pb = sum(r['process_cpu_s'] for r in runs['freezeout'])
     res = {'command': ' '.join(base[1:]), 'runs': runs, 'measured_saving': 1 - b / a,
+           'measured_saving_process_cpu': 1 - pb / pa if pa else float('nan'),
+           'threads': args.threads, 'loadavg_at_end': ps.loadavg(),
            'measured_saving_compute': 1 - bc / ac if ac else float('nan'), 'flop_saving': plan_saving}
     if plan_saving:
         res['ratio'] = res['measured_saving'] / plan_saving
@@ -272,48 +288,160 @@ def unit_label(names: Sequence[str], n: int) -> str:
     return names[0] if n == 1 else f'{names[0]}..{names[n - 1]}'
 
 
-def print_report(res: Dict[str, object]) -> None:
+def print_report(res: Dict[str, object], metric: str = 'wall') -> None:
+    """The per-state table (phases in ``metric`` time: wall or process CPU) and the savings summary."""
     names, states = res['unit_names'], res['states']
     single, ddp = res['single'], res.get('ddp')
     cfg = res['config']
+    key, pre = ('cpu_ms', 'cpu_') if metric == 'cpu' else ('step_ms', '')
     print(f"\n{cfg['model']} {cfg['input_size']}px patch {cfg['patch_size']} depth {cfg['depth']}, batch "
           f"{cfg['batch_size']}, {cfg['threads']} threads; T = {cfg['epochs']} epochs x {cfg['steps_per_epoch']} "
-          f"steps; median of {cfg['steps']} steps x {cfg['rounds']} rounds per state")
-    hdr = (f"{'state':>5} {'frozen units':<16} {'active stages':<13} {'step ms':>8} {'rel':>5} {'FLOP rel':>8} "
-           + f"{'hog':>6} {'enc':>6} {'dec':>6} {'bwd':>6} {'opt':>6}"
-           + f" {'act MB':>7} {'grad+Adam MB':>12}")
+          f"steps; median of {cfg['steps']} steps x {cfg['rounds']} rounds per state; phases in {metric} ms")
+    hdr = (f"{'state':>5} {'frozen units':<16} {'active stages':<13} {'wall ms':>8} {'CPU ms':>8} {'rel':>5} "
+           f"{'FLOP rel':>8} {'hog':>6} {'enc':>6} {'dec':>6} {'bwd':>6} {'opt':>6} {'act MB':>7} {'grad+Adam MB':>12}")
     if ddp:
         hdr += f" {'DDP ms':>8} {'DDP rel':>7}"
     steps_cols = [f"{r['how_scale']} {r['t_0']:g}" for r in res['summary']]
     hdr += ''.join(f' {c:>11}' for c in steps_cols)
     print(hdr)
-    base = single[0]['step_ms']
+    base = single[0][key]
     for n in states:
         r = single[n]
         ph = r['phase_ms']
         line = (f"{n:>5} {unit_label(names, n):<16} {str(r['active_stages']).replace(' ', ''):<13} "
-                f"{r['step_ms']:>8.1f} {r['step_ms'] / base:>5.2f} {res['flop_rel'][n]:>8.2f} "
-                + ' '.join(f"{ph.get(k, float('nan')):>6.0f}" for k in PHASES)
+                f"{r['step_ms']:>8.1f} {r.get('cpu_ms', float('nan')):>8.1f} {r[key] / base:>5.2f} "
+                f"{res['flop_rel'][n]:>8.2f} "
+                + ' '.join(f"{ph.get(pre + k, float('nan')):>6.0f}" for k in PHASES)
                 + f" {r['activation_bytes'] / 2 ** 20:>7.1f} {r['trainable_state_bytes'] / 2 ** 20:>12.1f}")
         if ddp:
-            line += f" {ddp[n]['step_ms']:>8.1f} {ddp[n]['step_ms'] / ddp[0]['step_ms']:>7.2f}"
+            line += f" {ddp[n][key]:>8.1f} {ddp[n][key] / ddp[0][key]:>7.2f}"
         line += ''.join(f" {row['steps_in_state'][n]:>11}" for row in res['summary'])
         print(line)
-    print(f"\n{'schedule':<12} {'measured':>9} {'FLOP model':>10} {'ratio':>6}" +
-          (f" {'DDP measured':>12} {'DDP ratio':>9}" if ddp else ''))
+    print(f"('rel' = {metric} step time / state 0; DDP columns in {metric} time of rank 0)")
+    print(f"\n{'schedule':<12} {'measured':>9} {'(CPU time)':>10} {'FLOP model':>10} {'ratio':>6} {'(CPU)':>6}" +
+          (f" {'DDP measured':>12} {'(CPU time)':>10} {'DDP ratio':>9} {'(CPU)':>6}" if ddp else ''))
     for row in res['summary']:
+        fs = row['flop_saving']
+        cs = row.get('measured_saving_cpu_time', float('nan'))
         line = (f"{row['how_scale'] + ' ' + format(row['t_0'], 'g'):<12} {100 * row['measured_saving']:>8.1f}% "
-                f"{100 * row['flop_saving']:>9.1f}% {row['ratio']:>6.2f}")
+                f"{100 * cs:>9.1f}% {100 * fs:>9.1f}% {row['ratio']:>6.2f} {cs / fs:>6.2f}")
         if ddp:
-            line += f" {100 * row['ddp_measured_saving']:>11.1f}% {row['ddp_ratio']:>9.2f}"
+            dc = row.get('ddp_measured_saving_cpu_time', float('nan'))
+            line += (f" {100 * row['ddp_measured_saving']:>11.1f}% {100 * dc:>9.1f}% {row['ddp_ratio']:>9.2f} "
+                     f"{dc / fs:>6.2f}")
         print(line)
     if 'e2e' in res:
+        print_e2e(res['e2e'])
+
+
+def print_e2e(e: Dict[str, object]) -> None:
+    fl = f"{100 * e['flop_saving']:.1f}%" if e.get('flop_saving') else 'n/a'
+    print(f"\nend to end ({e['command']}): plain {sum(r['train_loop_s'] for r in e['runs']['plain']):.1f}s vs "
+          f"cubic 0.8 {sum(r['train_loop_s'] for r in e['runs']['freezeout']):.1f}s of training loop -> measured "
+          f"saving {100 * e['measured_saving']:.1f}% (compute only {100 * e['measured_saving_compute']:.1f}%; "
+          f"whole-process CPU time {100 * e.get('measured_saving_process_cpu', float('nan')):.1f}%), "
+          f"FLOP model {fl}")
+
+
+def plot_results(res: Dict[str, object], plot_dir: str, tag: Optional[str] = None, metric: str = 'wall'
+                 ) -> List[str]:
+    """Two PNGs: the step-time staircase of each schedule (measured vs FLOP model) and saving vs t_0."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    cfg = argparse.Namespace(**res['config'])
+    names, flops, states = res['unit_names'], res['flops'], res['states']
+    single, ddp = res['single'], res.get('ddp')
+    tag = tag or f"{cfg.model.replace('MIM_vit_', 'vit_')}_{cfg.input_size}"
+    key = 'cpu_ms' if metric == 'cpu' else 'step_ms'
+    title = (f"{cfg.model} {cfg.input_size}px, batch {cfg.batch_size}, {cfg.threads} CPU threads, "
+             f"{'process CPU time' if metric == 'cpu' else 'wall clock'}"
+             + (' / 2-process gloo DDP, 1 thread each' if ddp else ''))
+    os.makedirs(plot_dir, exist_ok=True)
+    paths = []
+    # 1. staircase: one panel per schedule
+    nsch = len(res['summary'])
+    fig, axes = plt.subplots(1, nsch, figsize=(3.3 * nsch + 0.6, 3.3), dpi=100, sharey=True, squeeze=False)
+    base_ms = single[0][key]
+    base_cost = step_cost(flops, 0, cfg.dont_freeze_pe)
+    top = base_ms
+    for i, (ax, row) in enumerate(zip(axes[0], res['summary'])):
+        counts = row['steps_in_state']
+        xs, meas, model_ms, dm = [0.0], [], [], []
+        for k, n in enumerate(counts):
+            if n:
+                xs.append(xs[-1] + n / sum(counts))
+                meas.append(single[k][key])
+                model_ms.append(base_ms * step_cost(flops, k, cfg.dont_freeze_pe) / base_cost)
+                if ddp:
+                    dm.append(ddp[k][key] / ddp[0][key] * base_ms)
+        top = max([top] + meas + dm)
+        ax.stairs(model_ms, xs, baseline=None, color='0.35', lw=1.2, ls=':', label='FLOP model')
+        ax.stairs(meas, xs, baseline=None, color='C0', lw=1.8, label=f'measured, 1 process')
+        ms = row['measured_saving_cpu_time'] if metric == 'cpu' else row['measured_saving']
+        sub = f"measured {100 * ms:.1f}%, FLOP {100 * row['flop_saving']:.1f}%"
+        if ddp:
+            ax.stairs(dm, xs, baseline=None, color='C3', lw=1.2, ls='--', label='measured, 2-proc DDP (scaled)')
+            dms = row['ddp_measured_saving_cpu_time'] if metric == 'cpu' else row['ddp_measured_saving']
+            sub += f"\nDDP {100 * dms:.1f}%"
+        ax.set_title(f"{row['how_scale']} t_0={row['t_0']:g}: {sub}", fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel('fraction of training', fontsize=8)
+        ax.tick_params(labelsize=7)
+        if i == 0:
+            ax.set_ylabel(f"step time (ms, {'CPU' if metric == 'cpu' else 'wall'})", fontsize=8)
+            ax.legend(fontsize=6.5, loc='lower left', framealpha=0.9)
+    axes[0][0].set_ylim(0, top * 1.08)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    p = os.path.join(plot_dir, f'freezeout_staircase_{tag}.png')
+    fig.savefig(p, dpi=100, bbox_inches='tight')
+    plt.close(fig)
+    paths.append(p)
+    # 2. saving vs t_0
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    grid = [0.3 + 0.01 * i for i in range(71)]
+    pts = [0.5, 0.6, 0.7, 0.8, 0.9]
+    step_ms = {k: v[key] for k, v in single.items()}
+    for c, how in zip(['C0', 'C1', 'C2'], ['linear', 'squared', 'cubic']):
+        ys = [100 * projected_saving(make_schedule(cfg, names, how, t), flops, cfg.dont_freeze_pe) for t in grid]
+        ax.plot(grid, ys, color=c, lw=1.4, label=f'{how}: FLOP model')
+        mp = []
+        for t in pts:
+            sch = make_schedule(cfg, names, how, t)
+            need = [k for k, n in enumerate(sch.steps_in_state()) if n]
+            if all(k in step_ms for k in need):
+                mp.append((t, 100 * measured_saving(sch, step_ms)))
+        if mp:
+            ax.plot(*zip(*mp), 'o', color=c, ms=5, label=f'{how}: measured')
+    if 'e2e' in res and res['e2e'].get('flop_saving'):
         e = res['e2e']
-        fl = f"{100 * e['flop_saving']:.1f}%" if e.get('flop_saving') else 'n/a'
-        print(f"\nend to end ({e['command']}): plain {sum(r['train_loop_s'] for r in e['runs']['plain']):.1f}s vs "
-              f"cubic 0.8 {sum(r['train_loop_s'] for r in e['runs']['freezeout']):.1f}s of training loop -> measured "
-              f"saving {100 * e['measured_saving']:.1f}% (compute only {100 * e['measured_saving_compute']:.1f}%), "
-              f"FLOP model {fl}")
+        ax.plot([0.8], [100 * (e['measured_saving_process_cpu'] if metric == 'cpu' else e['measured_saving'])], 's',
+                color='k', mfc='none', ms=7,
+                label='cubic 0.8 end to end (demo model)')
+    ax.set_xlabel('t_0')
+    ax.set_ylabel('saving of the run (%)')
+    ax.grid(alpha=0.3)
+    ax.set_xlim(0.3, 1.0)
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{cfg.model} {cfg.input_size}px, batch {cfg.batch_size}: saving vs t_0", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    p = os.path.join(plot_dir, f'freezeout_saving_vs_t0_{tag}.png')
+    fig.savefig(p, dpi=100, bbox_inches='tight')
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+def load_json(path: str) -> Dict[str, object]:
+    with open(path) as f:
+        res = json.load(f)
+    for key in ('single', 'ddp', 'flop_rel'):
+        if key in res:
+            res[key] = {int(k): v for k, v in res[key].items()}
+    return res
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -345,11 +473,25 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--e2e_repeats', default=1, type=int, help='pairs (ABBA order) (default: 1)')
     p.add_argument('--e2e_flags', default='', help='extra run_pretrain.py flags for both runs of the pair')
     p.add_argument('--json', default=None)
+    p.add_argument('--plot_dir', default=None, help='write the staircase and saving-vs-t_0 PNGs here')
+    p.add_argument('--from_json', default=None, help='re-print and re-plot a saved --json result, measure nothing')
+    p.add_argument('--metric', default='wall', choices=['wall', 'cpu'],
+                   help='time used for the table phases and the plots: wall clock, or process CPU time (steadier '
+                        'on a shared, oversubscribed machine) (default: wall)')
     return p
 
 
 def main(argv=None) -> Dict[str, object]:
     args = get_parser().parse_args(argv)
+    if args.from_json:
+        res = load_json(args.from_json)
+        if 'single' in res:
+            print_report(res, args.metric)
+            if args.plot_dir:
+                print('\n'.join(plot_results(res, args.plot_dir, metric=args.metric)))
+        elif 'e2e' in res:
+            print_e2e(res['e2e'])
+        return res
     torch.set_num_threads(args.threads)
     schedules = parse_schedules(args)
     res: Dict[str, object] = {}
@@ -362,7 +504,7 @@ def main(argv=None) -> Dict[str, object]:
         plans = [make_schedule(args, names, h, t) for h, t in schedules]
         states = sorted({k for s in plans for k, c in enumerate(s.steps_in_state()) if c} | {0})
         base_cost = step_cost(flops, 0, args.dont_freeze_pe)
-        res.update(config={**{k: v for k, v in vars(args).items()}, 'patch_size': ps.build_model(args).patch_size
+        res.update(loadavg_at_start=ps.loadavg(), config={**{k: v for k, v in vars(args).items()}, 'patch_size': ps.build_model(args).patch_size
                            if args.patch_size is None else args.patch_size,
                            'depth': len(names) - (0 if args.dont_freeze_pe else 1)},
                    machine=ps.machine_info(torch.device('cpu'), args.threads), unit_names=names, states=states,
@@ -377,19 +519,19 @@ def main(argv=None) -> Dict[str, object]:
             ddp = ddp_sweep(args, states)
             res['ddp'] = ddp
         res['summary'] = summarise(args, names, schedules, flops, single, ddp)
+        res['loadavg_at_end'] = ps.loadavg()
     if args.e2e or args.e2e_only:
         print('end-to-end run pair (run_pretrain.py --demo)', flush=True)
         res['e2e'] = e2e(args)
     if 'single' in res:
-        print_report(res)
+        print_report(res, args.metric)
     elif 'e2e' in res:
-        e = res['e2e']
-        print(f"end to end: measured saving {100 * e['measured_saving']:.1f}% (compute only "
-              f"{100 * e['measured_saving_compute']:.1f}%), FLOP model "
-              f"{100 * e['flop_saving'] if e.get('flop_saving') else float('nan'):.1f}%")
+        print_e2e(res['e2e'])
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(res, f, indent=1, default=str)
+    if args.plot_dir and 'single' in res:
+        print('\n'.join(plot_results(res, args.plot_dir, metric=args.metric)))
     return res
 
 

@@ -64,10 +64,18 @@ def machine_info(device: torch.device, threads: int) -> Dict[str, object]:
     except OSError:
         pass
     info = {'cpu': cpu, 'cpu_count': os.cpu_count(), 'threads': threads, 'torch': torch.__version__,
-            'device': str(device), 'python': platform.python_version()}
+            'device': str(device), 'python': platform.python_version(), 'loadavg_at_start': loadavg()}
     if device.type == 'cuda':
         info['gpu'] = torch.cuda.get_device_name(device)
     return info
+
+
+def loadavg() -> Optional[List[float]]:
+    """1/5/15-minute load averages (how busy the shared machine was), None where unavailable."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
 
 
 def sync_fn(device: torch.device) -> Callable[[], None]:
@@ -235,15 +243,17 @@ def phased_forward(model: models_mim.LocalMIM, imgs: torch.Tensor, mask_ratio: f
 def timed_step(model, optimizer, cpu_batch, device, amp, mask_ratio, sync) -> Dict[str, float]:
     times: Dict[str, float] = {}
     last = [time.perf_counter()]
+    last_cpu = [time.process_time()]
 
     def tick(name: str) -> None:
         sync()
-        now = time.perf_counter()
+        now, now_cpu = time.perf_counter(), time.process_time()
         times[name] = (now - last[0]) * 1e3
-        last[0] = now
+        times['cpu_' + name] = (now_cpu - last_cpu[0]) * 1e3
+        last[0], last_cpu[0] = now, now_cpu
 
     sync()
-    cpu0 = time.process_time()
+    cpu0 = last_cpu[0] = time.process_time()
     start = last[0] = time.perf_counter()
     imgs = cpu_batch.to(device, non_blocking=True)
     tick('data')
@@ -344,7 +354,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         'steps': args.steps, 'warmup': args.warmup, 'amp': amp.name, 'mask_ratio': args.mask_ratio,
         'hog_cells': model.hog.cell_sizes, 'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
         'machine': machine_info(device, args.threads), 'decomposition_abs_err': decomposition_err}
-    for ph in PHASES + ['step', 'cpu']:
+    for ph in PHASES + ['step', 'cpu'] + [f'cpu_{x}' for x in PHASES]:
         res[f'{ph}_ms'] = median([s[ph] for s in samples])
         res[f'{ph}_all_ms'] = [s[ph] for s in samples]
     res['img_per_s'] = args.batch_size / (res['step_ms'] / 1e3)
@@ -359,6 +369,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         res.update(compare_hog(model, cpu_batch.to(device), args.hog_steps or args.steps, 1, sync))
     if args.hog_profile:
         res['hog_profile'] = hog_profile(model, cpu_batch.to(device))
+    res['loadavg_at_end'] = loadavg()
     return res
 
 
@@ -367,12 +378,14 @@ def print_table(r: Dict[str, object]) -> None:
     print(f"{r['model']} {r['input_size']}px patch {r['patch_size']} depth {r['depth']}  batch {r['batch_size']}  "
           f"{r['threads']} threads  {r['amp']}  on {m['device']} ({m['cpu']}, {m['cpu_count']} cores)  "
           f"median of {r['steps']} steps after {r['warmup']} warm-up")
-    print(f"{'phase':<10} {'ms':>10} {'share':>7}")
+    print(f"{'phase':<10} {'wall ms':>10} {'share':>7} {'CPU ms':>10} {'share':>7}")
     for ph in PHASES:
-        print(f"{ph:<10} {r[ph + '_ms']:>10.1f} {100 * r[ph + '_ms'] / r['step_ms']:>6.1f}%")
+        print(f"{ph:<10} {r[ph + '_ms']:>10.1f} {100 * r[ph + '_ms'] / r['step_ms']:>6.1f}% "
+              f"{r['cpu_' + ph + '_ms']:>10.1f} {100 * r['cpu_' + ph + '_ms'] / r['cpu_ms']:>6.1f}%")
     print(f"{'step':<10} {r['step_ms']:>10.1f}   ({r['img_per_s']:.2f} img/s; phase medians need not add up; "
           f"process CPU time {r['cpu_ms']:.0f} ms)")
-    print(f"peak memory: {r['peak_mem_mb']:.0f} MiB ({r['peak_mem_kind']})")
+    print(f"peak memory: {r['peak_mem_mb']:.0f} MiB ({r['peak_mem_kind']}); load average at start/end "
+          f"{m.get('loadavg_at_start')} / {r.get('loadavg_at_end')} on {m['cpu_count']} cores")
     print(f"decomposition check |loss(phased) - loss(forward)| = {r['decomposition_abs_err']:.3g}")
     if 'hog_ref_ms' in r:
         print(f"HOG targets, all {len(r['hog_stages'])} stages (cells {r['hog_cells']} px), batch {r['batch_size']}:")

@@ -153,10 +153,20 @@ def main(argv=None) -> Dict[str, object]:
                    help='skip a config whose predicted time (warm-up + steps) exceeds this (default: 90)')
     p.add_argument('--tol', default=0.15, type=float, help='tolerance of the super-linear flags (default: 0.15)')
     p.add_argument('--json', default=None)
+    p.add_argument('--plot', default=None, help='write a PNG of both sweeps here')
+    p.add_argument('--from_json', default=None, help='re-print / re-plot a saved --json result')
     args = p.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            out = json.load(f)
+        print_tables(out)
+        if args.plot:
+            print(plot(out, args.plot))
+        return out
     torch.set_num_threads(args.threads)
     out: Dict[str, object] = {'machine': ps.machine_info(torch.device(args.device), args.threads),
-                              'batch_sweep': {}, 'input_sweep': {}, 'skipped': [], 'flags': {}}
+                              'batch_sweep': {}, 'input_sweep': {}, 'skipped': [], 'flags': {},
+                              'batch_input_size': args.input_size, 'sweep_batch': args.sweep_batch}
     t_start = time.time()
     for name in args.models.split(','):
         for sweep, configs in (('batch_sweep', [(args.input_size, int(b)) for b in args.batches.split(',')]),
@@ -188,7 +198,47 @@ def main(argv=None) -> Dict[str, object]:
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(out, f, indent=1)
+    if args.plot:
+        print(plot(out, args.plot))
     return out
+
+
+def plot(out: Dict[str, object], path: str) -> str:
+    """Left: ms per image vs batch. Right: step time vs tokens (log-log) with the FLOP-proportional prediction."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
+    for c, (name, rows) in zip(['C0', 'C1', 'C2'], out['batch_sweep'].items()):
+        short = name.replace('MIM_vit_', 'ViT-').replace('_patch16', '/16')
+        if rows:
+            a1.plot([r['batch_size'] for r in rows], [r['ms_per_img'] for r in rows], 'o-', color=c, label=short)
+        rows2 = out['input_sweep'].get(name, [])
+        if rows2:
+            x = [r['tokens'] for r in rows2]
+            a2.plot(x, [r['step_ms'] for r in rows2], 'o-', color=c, label=f'{short} measured')
+            r0 = rows2[-1]
+            a2.plot(x, [r0['step_ms'] * r['gflop_fwd_per_img'] / r0['gflop_fwd_per_img'] for r in rows2], ':',
+                    color=c, label=f'{short} prop. to FLOPs')
+    a1.set_xscale('log', base=2)
+    a1.set_xlabel('batch size')
+    a1.set_ylabel('ms per image')
+    a1.set_ylim(bottom=0)
+    a1.set_title(f"batch sweep ({out.get('batch_input_size', 224)} px)", fontsize=9)
+    a2.set_xscale('log')
+    a2.set_yscale('log')
+    a2.set_xlabel('tokens per image (input size / 16)^2')
+    a2.set_ylabel('step time (ms)')
+    a2.set_title(f"input sweep (batch {out.get('sweep_batch', 8)})", fontsize=9)
+    for a in (a1, a2):
+        a.grid(alpha=0.3, which='both')
+        a.legend(fontsize=7)
+    m = out['machine']
+    fig.suptitle(f"{m['cpu']}, {m['threads']} threads", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches='tight')
+    plt.close(fig)
+    return path
 
 
 def _peak(r: Dict[str, object]) -> str:
