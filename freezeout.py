@@ -43,7 +43,8 @@ def freeze_points(num_units: int, t_0: float, how_scale: str) -> List[float]:
         raise UserError(f'--t_0 {t_0}: must be in (0, 1] (1 = never freeze)')
     n = num_units - 1
     s = SCALINGS[how_scale]
-    return [s(t_0 + (1.0 - t_0) * i / n) if n > 0 else 1.0 for i in range(num_units)]
+    # the last unit is exactly 1 (never frozen, plain schedule): in floats t_0 + (1 - t_0)·n/n can be 1 - 2^-52
+    return [s(t_0 + (1.0 - t_0) * i / n) if 0 <= i < n else 1.0 for i in range(num_units)]
 
 
 @dataclass

@@ -146,6 +146,7 @@ def build_model(args: argparse.Namespace) -> models_mim.LocalMIM:
 
 def main(args: argparse.Namespace) -> None:
     prepare_args(args)
+    torch.manual_seed(args.seed)  # the init must be a function of --seed (same on every rank), not of the clock
     model = build_model(args)  # before any process group: bad model flags fail fast and identically everywhere
     device = du.init_distributed_mode(args)
     if args.output_dir and not args.plan_only:
