@@ -22,7 +22,8 @@ from util.amp import Amp
 from util.checkpoint import save_checkpoint
 from util.datasets import seed_loader_epoch
 from util.errors import UserError
-from util.log import MetricLogger, SmoothedValue, TensorBoard, append_json_log
+from util.log import MetricLogger, SmoothedValue, TensorBoard, append_json_log, trim_json_log
+from util.signals import NO_STOP, GracefulStop
 from util.lr_sched import WarmupCosine
 
 
@@ -62,7 +63,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                     device: torch.device, epoch: int, amp: Amp, lr_schedule: WarmupCosine, steps_per_epoch: int,
                     accum_iter: int = 1, clip_grad: Optional[float] = None, mixup_fn: Optional[Callable] = None,
                     tb: Optional[TensorBoard] = None, print_freq: int = 50,
-                    remaining_after: Optional[int] = None) -> Dict[str, float]:
+                    remaining_after: Optional[int] = None, stop=NO_STOP) -> Dict[str, float]:
     """One epoch of ``steps_per_epoch`` optimizer steps of ``accum_iter`` micro-batches each.
 
     Args:
@@ -82,6 +83,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     n_micro = steps_per_epoch * accum_iter  # a trailing partial accumulation window is never stepped: skip it
     for it, (samples, targets) in enumerate(logger.log_every(itertools.islice(data_loader, n_micro), print_freq,
                                                              f'Epoch: [{epoch}]', remaining_after, total=n_micro)):
+        stop.check(epoch, it)  # SIGINT/SIGTERM (util/signals.py): stop between micro-batches, write nothing
         step = epoch * steps_per_epoch + it // accum_iter
         update = (it + 1) % accum_iter == 0
         if it % accum_iter == 0:
@@ -162,12 +164,14 @@ def fit(model: nn.Module, model_without_ddp: nn.Module, criterion: nn.Module, op
     """
     du.print0(f'Start training for {args.epochs} epochs (from epoch {args.start_epoch})')
     start = time.time()
+    trim_json_log(args.output_dir, args.start_epoch - 1)  # records of epochs trained again (killed before the save)
+    stop = GracefulStop().start()
     for epoch in range(args.start_epoch, args.epochs):
         seed_loader_epoch(train_loader, args.seed, epoch, args.rank)
         remaining = (args.epochs - epoch - 1) * steps_per_epoch * args.accum_iter
         train_stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, amp, lr_schedule,
                                       steps_per_epoch, args.accum_iter, getattr(args, 'clip_grad', None), mixup_fn,
-                                      tb, remaining_after=remaining)
+                                      tb, remaining_after=remaining, stop=stop)
         test_stats = evaluate(model_without_ddp, val_loader, device, amp)
         du.print0(f"Accuracy of the network on the {len(val_loader.dataset)} test images: {test_stats['acc1']:.1f}%")
         max_accuracy = max(max_accuracy, test_stats['acc1'])
@@ -180,10 +184,11 @@ def fit(model: nn.Module, model_without_ddp: nn.Module, criterion: nn.Module, op
         if amp.scaler is not None:
             state['scaler'] = amp.scaler.state_dict()
         numbered = epoch % args.save_freq == 0 or epoch + 1 == args.epochs
-        save_checkpoint(args.output_dir, epoch, state, args, numbered)
         log = {**{f'train_{k}': v for k, v in train_stats.items()}, **{f'test_{k}': v for k, v in test_stats.items()},
                'epoch': epoch, 'n_parameters': n_parameters}
-        append_json_log(args.output_dir, log)
+        append_json_log(args.output_dir, log)  # before the checkpoint: a kill in between is undone by trim_json_log
+        save_checkpoint(args.output_dir, epoch, state, args, numbered)
+    stop.close()
     total = time.time() - start
     du.print0(f'Training time {time.strftime("%H:%M:%S", time.gmtime(total))}')
     return max_accuracy

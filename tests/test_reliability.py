@@ -533,6 +533,162 @@ def test_ddp_sigterm_stops_all_ranks_at_the_same_step(demo_root: Path, tmp_path:
     assert len(logged(out)) == ck['epoch'] + 1
 
 
+# ---- evaluators: fine-tune / linear probe / k-NN ------------------------------------------------------------------
+
+EVAL = ['--input_size', '32', '--batch_size', '4', '--num_workers', '0', '--device', 'cpu', '--seed', '3']
+FT = ['--lr', '1e-2', '--epochs', '2', '--warmup_epochs', '1', '--save_freq', '1']  # ~50% on the demo set: a signal
+LP = ['--lr', '1.0', '--epochs', '2', '--warmup_epochs', '1', '--save_freq', '1']
+
+
+def _parallel(jobs: Dict[str, tuple]) -> Dict[str, subprocess.CompletedProcess]:
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        futs = {k: pool.submit(run, *job) for k, job in jobs.items()}
+        return {k: f.result() for k, f in futs.items()}
+
+
+@pytest.fixture(scope='module')
+def evaluated(reference: Path, demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
+    """Uninterrupted fine-tune and linear-probe runs (2 epochs each) from the pre-training reference."""
+    d = tmp_path_factory.mktemp('evaluated')
+    pre = ['--finetune', str(reference / 'checkpoint-2.pth'), '--data_path', str(demo_root)]
+    res = _parallel({'ft': ('run_finetune.py', [*EVAL, *FT, *pre, '--output_dir', d / 'ft']),
+                     'lp': ('run_linprobe.py', [*EVAL, *LP, *pre, '--output_dir', d / 'lp'])})
+    for k, r in res.items():
+        assert r.returncode == 0, (k, r.stdout[-2000:], r.stderr[-2000:])
+    return {'ft': d / 'ft', 'lp': d / 'lp', 'pre': reference / 'checkpoint-2.pth'}
+
+
+@pytest.mark.slow
+def test_finetune_sigterm_then_rerun_is_bit_exact(evaluated: Dict[str, Path], demo_root: Path, tmp_path: Path) -> None:
+    """Fine-tuning: SIGTERM during the save of epoch 0 -> save completes, exit 143, one line; rerunning the same
+    command (auto-resume wins over --finetune) ends bit-identical to the uninterrupted run, log included."""
+    out = tmp_path / 'ft'
+    args = [*EVAL, *FT, '--finetune', evaluated['pre'], '--data_path', demo_root, '--output_dir', out]
+    p = Proc([PY, REPO / 'run_finetune.py', *args], VITFREEZE_TEST_PAUSE_IN_SAVE='1.5')
+    p.wait_for(r'\[test hook\] pausing .* inside save of .*checkpoint-last\.pth')
+    p.send(signal.SIGTERM)
+    assert p.wait() == 128 + signal.SIGTERM, p.output
+    assert (f'interrupted by SIGTERM at epoch 1 iteration 0; last checkpoint: {out / "checkpoint-last.pth"} '
+            f'(epoch 0); rerun the same command to resume') in p.output, p.output
+    assert 'Traceback' not in p.output
+    r = run('run_finetune.py', args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'Auto resume checkpoint' in r.stdout
+    a, b = load(evaluated['ft'] / 'checkpoint-last.pth'), load(out / 'checkpoint-last.pth')
+    for k in ('model', 'optimizer', 'epoch', 'rng', 'max_accuracy'):
+        assert_same(a[k], b[k], k)
+    assert logged_eval(evaluated['ft']) == logged_eval(out)
+
+
+def logged_eval(out: Path) -> List[dict]:
+    recs = [json.loads(l) for l in (out / 'log.txt').read_text().splitlines() if l.strip()]
+    return [{k: v for k, v in r.items() if k.startswith(('train_loss', 'train_lr', 'test_', 'epoch'))} for r in recs]
+
+
+def _few_val(tmp: Path, demo: Path) -> Path:
+    """train/ with 4 classes, val/ with 2 images (in 2 of the class folders)."""
+    shutil.copytree(demo / 'train', tmp / 'fewval' / 'train')
+    for c in sorted(os.listdir(demo / 'val'))[:2]:
+        (tmp / 'fewval' / 'val' / c).mkdir(parents=True)
+        f = sorted((demo / 'val' / c).iterdir())[0]
+        shutil.copy(f, tmp / 'fewval' / 'val' / c / f.name)
+    return tmp / 'fewval'
+
+
+# id -> (script, builder(tmp, demo, evaluated) -> extra args, expected regex). Run with --no_auto_resume unless
+# the case is about --resume, in an output_dir holding a fine-tuning checkpoint-last.pth and log.txt.
+EVAL_BAD_INPUTS = {
+    'finetune_other_architecture': ('run_finetune.py', lambda t, d, e: ['--finetune', e['pre'], '--embed_dim', '32'],
+                                    r'error: --finetune .*checkpoint-2\.pth: checkpoint architecture does not match '
+                                    r'the model: checkpoint has embed_dim=64.* model has embed_dim=32'),
+    'finetune_other_model': ('run_finetune.py', lambda t, d, e: ['--finetune', e['pre'], '--model', 'vit_small_patch16'],
+                             r'error: --finetune .*: checkpoint architecture does not match the model'),
+    'finetune_not_checkpoint': ('run_linprobe.py', lambda t, d, e: ['--finetune', _text(t)],
+                                r'error: --finetune .*notes\.txt: not a PyTorch checkpoint'),
+    'resume_pretrain_checkpoint_in_finetune': ('run_finetune.py', lambda t, d, e: ['--resume', e['pre']],
+                                               r'error: --resume .*checkpoint-2\.pth: not a checkpoint of this model'),
+    'nb_classes_smaller_than_folders': ('run_finetune.py', lambda t, d, e: ['--nb_classes', '2'],
+                                        r'error: --nb_classes 2 is smaller than the 4 class folders'),
+    'knn_fewer_val_images_than_classes': ('run_knn.py', lambda t, d, e: ['--finetune', e['pre'], '--data_path',
+                                                                          _few_val(t, d)],
+                                          r'error: --data_path .*fewval: val/ has 2 images but train/ has 4 classes'),
+}
+
+
+def run_eval_bad_input(case: str, tmp: Path, demo: Path, evaluated_dirs: Dict[str, Path]):
+    script, build, pattern = EVAL_BAD_INPUTS[case]
+    out = tmp / 'out'
+    out.mkdir()
+    shutil.copy(evaluated_dirs['ft'] / 'checkpoint-0.pth', out / 'checkpoint-last.pth')
+    (out / 'log.txt').write_text((evaluated_dirs['ft'] / 'log.txt').read_text().splitlines(keepends=True)[0])
+    before = snapshot(out)
+    extra = [str(a) for a in build(tmp, demo, evaluated_dirs)]
+    args = [*EVAL, '--data_path', str(demo), '--output_dir', str(out), *extra]
+    if '--resume' not in extra:
+        args.append('--no_auto_resume')
+    r = run(script, args, timeout=120)
+    return r, pattern, out, before, [script, *extra]
+
+
+@pytest.fixture(scope='module')
+def eval_bad_input_results(evaluated: Dict[str, Path], demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    from concurrent.futures import ThreadPoolExecutor
+    tmps = {c: tmp_path_factory.mktemp(c) for c in EVAL_BAD_INPUTS}
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        futs = {c: pool.submit(run_eval_bad_input, c, tmps[c], demo_root, evaluated) for c in EVAL_BAD_INPUTS}
+        return {c: f.result() for c, f in futs.items()}
+
+
+@pytest.mark.parametrize('case', list(EVAL_BAD_INPUTS))
+def test_evaluator_bad_input_one_line_and_nothing_written(case: str, eval_bad_input_results) -> None:
+    _check_bad_input(eval_bad_input_results[case])
+
+
+def _check_bad_input(result) -> None:
+    r, pattern, out, before, _ = result
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    assert 'Traceback' not in r.stderr + r.stdout
+    err = [l for l in r.stderr.splitlines() if l.startswith('error')]
+    assert len(err) == 1, r.stderr
+    assert re.search(pattern, err[0]), err[0]
+    assert err[0] == [l for l in r.stderr.splitlines() if l.strip()][-1]
+    assert snapshot(out) == before
+
+
+RESULT_LINES = re.compile(r'^(\* Acc@1 .*|k-NN k=\d+: .*)$', re.M)
+
+
+@pytest.mark.slow
+def test_dist_eval_two_processes_equal_one(evaluated: Dict[str, Path], demo_root: Path, tmp_path: Path) -> None:
+    """Fine-tune / linear-probe (--eval of the trained checkpoints) and k-NN: `--dist_eval` over 2 gloo processes
+    prints exactly the accuracies and loss of one process (batch 3: uneven shards and batches)."""
+    common = [*EVAL, '--batch_size', '3', '--data_path', str(demo_root), '--dist_eval', '--no_auto_resume']
+    jobs = {'finetune': ('run_finetune.py', ['--eval', '--resume', evaluated['ft'] / 'checkpoint-last.pth']),
+            'linprobe': ('run_linprobe.py', ['--eval', '--resume', evaluated['lp'] / 'checkpoint-last.pth']),
+            'knn': ('run_knn.py', ['--finetune', evaluated['pre']])}
+    single = _parallel({k: (s, [*common, *a, '--output_dir', tmp_path / f'{k}1']) for k, (s, a) in jobs.items()})
+    for k, (script, a) in jobs.items():
+        cmd = [PY, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
+               str(REPO / script), *map(str, common), *map(str, a), '--output_dir', str(tmp_path / f'{k}2')]
+        r2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT, env=env())
+        r1 = single[k]
+        assert r1.returncode == 0 and r2.returncode == 0, (k, r1.stderr[-2000:], r2.stdout[-2000:], r2.stderr[-2000:])
+        assert r2.stdout.count('| distributed init (rank') == 2
+        lines1, lines2 = RESULT_LINES.findall(r1.stdout), RESULT_LINES.findall(r2.stdout)
+        assert lines1 and lines1 == lines2, (k, lines1, lines2)
+
+
+def test_evaluator_checkpoints_load_weights_only(evaluated: Dict[str, Path]) -> None:
+    for d in (evaluated['ft'], evaluated['lp']):
+        files = sorted(d.glob('checkpoint-*.pth'))
+        assert len(files) == 3, files
+        for f in files:
+            ck = torch.load(f, map_location='cpu', weights_only=True)
+            assert type(ck['args']) is dict
+            _plain(ck['args'])
+
+
 if __name__ == '__main__' and '--table' in sys.argv:
     import tempfile
     sys.path.insert(0, str(REPO))

@@ -101,6 +101,8 @@ class GracefulStop:
               f'(send it again to exit at once)', file=sys.stderr, flush=True)
 
     def __enter__(self) -> 'GracefulStop':
+        while _active:  # one left open by an exception in an in-process caller (tests): restore its handlers first
+            _active[-1].__exit__(None, None, None)
         _active.append(self)
         for s in self.signals:
             self._old[s] = signal.signal(s, self._handler)
