@@ -21,8 +21,8 @@ from engine_pretrain import NonFiniteLoss, PretrainState, train_one_epoch
 from freezeout import FreezeOut, FreezeOutSchedule, format_plan, measure_unit_flops, projected_saving, step_cost
 from util import distributed as du
 from util.amp import make_amp
-from util.args import (add_common_args, apply_demo_defaults, check_output_dir, resolve_device_flag, run_main,
-                       str2bool)
+from util.args import (add_common_args, apply_demo_defaults, check_output_dir, explicit_flags, resolve_device_flag,
+                       run_main)
 from util.checkpoint import resolve_resume, restore_rng_state, save_checkpoint, warn_changed_flags
 from util.datasets import (build_dataset, build_loader, check_min_images, eval_transform, pretrain_transform,
                            seed_loader_epoch)
@@ -110,6 +110,8 @@ def prepare_args(args: argparse.Namespace) -> None:
     if args.demo:
         from util.demo_data import default_demo_root, make_demo_dataset
         defaults = dict(DEMO_DEFAULTS, data_path=str(default_demo_root()), knn_eval_freq=5, vis_freq=2)
+        if args.output_dir != DEMO_DEFAULTS['output_dir'] and 'output_dir' in explicit_flags(argv):
+            defaults['log_dir'] = os.path.join(args.output_dir, 'tb')  # keep a custom demo run's files together
         apply_demo_defaults(args, defaults, argv)
         if args.data_path == str(default_demo_root()):
             make_demo_dataset(args.data_path)
@@ -182,7 +184,7 @@ def main(args: argparse.Namespace) -> None:
               f'(block, scale, cell px): {list(zip(model.stage_blocks, model.stage_scales, model.cell_sizes))}, '
               f'stage weights {model.stage_weights}')
 
-    freezer = None
+    freezer, flops = None, None
     if args.freezeout:
         schedule = FreezeOutSchedule(FreezeOut.unit_names(model, args.dont_freeze_pe), total_steps, warmup_steps,
                                      args.lr, args.min_lr, args.t_0, args.how_scale, scale_lr=not args.not_scale_lr,
@@ -250,7 +252,7 @@ def main(args: argparse.Namespace) -> None:
     vis_batch = _vis_batch(args, device) if (log_writer and args.vis_freq > 0) else None
     du.print0(f'Start training for {args.epochs} epochs (from epoch {args.start_epoch})')
     start = time.time()
-    base_step_time = None
+    saving = {'base_step_time': None, 'time': 0.0, 'steps': 0}
     trim_json_log(args.output_dir, args.start_epoch - 1)  # records of epochs redone now (written after the checkpoint)
     stop = GracefulStop().start()  # SIGINT/SIGTERM: stop at a micro-batch boundary, keep checkpoint-last as is
     for epoch in range(args.start_epoch, args.epochs):
@@ -260,10 +262,7 @@ def main(args: argparse.Namespace) -> None:
         if freezer is not None:
             record.update(frozen_units=freezer.num_frozen, active_stages=model.active_stages(),
                           unit_lr=freezer.lr_by_unit(state.global_step))
-            if freezer.num_frozen == 0:
-                base_step_time = stats['step_time']
-            elif base_step_time:
-                record['step_time_vs_unfrozen'] = stats['step_time'] / base_step_time
+            record.update(_saving_so_far(saving, stats, epoch, args, freezer, flops, spe))
         if knn is not None and ((epoch + 1) % args.knn_eval_freq == 0 or epoch + 1 == args.epochs):
             record.update(knn(model))
         if vis_batch is not None and ((epoch + 1) % args.vis_freq == 0 or epoch + 1 == args.epochs):
@@ -278,7 +277,8 @@ def main(args: argparse.Namespace) -> None:
             'freezeout': freezer.state_dict() if freezer is not None else {},
         }, args, numbered=numbered)
         _test_dump_rank_weights(model, optimizer, epoch)
-        du.print0(f'epoch {epoch}: loss {stats["loss"]:.4f}  lr {stats["lr"]:.2e}  '
+        lrs = [g['lr'] for g in optimizer.param_groups]
+        du.print0(f'epoch {epoch}: loss {stats["loss"]:.4f}  lr {min(lrs):.2e}..{max(lrs):.2e}  '
                   f'frozen units {freezer.num_frozen if freezer else 0}  {stats["img_per_s"]:.1f} img/s  '
                   f'time left {_eta(start, epoch - args.start_epoch + 1, args.epochs - epoch - 1)}')
     log_writer.close()
@@ -309,6 +309,25 @@ def _test_dump_rank_weights(model: nn.Module, optimizer, epoch: int) -> None:
                    'optimizer': digest(opt), 'world_size': du.get_world_size()}, f)
 
 
+def _saving_so_far(acc: dict, stats: dict, epoch: int, args, freezer, flops, spe: int) -> dict:
+    """Planned saving of the run so far (FLOP model over optimizer steps [0, end of this epoch)) and the measured
+    saving over the epochs this process ran: compute time actually spent vs the step time of the latest epoch with
+    nothing frozen (after the first, whose warm-up is noisy), for the same number of steps."""
+    if freezer.num_frozen == 0 and (epoch > args.start_epoch or acc['base_step_time'] is None):
+        acc['base_step_time'] = stats['step_time']
+    acc['time'] += stats['compute_time']
+    acc['steps'] += spe
+    done = (epoch + 1) * spe
+    sched = freezer.schedule
+    bounds = [0] + [b for b in sched.state_boundaries() if b < done] + [done]
+    plan = sum((hi - lo) * step_cost(flops, sched.num_frozen_at(lo), args.dont_freeze_pe)
+               for lo, hi in zip(bounds[:-1], bounds[1:]))
+    out = {'planned_saving_so_far': 1.0 - plan / (step_cost(flops, 0, args.dont_freeze_pe) * done)}
+    if acc['base_step_time']:
+        out['measured_saving_so_far'] = 1.0 - acc['time'] / (acc['base_step_time'] * acc['steps'])
+    return out
+
+
 def _eta(start: float, done: int, left: int) -> str:
     per = (time.time() - start) / max(1, done)
     return time.strftime('%H:%M:%S', time.gmtime(per * left))
@@ -325,6 +344,9 @@ def _log_epoch(tb: TensorBoard, record: dict, epoch: int, freezer) -> None:
         tb.scalar('freezeout/frozen_units', record['frozen_units'], x)
         tb.scalar('freezeout/active_stages', len(record['active_stages']), x)
         tb.scalars('freezeout/unit_lr', record['unit_lr'], x)
+        for k in ('planned_saving_so_far', 'measured_saving_so_far'):
+            if k in record:
+                tb.scalar(f'freezeout/{k}', record[k], x)
     for k, v in record.items():
         if k.startswith('knn_'):
             tb.scalar(f'knn/{k[4:]}', v, x)
