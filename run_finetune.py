@@ -251,7 +251,8 @@ def restore(resume: Tuple[str, Dict[str, Any]], model: nn.Module, optimizer: Opt
     try:
         model.load_state_dict(ckpt['model'])
     except (RuntimeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0][:200]
+        lines = [l.strip() for l in str(e).strip().splitlines()]
+        first = '; '.join(lines[1:3] or lines[:1])[:300]  # line 0 is only 'Error(s) in loading state_dict for ...'
         raise UserError(f'--resume {path}: not a checkpoint of this model ({first}); pre-training checkpoints go to '
                         f'--finetune') from None
     if optimizer is not None and 'optimizer' in ckpt:

@@ -104,8 +104,12 @@ def load_checkpoint(path: str, flag: str = '--resume') -> Dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means "not a usable checkpoint"
+        with open(path, 'rb') as f:
+            head = f.read(4)
+        if not head.startswith((b'PK\x03\x04', b'\x80')):  # neither torch.save's zip nor a (legacy) pickle
+            raise UserError(f'{flag} {path}: not a PyTorch checkpoint (not written by torch.save)') from None
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f'{flag} {path}: not a readable checkpoint ({msg[:160]})') from None
+        raise UserError(f'{flag} {path}: not a readable checkpoint, truncated or corrupt? ({msg[:160]})') from None
     if not isinstance(ckpt, dict):
         raise UserError(f'{flag} {path}: not a checkpoint (expected a dict, got {type(ckpt).__name__})')
     return ckpt
