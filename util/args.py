@@ -124,7 +124,7 @@ def run_main(main, parser: argparse.ArgumentParser) -> None:
         _stopped(e, args)
     except KeyboardInterrupt:  # SIGINT outside a training loop (start-up, evaluation): nothing is being written
         _stopped(signals.Interrupted(2), args)
-    except Exception as e:  # e.g. a DataLoader worker killed by the same Ctrl-C: report the signal, not the crash
+    except Exception:  # e.g. a DataLoader worker killed by the same Ctrl-C: report the signal, not the crash
         if signals.pending_signal() is None:
             raise
         _stopped(signals.Interrupted(signals.pending_signal()), args)
