@@ -263,11 +263,15 @@ def test_kill_mid_epoch_after_freezing_then_auto_resume_is_bit_exact(sig: int, r
     assert_same_run(reference, out)
 
 
-def test_resume_with_changed_flags_warns(reference: Path, demo_root: Path, tmp_path: Path) -> None:
-    out = tmp_path / 'out'
+def _job_changed_flags(tmp: Path, demo: Path, ref: Path, existing_dir: Path):
+    out = tmp / 'out'
     out.mkdir()
-    shutil.copy(reference / 'checkpoint-last.pth', out / 'checkpoint-last.pth')
-    r = run('run_pretrain.py', pretrain_args(demo_root, out, '--blr', '2e-2', '--mask_ratio', '0.5'))
+    shutil.copy(ref / 'checkpoint-last.pth', out / 'checkpoint-last.pth')
+    return run('run_pretrain.py', pretrain_args(demo, out, '--blr', '2e-2', '--mask_ratio', '0.5'))
+
+
+def test_resume_with_changed_flags_warns(bad_input_results) -> None:
+    r = bad_input_results['_changed_flags']
     assert r.returncode == 0, r.stderr[-3000:]
     assert "warning: resuming with --blr 0.02 but the checkpoint was trained with 0.01" in r.stdout
     assert "warning: resuming with --mask_ratio 0.5 but the checkpoint was trained with 0.75" in r.stdout
@@ -316,11 +320,18 @@ def test_sigkill_during_save_leaves_no_truncated_checkpoint(reference: Path, dem
 # ---- 3. non-finite loss ----------------------------------------------------------------------------------------
 
 
-def test_nan_loss_stops_with_message_and_writes_nothing(existing: Path, demo_root: Path, tmp_path: Path) -> None:
-    out = tmp_path / 'out'
-    shutil.copytree(existing, out)
+def _job_nan(tmp: Path, demo: Path, ref: Path, existing_dir: Path):
+    out = tmp / 'out'
+    shutil.copytree(existing_dir, out)
     before = snapshot(out)
-    r = run('run_pretrain.py', pretrain_args(demo_root, out), VITFREEZE_TEST_NAN_AT_STEP=str(ITERS + 3))
+    r = run('run_pretrain.py', pretrain_args(demo, out), VITFREEZE_TEST_NAN_AT_STEP=str(ITERS + 3))
+    return r, out, before
+
+
+def test_nan_loss_stops_with_message_and_writes_nothing(bad_input_results) -> None:
+    """NaN loss at global micro-step 11 (epoch 1, iteration 3) after resuming from epoch 0: exit 3, one line naming
+    epoch, iteration and the stage losses; checkpoint-last.pth and log.txt byte-identical."""
+    r, out, before = bad_input_results['_nan']
     assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]
     assert 'Traceback' not in r.stderr
     err = [l for l in r.stderr.splitlines() if l.strip()]
@@ -419,11 +430,14 @@ def run_bad_input(case: str, tmp: Path, demo: Path, ref: Path, existing_dir: Pat
 
 @pytest.fixture(scope='module')
 def bad_input_results(demo_root: Path, reference: Path, existing: Path, tmp_path_factory: pytest.TempPathFactory):
-    """All bad-input cases, run PARALLEL at a time (each in its own tmp dir with its own copy of ``existing``)."""
+    """All bad-input cases, plus the NaN, --bad_images skip and changed-flags runs (keys ``_nan``, ``_skip``,
+    ``_changed_flags``), run PARALLEL at a time, each in its own tmp dir (with its own copy of ``existing``)."""
     from concurrent.futures import ThreadPoolExecutor
-    tmps = {c: tmp_path_factory.mktemp(c) for c in BAD_INPUTS}
+    jobs = {c: run_bad_input for c in BAD_INPUTS}
+    jobs.update(_nan=_job_nan, _skip=_job_skip, _changed_flags=_job_changed_flags)
     with ThreadPoolExecutor(PARALLEL) as pool:
-        futs = {c: pool.submit(run_bad_input, c, tmps[c], demo_root, reference, existing) for c in BAD_INPUTS}
+        futs = {c: pool.submit(fn, *((c,) if fn is run_bad_input else ()), tmp_path_factory.mktemp(c.strip('_')),
+                               demo_root, reference, existing) for c, fn in jobs.items()}
         return {c: f.result() for c, f in futs.items()}
 
 
@@ -440,10 +454,14 @@ def test_bad_input_one_line_and_nothing_written(case: str, bad_input_results) ->
         assert snapshot(out) == before
 
 
-def test_corrupt_image_skip_warns_and_continues(tmp_path: Path, demo_root: Path) -> None:
-    data = _corrupt(tmp_path, demo_root)
-    out = tmp_path / 'out'
-    r = run('run_pretrain.py', pretrain_args(data, out, '--bad_images', 'skip', '--no_auto_resume', epochs=1))
+def _job_skip(tmp: Path, demo: Path, ref: Path, existing_dir: Path):
+    data = _corrupt(tmp, demo)
+    out = tmp / 'out'
+    return run('run_pretrain.py', pretrain_args(data, out, '--bad_images', 'skip', '--no_auto_resume', epochs=1)), out
+
+
+def test_corrupt_image_skip_warns_and_continues(bad_input_results) -> None:
+    r, out = bad_input_results['_skip']
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.search(r'skipping unreadable image .*\.jpg', r.stdout + r.stderr)
     assert (out / 'checkpoint-0.pth').exists()
