@@ -137,6 +137,14 @@ def _flush(pending: List[Dict[str, Any]], metric_logger: MetricLogger, epoch: in
     if not pending:
         return
     losses = torch.stack([p['loss'].float() for p in pending]).cpu()
+    if du.is_dist():
+        # every rank flushes at the same iteration: agree on "some rank saw NaN/inf" so all stop together instead
+        # of the healthy ranks waiting in the next collective until the timeout
+        bad = torch.tensor([float(not torch.isfinite(losses).all())], device=du.collective_device())
+        du.all_reduce_tensor(bad, op=torch.distributed.ReduceOp.MAX)
+        if bad.item() and torch.isfinite(losses).all():
+            raise NonFiniteLoss(f'another rank saw a non-finite loss by epoch {epoch}, iteration {pending[-1]["i"]}/'
+                                f'{n_micro}; stopping without writing a checkpoint (see that rank\'s message)')
     stage_keys = sorted({k for p in pending for k in p['stages']})
     stage_vals = {k: torch.stack([p['stages'][k].float() if k in p['stages'] else torch.zeros((), device=p['loss']
                                   .device) for p in pending]).cpu() for k in stage_keys}

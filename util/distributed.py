@@ -78,8 +78,10 @@ def init_distributed_mode(args: argparse.Namespace) -> torch.device:
         print(f'warning: --world_size {claimed} disagrees with the launcher ({world} processes); using {world}')
     args.rank, args.world_size, args.gpu, args.distributed = rank, world, local, True
     if requested.startswith('cuda'):
-        torch.cuda.set_device(local)
-        device = torch.device('cuda', local)
+        # srun with one GPU bound per task shows each task a single device whatever its local rank
+        index = local if local < torch.cuda.device_count() else local % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        device = torch.device('cuda', index)
     else:
         device = torch.device(requested)
     backend = args.dist_backend if getattr(args, 'dist_backend', 'auto') != 'auto' else (
