@@ -50,6 +50,10 @@ import pretrain_step as ps  # noqa: E402
 from freezeout import FreezeOut, FreezeOutSchedule, measure_unit_flops, projected_saving, step_cost  # noqa: E402
 
 PHASES = ['hog', 'encoder', 'decoders', 'backward', 'optim']
+# --metric -> per-state key; the savings summary always has all four
+METRIC_KEYS = {'wall': 'step_ms', 'cpu': 'cpu_ms', 'wall_min': 'step_min_ms', 'cpu_min': 'cpu_min_ms'}
+SAVING_KEYS = {'wall': 'measured_saving', 'cpu': 'measured_saving_cpu_time', 'wall_min': 'measured_saving_min',
+               'cpu_min': 'measured_saving_cpu_min'}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -147,7 +151,7 @@ def sweep(args: argparse.Namespace, states: Sequence[int], distributed: bool = F
                     res[n]['times'].append(t['step'])
                     res[n]['cpu_times'].append(t['cpu'])
                     for ph in t:
-                        if ph not in ('step', 'cpu'):
+                        if ph not in ('step', 'cpu', 'minflt'):
                             res[n]['phases'].setdefault(ph, []).append(t[ph])
             if rnd == 0:
                 res[n]['activation_bytes'] = saved_tensor_bytes(model, model, batch, args.mask_ratio)
@@ -162,6 +166,8 @@ def sweep(args: argparse.Namespace, states: Sequence[int], distributed: bool = F
         r = res[n]
         r['step_ms'] = ps.median(r['times'])
         r['cpu_ms'] = ps.median(r['cpu_times'])
+        r['step_min_ms'] = min(r['times'])
+        r['cpu_min_ms'] = min(r['cpu_times'])
         r['phase_ms'] = {ph: ps.median(v) for ph, v in r['phases'].items() if v}
         del r['phases']
     return res
@@ -212,12 +218,16 @@ def summarise(args, names, schedules, flops, single, ddp) -> Dict[str, object]:
         row = {'how_scale': how, 't_0': t0, 'steps_in_state': s.steps_in_state(),
                'flop_saving': projected_saving(s, flops, args.dont_freeze_pe),
                'measured_saving': measured_saving(s, {k: v['step_ms'] for k, v in single.items()}),
-               'measured_saving_cpu_time': measured_saving(s, {k: v['cpu_ms'] for k, v in single.items()})}
+               'measured_saving_cpu_time': measured_saving(s, {k: v['cpu_ms'] for k, v in single.items()}),
+               'measured_saving_min': measured_saving(s, {k: v['step_min_ms'] for k, v in single.items()}),
+               'measured_saving_cpu_min': measured_saving(s, {k: v['cpu_min_ms'] for k, v in single.items()})}
         row['ratio'] = row['measured_saving'] / row['flop_saving'] if row['flop_saving'] else float('nan')
         if ddp:
             row['ddp_measured_saving'] = measured_saving(s, {k: v['step_ms'] for k, v in ddp.items()})
             row['ddp_ratio'] = row['ddp_measured_saving'] / row['flop_saving'] if row['flop_saving'] else float('nan')
             row['ddp_measured_saving_cpu_time'] = measured_saving(s, {k: v['cpu_ms'] for k, v in ddp.items()})
+            row['ddp_measured_saving_min'] = measured_saving(s, {k: v['step_min_ms'] for k, v in ddp.items()})
+            row['ddp_measured_saving_cpu_min'] = measured_saving(s, {k: v['cpu_min_ms'] for k, v in ddp.items()})
         out.append(row)
     return out
 
@@ -293,7 +303,8 @@ def print_report(res: Dict[str, object], metric: str = 'wall') -> None:
     names, states = res['unit_names'], res['states']
     single, ddp = res['single'], res.get('ddp')
     cfg = res['config']
-    key, pre = ('cpu_ms', 'cpu_') if metric == 'cpu' else ('step_ms', '')
+    key = METRIC_KEYS[metric]
+    pre = 'cpu_' if metric.startswith('cpu') else ''
     print(f"\n{cfg['model']} {cfg['input_size']}px patch {cfg['patch_size']} depth {cfg['depth']}, batch "
           f"{cfg['batch_size']}, {cfg['threads']} threads; T = {cfg['epochs']} epochs x {cfg['steps_per_epoch']} "
           f"steps; median of {cfg['steps']} steps x {cfg['rounds']} rounds per state; phases in {metric} ms")
@@ -318,18 +329,19 @@ def print_report(res: Dict[str, object], metric: str = 'wall') -> None:
         line += ''.join(f" {row['steps_in_state'][n]:>11}" for row in res['summary'])
         print(line)
     print(f"('rel' = {metric} step time / state 0; DDP columns in {metric} time of rank 0)")
-    print(f"\n{'schedule':<12} {'measured':>9} {'(CPU time)':>10} {'FLOP model':>10} {'ratio':>6} {'(CPU)':>6}" +
-          (f" {'DDP measured':>12} {'(CPU time)':>10} {'DDP ratio':>9} {'(CPU)':>6}" if ddp else ''))
+    cols = [m for m in SAVING_KEYS if SAVING_KEYS[m] in res['summary'][0]]
+    print(f"\n{'measured saving of the run':<27}" + ''.join(f" {m:>8}" for m in cols) + f" {'FLOP model':>10}  "
+          + 'measured/FLOP: ' + ' '.join(f"{m:>8}" for m in cols))
     for row in res['summary']:
         fs = row['flop_saving']
-        cs = row.get('measured_saving_cpu_time', float('nan'))
-        line = (f"{row['how_scale'] + ' ' + format(row['t_0'], 'g'):<12} {100 * row['measured_saving']:>8.1f}% "
-                f"{100 * cs:>9.1f}% {100 * fs:>9.1f}% {row['ratio']:>6.2f} {cs / fs:>6.2f}")
+        print(f"{row['how_scale'] + ' ' + format(row['t_0'], 'g') + ', 1 process':<27}"
+              + ''.join(f" {100 * row[SAVING_KEYS[m]]:>7.1f}%" for m in cols) + f" {100 * fs:>9.1f}%  "
+              + ' ' * 15 + ' '.join(f"{row[SAVING_KEYS[m]] / fs:>8.2f}" for m in cols))
         if ddp:
-            dc = row.get('ddp_measured_saving_cpu_time', float('nan'))
-            line += (f" {100 * row['ddp_measured_saving']:>11.1f}% {100 * dc:>9.1f}% {row['ddp_ratio']:>9.2f} "
-                     f"{dc / fs:>6.2f}")
-        print(line)
+            dc = [m for m in cols if 'ddp_' + SAVING_KEYS[m] in row]
+            print(f"{row['how_scale'] + ' ' + format(row['t_0'], 'g') + ', 2-proc DDP':<27}"
+                  + ''.join(f" {100 * row['ddp_' + SAVING_KEYS[m]]:>7.1f}%" for m in dc) + f" {100 * fs:>9.1f}%  "
+                  + ' ' * 15 + ' '.join(f"{row['ddp_' + SAVING_KEYS[m]] / fs:>8.2f}" for m in dc))
     if 'e2e' in res:
         print_e2e(res['e2e'])
 
@@ -354,9 +366,10 @@ def plot_results(res: Dict[str, object], plot_dir: str, tag: Optional[str] = Non
     names, flops, states = res['unit_names'], res['flops'], res['states']
     single, ddp = res['single'], res.get('ddp')
     tag = tag or f"{cfg.model.replace('MIM_vit_', 'vit_')}_{cfg.input_size}"
-    key = 'cpu_ms' if metric == 'cpu' else 'step_ms'
-    title = (f"{cfg.model} {cfg.input_size}px, batch {cfg.batch_size}, {cfg.threads} CPU threads, "
-             f"{'process CPU time' if metric == 'cpu' else 'wall clock'}"
+    key = METRIC_KEYS[metric]
+    title = (f"{cfg.model} {cfg.input_size}px, batch {cfg.batch_size}, {cfg.threads} CPU thread(s), "
+             f"{'process CPU time' if metric.startswith('cpu') else 'wall clock'}"
+             f"{' (min of samples)' if metric.endswith('min') else ' (median)'}"
              + (' / 2-process gloo DDP, 1 thread each' if ddp else ''))
     os.makedirs(plot_dir, exist_ok=True)
     paths = []
@@ -379,11 +392,11 @@ def plot_results(res: Dict[str, object], plot_dir: str, tag: Optional[str] = Non
         top = max([top] + meas + dm)
         ax.stairs(model_ms, xs, baseline=None, color='0.35', lw=1.2, ls=':', label='FLOP model')
         ax.stairs(meas, xs, baseline=None, color='C0', lw=1.8, label=f'measured, 1 process')
-        ms = row['measured_saving_cpu_time'] if metric == 'cpu' else row['measured_saving']
+        ms = row[SAVING_KEYS[metric]]
         sub = f"measured {100 * ms:.1f}%, FLOP {100 * row['flop_saving']:.1f}%"
         if ddp:
             ax.stairs(dm, xs, baseline=None, color='C3', lw=1.2, ls='--', label='measured, 2-proc DDP (scaled)')
-            dms = row['ddp_measured_saving_cpu_time'] if metric == 'cpu' else row['ddp_measured_saving']
+            dms = row['ddp_' + SAVING_KEYS[metric]]
             sub += f"\nDDP {100 * dms:.1f}%"
         ax.set_title(f"{row['how_scale']} t_0={row['t_0']:g}: {sub}", fontsize=8)
         ax.set_xlim(0, 1)
@@ -391,7 +404,7 @@ def plot_results(res: Dict[str, object], plot_dir: str, tag: Optional[str] = Non
         ax.set_xlabel('fraction of training', fontsize=8)
         ax.tick_params(labelsize=7)
         if i == 0:
-            ax.set_ylabel(f"step time (ms, {'CPU' if metric == 'cpu' else 'wall'})", fontsize=8)
+            ax.set_ylabel(f"step time (ms, {'CPU' if metric.startswith('cpu') else 'wall'})", fontsize=8)
             ax.legend(fontsize=6.5, loc='lower left', framealpha=0.9)
     axes[0][0].set_ylim(0, top * 1.08)
     fig.suptitle(title, fontsize=9)
@@ -415,10 +428,11 @@ def plot_results(res: Dict[str, object], plot_dir: str, tag: Optional[str] = Non
             if all(k in step_ms for k in need):
                 mp.append((t, 100 * measured_saving(sch, step_ms)))
         if mp:
-            ax.plot(*zip(*mp), 'o', color=c, ms=5, label=f'{how}: measured')
+            ax.plot(*zip(*mp), 'o', color=c, ms=5, label=f'{how}: measured (state sweep)')
     if 'e2e' in res and res['e2e'].get('flop_saving'):
         e = res['e2e']
-        ax.plot([0.8], [100 * (e['measured_saving_process_cpu'] if metric == 'cpu' else e['measured_saving'])], 's',
+        ax.plot([0.8], [100 * (e['measured_saving_process_cpu'] if metric.startswith('cpu') else e['measured_saving'])],
+                's',
                 color='k', mfc='none', ms=7,
                 label='cubic 0.8 end to end (demo model)')
     ax.set_xlabel('t_0')
@@ -475,9 +489,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--json', default=None)
     p.add_argument('--plot_dir', default=None, help='write the staircase and saving-vs-t_0 PNGs here')
     p.add_argument('--from_json', default=None, help='re-print and re-plot a saved --json result, measure nothing')
-    p.add_argument('--metric', default='wall', choices=['wall', 'cpu'],
-                   help='time used for the table phases and the plots: wall clock, or process CPU time (steadier '
-                        'on a shared, oversubscribed machine) (default: wall)')
+    p.add_argument('--metric', default='wall', choices=list(METRIC_KEYS),
+                   help='time used for the table and the plots: wall clock or process CPU time, median or min of '
+                        'the samples (CPU time and min are steadier on a shared, oversubscribed machine) '
+                        '(default: wall)')
     return p
 
 

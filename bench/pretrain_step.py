@@ -91,9 +91,12 @@ def peak_rss_mb() -> float:
 
 
 def build_model(args: argparse.Namespace) -> models_mim.LocalMIM:
-    return models_mim.create_model(args.model, img_size=args.input_size, patch_size=args.patch_size,
-                                   embed_dim=getattr(args, 'embed_dim', None), depth=getattr(args, 'depth', None),
-                                   num_heads=getattr(args, 'num_heads', None), hog_nbins=args.hog_nbins)
+    model = models_mim.create_model(args.model, img_size=args.input_size, patch_size=args.patch_size,
+                                    embed_dim=getattr(args, 'embed_dim', None), depth=getattr(args, 'depth', None),
+                                    num_heads=getattr(args, 'num_heads', None), hog_nbins=args.hog_nbins)
+    if getattr(args, 'hog_impl', 'ours') == 'hypot':
+        model.hog = hypot_hog_for(model)  # bench-only: measure the proposed fix in the whole step
+    return model
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -108,6 +111,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--batch_size', default=32, type=int)
     p.add_argument('--threads', default=2, type=int, help='torch intra-op threads (default: 2)')
     p.add_argument('--seed', default=0, type=int)
+    p.add_argument('--hog_impl', default='ours', choices=['ours', 'hypot'],
+                   help="'hypot': swap model.hog for our HOGTargets with the proposed hypot-magnitude fix "
+                        "(bench only; measures the fix's effect on the whole step) (default: ours)")
 
 
 def median(xs: Sequence[float]) -> float:
@@ -214,9 +220,13 @@ def hog_max_abs_diff(a: Dict[int, torch.Tensor], b: Dict[int, torch.Tensor]) -> 
 # the instrumented step
 
 
-def make_optimizer(model: nn.Module, lr: float = 1.5e-4, weight_decay: float = 0.05) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, lr: float = 1.5e-4, weight_decay: float = 0.05,
+                   impl: str = 'default') -> torch.optim.Optimizer:
+    """AdamW as run_pretrain.py builds it (timm param_groups_weight_decay, betas 0.9/0.95); ``impl`` = default |
+    foreach | fused selects torch's implementation (default = what run_pretrain.py gets: the per-tensor loop on CPU)."""
     from timm.optim import param_groups_weight_decay
-    return torch.optim.AdamW(param_groups_weight_decay(model, weight_decay), lr=lr, betas=(0.9, 0.95))
+    kw = {'foreach': {'foreach': True}, 'fused': {'fused': True}}.get(impl, {})
+    return torch.optim.AdamW(param_groups_weight_decay(model, weight_decay), lr=lr, betas=(0.9, 0.95), **kw)
 
 
 def phased_forward(model: models_mim.LocalMIM, imgs: torch.Tensor, mask_ratio: float, amp,
@@ -253,6 +263,7 @@ def timed_step(model, optimizer, cpu_batch, device, amp, mask_ratio, sync) -> Di
         last[0], last_cpu[0] = now, now_cpu
 
     sync()
+    flt0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     cpu0 = last_cpu[0] = time.process_time()
     start = last[0] = time.perf_counter()
     imgs = cpu_batch.to(device, non_blocking=True)
@@ -272,6 +283,8 @@ def timed_step(model, optimizer, cpu_batch, device, amp, mask_ratio, sync) -> Di
     tick('optim')
     times['step'] = (last[0] - start) * 1e3
     times['cpu'] = (time.process_time() - cpu0) * 1e3  # CPU time of the whole process (all threads)
+    # minor page faults: fresh pages the allocator had to map (glibc hands big blocks back to the kernel on free)
+    times['minflt'] = float(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - flt0)
     return times
 
 
@@ -336,7 +349,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     sync = sync_fn(device)
     model = build_model(args).to(device)
     model.train(True)
-    optimizer = make_optimizer(model)
+    optimizer = make_optimizer(model, impl=args.adamw)
     amp = make_amp(device, args.amp)
     cpu_batch = make_batch(args, device)
     rss_model_mb = peak_rss_mb()
@@ -349,12 +362,12 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         if i >= args.warmup:
             samples.append(t)
     res: Dict[str, object] = {
-        'model': args.model, 'input_size': args.input_size, 'patch_size': model.patch_size, 'depth': model.depth,
+        'hog_impl': args.hog_impl, 'adamw': args.adamw, 'model': args.model, 'input_size': args.input_size, 'patch_size': model.patch_size, 'depth': model.depth,
         'embed_dim': model.embed_dim, 'batch_size': args.batch_size, 'threads': args.threads,
         'steps': args.steps, 'warmup': args.warmup, 'amp': amp.name, 'mask_ratio': args.mask_ratio,
         'hog_cells': model.hog.cell_sizes, 'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
         'machine': machine_info(device, args.threads), 'decomposition_abs_err': decomposition_err}
-    for ph in PHASES + ['step', 'cpu'] + [f'cpu_{x}' for x in PHASES]:
+    for ph in PHASES + ['step', 'cpu', 'minflt'] + [f'cpu_{x}' for x in PHASES]:
         res[f'{ph}_ms'] = median([s[ph] for s in samples])
         res[f'{ph}_all_ms'] = [s[ph] for s in samples]
     res['img_per_s'] = args.batch_size / (res['step_ms'] / 1e3)
@@ -384,13 +397,15 @@ def print_table(r: Dict[str, object]) -> None:
               f"{r['cpu_' + ph + '_ms']:>10.1f} {100 * r['cpu_' + ph + '_ms'] / r['cpu_ms']:>6.1f}%")
     print(f"{'step':<10} {r['step_ms']:>10.1f}   ({r['img_per_s']:.2f} img/s; phase medians need not add up; "
           f"process CPU time {r['cpu_ms']:.0f} ms)")
+    print(f"minor page faults per step: {r['minflt_ms']:.0f} ({r['minflt_ms'] / r['batch_size']:.0f} per image)")
     print(f"peak memory: {r['peak_mem_mb']:.0f} MiB ({r['peak_mem_kind']}); load average at start/end "
           f"{m.get('loadavg_at_start')} / {r.get('loadavg_at_end')} on {m['cpu_count']} cores")
     print(f"decomposition check |loss(phased) - loss(forward)| = {r['decomposition_abs_err']:.3g}")
     if 'hog_ref_ms' in r:
         print(f"HOG targets, all {len(r['hog_stages'])} stages (cells {r['hog_cells']} px), batch {r['batch_size']}:")
         print(f"  reference-style design : {r['hog_ref_ms']:>9.1f} ms")
-        print(f"  ours (model.hog)       : {r['hog_ours_ms']:>9.1f} ms")
+        print(f"  ours (model.hog)       : {r['hog_ours_ms']:>9.1f} ms"
+              + ('   (--hog_impl hypot: model.hog is the hypot variant)' if r.get('hog_impl') == 'hypot' else ''))
         print(f"  speed-up               : {r['hog_speedup']:>9.2f}x   max abs diff {r['hog_max_abs_diff']:.2e}")
         print(f"  ours + hypot magnitude : {r['hog_hypot_ms']:>9.1f} ms  speed-up {r['hog_hypot_speedup']:.2f}x vs "
               f"reference, {r['hog_ours_ms'] / r['hog_hypot_ms']:.2f}x vs ours; max abs diff "
@@ -412,6 +427,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help='also time the reference-style HOG against ours (interleaved) and check they agree')
     p.add_argument('--hog_steps', default=None, type=int, help='timed HOG repetitions (default: --steps)')
     p.add_argument('--hog_profile', action='store_true', help="print torch.profiler's top ops of model.hog")
+    p.add_argument('--adamw', default='default', choices=['default', 'foreach', 'fused'],
+                   help="torch AdamW implementation (default: torch's default, as run_pretrain.py)")
     p.add_argument('--json', default=None, help='write the results here')
     return p
 

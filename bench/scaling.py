@@ -71,7 +71,9 @@ def vm_hwm_mb(key: str = 'VmHWM') -> Optional[float]:
     return None
 
 
-def measure(args: argparse.Namespace, model_name: str, size: int, batch: int) -> Dict[str, object]:
+def measure(args: argparse.Namespace, model_name: str, size: int, batch: int, first: bool = True
+            ) -> Dict[str, object]:
+    """One round of one config: a fresh model, 1 warm-up + ``--steps`` timed steps; memory/FLOPs on the first round."""
     from util.amp import make_amp
     from freezeout_saving import saved_tensor_bytes  # noqa: E402  (same helper as the FreezeOut bench)
     device = torch.device(args.device)
@@ -80,11 +82,15 @@ def measure(args: argparse.Namespace, model_name: str, size: int, batch: int) ->
                              seed=0, depth=None, embed_dim=None, num_heads=None)
     torch.manual_seed(0)
     model = ps.build_model(cfg).to(device)
-    fl = measure_unit_flops(model, size, args.mask_ratio, device)
+    res: Dict[str, object] = {'model': model_name, 'input_size': size, 'batch_size': batch,
+                              'tokens': model.num_patches,
+                              'params_m': sum(p.numel() for p in model.parameters()) / 1e6}
+    if first:
+        res['gflop_fwd_per_img'] = measure_unit_flops(model, size, args.mask_ratio, device)['total_fwd'] / 1e9
     opt = ps.make_optimizer(model)
     amp = make_amp(device, 'auto')
     batch_t = ps.make_batch(cfg, device)
-    rss_ok = reset_peak_rss() if device.type == 'cpu' else False
+    rss_ok = reset_peak_rss() if (first and device.type == 'cpu') else False
     rss0 = vm_hwm_mb('VmRSS') if rss_ok else None
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
@@ -93,20 +99,35 @@ def measure(args: argparse.Namespace, model_name: str, size: int, batch: int) ->
         t = ps.timed_step(model, opt, batch_t, device, amp, args.mask_ratio, sync)
         if i >= 1:
             samples.append(t)
-    peak = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == 'cuda'
-            else (vm_hwm_mb() if rss_ok else None))
-    act = saved_tensor_bytes(model, model, batch_t.to(device), args.mask_ratio)
-    step = ps.median([s['step'] for s in samples])
-    res = {'model': model_name, 'input_size': size, 'batch_size': batch, 'tokens': model.num_patches,
-           'step_ms': step, 'ms_per_img': step / batch, 'img_per_s': batch / step * 1e3,
-           'phase_ms': {ph: ps.median([s[ph] for s in samples]) for ph in PHASES},
-           'gflop_fwd_per_img': fl['total_fwd'] / 1e9, 'activation_mb': act / 2 ** 20, 'peak_mem_mb': peak,
-           'peak_delta_mb': peak - rss0 if (peak is not None and rss0 is not None) else None,
-           'params_m': sum(p.numel() for p in model.parameters()) / 1e6}
-    res['gflop_per_s'] = 3 * res['gflop_fwd_per_img'] * batch / (step / 1e3)
+    res['samples'] = samples
+    if first:
+        peak = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == 'cuda'
+                else (vm_hwm_mb() if rss_ok else None))
+        res['peak_mem_mb'] = peak
+        res['peak_delta_mb'] = peak - rss0 if (peak is not None and rss0 is not None) else None
+        res['activation_mb'] = saved_tensor_bytes(model, model, batch_t.to(device), args.mask_ratio) / 2 ** 20
     del model, opt, batch_t
     _trim()
     return res
+
+
+def finish(r: Dict[str, object], stat: str) -> Dict[str, object]:
+    """Reduce the samples of all rounds: ``stat`` = min (best of, the least disturbed by other load) or median."""
+    red = min if stat == 'min' else ps.median
+    samples = r['samples']
+    r['step_ms'] = red([x['step'] for x in samples])
+    r['step_median_ms'] = ps.median([x['step'] for x in samples])
+    r['step_min_ms'] = min(x['step'] for x in samples)
+    r['cpu_ms'] = red([x['cpu'] for x in samples])
+    r['minflt_per_img'] = ps.median([x['minflt'] for x in samples]) / r['batch_size']
+    r['phase_ms'] = {ph: red([x[ph] for x in samples]) for ph in PHASES}
+    r['ms_per_img'] = r['step_ms'] / r['batch_size']
+    r['img_per_s'] = r['batch_size'] / r['step_ms'] * 1e3
+    r['gflop_per_s'] = 3 * r['gflop_fwd_per_img'] * r['batch_size'] / (r['step_ms'] / 1e3)
+    r['n_samples'] = len(samples)
+    r['all_step_ms'] = [x['step'] for x in samples]
+    del r['samples']
+    return r
 
 
 def flag_batch(rows: List[Dict[str, object]], tol: float) -> Optional[str]:
@@ -145,12 +166,19 @@ def main(argv=None) -> Dict[str, object]:
     p.add_argument('--input_size', default=224, type=int, help='input size of the batch sweep (default: 224)')
     p.add_argument('--sizes', default='32,64,128,160,224')
     p.add_argument('--sweep_batch', default=8, type=int, help='batch of the input-size sweep (default: 8)')
-    p.add_argument('--steps', default=2, type=int, help='timed steps per config after 1 warm-up (default: 2)')
+    p.add_argument('--steps', default=1, type=int, help='timed steps per config and round after 1 warm-up (default: 1)')
+    p.add_argument('--rounds', default=3, type=int,
+                   help='passes over all configs, alternating order, so bursts of load elsewhere hit every config '
+                        '(default: 3)')
+    p.add_argument('--stat', default='min', choices=['min', 'median'],
+                   help='reduction over all timed steps of a config: min (best of; robust to other load on a '
+                        'shared machine) or median (default: min)')
     p.add_argument('--threads', default=2, type=int)
     p.add_argument('--device', default='cpu')
     p.add_argument('--mask_ratio', default=0.75, type=float)
-    p.add_argument('--max_config_s', default=90.0, type=float,
-                   help='skip a config whose predicted time (warm-up + steps) exceeds this (default: 90)')
+    p.add_argument('--max_config_s', default=120.0, type=float,
+                   help='skip a config whose predicted time (all rounds, warm-up + steps) exceeds this '
+                        '(default: 120)')
     p.add_argument('--tol', default=0.15, type=float, help='tolerance of the super-linear flags (default: 0.15)')
     p.add_argument('--json', default=None)
     p.add_argument('--plot', default=None, help='write a PNG of both sweeps here')
@@ -166,33 +194,51 @@ def main(argv=None) -> Dict[str, object]:
     torch.set_num_threads(args.threads)
     out: Dict[str, object] = {'machine': ps.machine_info(torch.device(args.device), args.threads),
                               'batch_sweep': {}, 'input_sweep': {}, 'skipped': [], 'flags': {},
-                              'batch_input_size': args.input_size, 'sweep_batch': args.sweep_batch}
+                              'batch_input_size': args.input_size, 'sweep_batch': args.sweep_batch,
+                              'stat': args.stat, 'rounds': args.rounds, 'steps': args.steps}
     t_start = time.time()
+    plan = []  # (name, sweep, size, batch) in ascending order per sweep
     for name in args.models.split(','):
-        for sweep, configs in (('batch_sweep', [(args.input_size, int(b)) for b in args.batches.split(',')]),
-                               ('input_sweep', [(int(s), args.sweep_batch) for s in args.sizes.split(',')])):
-            rows: List[Dict[str, object]] = []
-            for size, b in configs:
-                if rows:
-                    prev = rows[-1]
-                    scale = (b / prev['batch_size']) * (size / prev['input_size']) ** 2
-                    predicted = prev['step_ms'] / 1e3 * scale * (1 + args.steps)
+        plan += [(name, 'batch_sweep', args.input_size, int(b)) for b in args.batches.split(',')]
+        plan += [(name, 'input_sweep', int(sz), args.sweep_batch) for sz in args.sizes.split(',')]
+    recs: Dict[tuple, Dict[str, object]] = {}
+    skipped = set()
+    for rnd in range(args.rounds):
+        order = plan if rnd % 2 == 0 else list(reversed(plan))
+        for key in order:
+            name, sweep, size, b = key
+            if key in skipped:
+                continue
+            if rnd == 0:
+                prev = [recs[k] for k in plan[:plan.index(key)] if k in recs and k[:2] == key[:2]]
+                if prev:
+                    # cheapest ms per image-pixel seen so far in this sweep (a burst of load elsewhere must not
+                    # make us skip everything after it)
+                    per = min(min(x['step'] for x in pr['samples']) / (pr['batch_size'] * pr['input_size'] ** 2)
+                              for pr in prev)
+                    predicted = per * b * size ** 2 / 1e3 * (1 + args.steps) * args.rounds
                     if predicted > args.max_config_s:
+                        skipped.add(key)
                         out['skipped'].append({'model': name, 'input_size': size, 'batch_size': b,
                                                'predicted_s': predicted})
-                        print(f'{name} {size}px batch {b}: skipped (predicted {predicted:.0f}s > '
-                              f'--max_config_s {args.max_config_s:g})', flush=True)
+                        print(f'{name} {size}px batch {b}: skipped (predicted {predicted:.0f}s for {args.rounds} '
+                              f'rounds > --max_config_s {args.max_config_s:g})', flush=True)
                         continue
-                r = measure(args, name, size, b)
-                rows.append(r)
-                pk = _peak(r)
-                print(f"{name:<22} {size:>4}px batch {b:>3}: {r['step_ms']:>9.1f} ms  {r['ms_per_img']:>7.1f} ms/img  "
-                      f"{r['gflop_per_s']:>6.1f} GFLOP/s  act {r['activation_mb']:>7.1f} MB  peak RSS {pk} MB  "
-                      + ' '.join(f"{ph} {r['phase_ms'][ph]:.0f}" for ph in PHASES), flush=True)
-            out[sweep][name] = rows
-        fb = flag_batch(out['batch_sweep'][name], args.tol)
-        fi = flag_input(out['input_sweep'][name], args.tol)
-        out['flags'][name] = {'batch': fb, 'input': fi}
+            r = measure(args, name, size, b, first=key not in recs)
+            if key in recs:
+                recs[key]['samples'] += r['samples']
+            else:
+                recs[key] = r
+            print(f"round {rnd + 1}/{args.rounds} {name:<22} {size:>4}px batch {b:>3}: "
+                  f"{ps.median([x['step'] for x in r['samples']]):>9.1f} ms (load {ps.loadavg()})", flush=True)
+    for key in plan:
+        if key in recs:
+            out[key[1]].setdefault(key[0], []).append(finish(recs[key], args.stat))
+    for name in args.models.split(','):
+        out['batch_sweep'].setdefault(name, [])
+        out['input_sweep'].setdefault(name, [])
+        out['flags'][name] = {'batch': flag_batch(out['batch_sweep'][name], args.tol),
+                              'input': flag_input(out['input_sweep'][name], args.tol)}
     out['total_s'] = time.time() - t_start
     print_tables(out)
     if args.json:
@@ -221,6 +267,9 @@ def plot(out: Dict[str, object], path: str) -> str:
             a2.plot(x, [r0['step_ms'] * r['gflop_fwd_per_img'] / r0['gflop_fwd_per_img'] for r in rows2], ':',
                     color=c, label=f'{short} prop. to FLOPs')
     a1.set_xscale('log', base=2)
+    bs = sorted({r['batch_size'] for rows in out['batch_sweep'].values() for r in rows})
+    a1.set_xticks(bs)
+    a1.set_xticklabels([str(b) for b in bs])
     a1.set_xlabel('batch size')
     a1.set_ylabel('ms per image')
     a1.set_ylim(bottom=0)
@@ -234,7 +283,8 @@ def plot(out: Dict[str, object], path: str) -> str:
         a.grid(alpha=0.3, which='both')
         a.legend(fontsize=7)
     m = out['machine']
-    fig.suptitle(f"{m['cpu']}, {m['threads']} threads", fontsize=8)
+    fig.suptitle(f"{m['cpu']} ({m['cpu_count']} cores), {m['threads']} thread(s); step time = "
+                 f"{out.get('stat', 'median')} of {out.get('rounds', 1)} rounds", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100, bbox_inches='tight')
     plt.close(fig)
@@ -251,17 +301,18 @@ def _peak(r: Dict[str, object]) -> str:
 def print_tables(out: Dict[str, object]) -> None:
     m = out['machine']
     print(f"\n{m['cpu']} ({m['cpu_count']} cores), {m['threads']} threads, torch {m['torch']}; "
-          f"total {out['total_s']:.0f}s")
+          f"total {out['total_s']:.0f}s; times = {out.get('stat', 'median')} of {out.get('rounds', 1)} rounds x "
+          f"{out.get('steps', '?')} steps")
     for sweep in ('batch_sweep', 'input_sweep'):
         print(f"\n{sweep.replace('_', ' ')}")
         print(f"{'model':<22} {'px':>4} {'batch':>5} {'tokens':>6} {'step ms':>9} {'ms/img':>7} {'img/s':>6} "
-              f"{'GFLOP/img':>9} {'GFLOP/s':>7} {'act MB':>7} {'peak MB (+step)':>15}  " + ' '.join(f'{ph:>8}' for ph in PHASES))
+              f"{'GFLOP/img':>9} {'GFLOP/s':>7} {'act MB':>7} {'peak MB (+step)':>15} {'flt/img':>7}  " + ' '.join(f'{ph:>8}' for ph in PHASES))
         for name, rows in out[sweep].items():
             for r in rows:
                 pk = _peak(r)
                 print(f"{name:<22} {r['input_size']:>4} {r['batch_size']:>5} {r['tokens']:>6} {r['step_ms']:>9.1f} "
                       f"{r['ms_per_img']:>7.1f} {r['img_per_s']:>6.2f} {r['gflop_fwd_per_img']:>9.2f} "
-                      f"{r['gflop_per_s']:>7.1f} {r['activation_mb']:>7.1f} {pk:>15}  "
+                      f"{r['gflop_per_s']:>7.1f} {r['activation_mb']:>7.1f} {pk:>15} {r.get('minflt_per_img', float('nan')):>7.0f}  "
                       + ' '.join(f"{r['phase_ms'][ph]:>8.0f}" for ph in PHASES))
     for s in out['skipped']:
         print(f"skipped: {s['model']} {s['input_size']}px batch {s['batch_size']} (predicted {s['predicted_s']:.0f}s)")

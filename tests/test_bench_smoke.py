@@ -98,3 +98,15 @@ def test_plot_schedule_uses_freezeout_schedule():
     assert s.total_steps == 100 and s.warmup_steps == 10 and s.lr == pytest.approx(2e-3)
     a = get_parser().parse_args(['--dont_freeze_pe', '--depth', '4', '--out', 'x.png'])
     assert [u.name for u in build_schedule(a).units][0] == 'block1'
+
+
+def test_scaling_smoke(tmp_path):
+    out = tmp_path / 'scaling.json'
+    _run(['bench/scaling.py', '--models', 'MIM_vit_tiny_patch16', '--batches', '1,2', '--sizes', '32,64',
+          '--input_size', '64', '--rounds', '1', '--steps', '1', '--threads', '1', '--json', out])
+    r = json.loads(out.read_text())
+    rows = r['batch_sweep']['MIM_vit_tiny_patch16']
+    assert [x['batch_size'] for x in rows] == [1, 2]
+    assert all(x['step_ms'] > 0 and x['activation_mb'] > 0 and x['gflop_fwd_per_img'] > 0 for x in rows)
+    assert [x['input_size'] for x in r['input_sweep']['MIM_vit_tiny_patch16']] == [32, 64]
+    assert 'MIM_vit_tiny_patch16' in r['flags']
