@@ -200,13 +200,15 @@ class FreezeOut:
 
 
 def measure_unit_flops(model: nn.Module, input_size: int, mask_ratio: float, device: torch.device,
-                       dont_freeze_pe: bool = False) -> Dict[str, Any]:
+                       dont_freeze_pe: bool = False, time_targets: bool = True) -> Dict[str, Any]:
     """Forward FLOPs of one image, per unit, measured on the actual model with torch's FlopCounterMode.
 
     Each unit counts its block plus the norms/decoders of the stages it feeds; attention matmuls are added
     analytically (4·N²·C per attention call) because fused SDPA kernels are not counted on every backend.
-    Everything else (HOG targets, masking) is ``shared``. The model's RNG use is isolated (fork_rng) so measuring
-    does not change the run.
+    Everything else (HOG targets, masking) is ``shared``, paid in every freeze state. HOG is mostly binning and
+    scatter, which FLOP counters do not see, so with ``time_targets`` it is timed against the rest of the forward on
+    ``device`` and added to ``shared`` as FLOP-equivalents (``hog_fwd``). The model's RNG use is isolated
+    (fork_rng) so measuring does not change the run.
     """
     from torch.utils.flop_counter import FlopCounterMode
     from timm.models.vision_transformer import Attention
@@ -246,8 +248,39 @@ def measure_unit_flops(model: nn.Module, input_size: int, mask_ratio: float, dev
         per_unit.append(sum(under(m) for m in mods))
         per_unit_enc.append(sum(under(m) for m in mods if not m.startswith(('norm.', 'decoder.'))))
     total = counts.get('Global', 0.0) + sum(attn_extra.values())
+    hog = _hog_flop_equivalent(model, input_size, mask_ratio, device, total) if time_targets else 0.0
     return {'names': [u.name for u in units], 'unit_fwd': per_unit, 'unit_enc_fwd': per_unit_enc,
-            'total_fwd': total, 'shared_fwd': max(0.0, total - sum(per_unit))}
+            'total_fwd': total + hog, 'hog_fwd': hog, 'shared_fwd': max(0.0, total - sum(per_unit)) + hog}
+
+
+def _hog_flop_equivalent(model: nn.Module, input_size: int, mask_ratio: float, device: torch.device,
+                         counted_fwd: float, batch: int = 4, reps: int = 3) -> float:
+    """Per-image FLOP-equivalent of the HOG targets: their time × the FLOP rate of the rest of the forward."""
+    import time
+
+    def timed(fn) -> float:
+        out = []
+        for _ in range(reps + 1):
+            if device.type == 'cuda':
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == 'cuda':
+                torch.cuda.synchronize(device)
+            out.append(time.perf_counter() - t0)
+        return sorted(out[1:])[len(out[1:]) // 2]
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []), torch.no_grad():
+            x = torch.randn(batch, 3, input_size, input_size, device=device)
+            t_hog = timed(lambda: model.hog(x))
+            t_all = timed(lambda: model(x, mask_ratio=mask_ratio))
+    finally:
+        model.train(was_training)
+    rest = max(t_all - t_hog, 1e-9)
+    return counted_fwd * t_hog / rest
 
 
 def step_cost(flops: Dict[str, Any], num_frozen: int, dont_freeze_pe: bool) -> float:
