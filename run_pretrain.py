@@ -33,7 +33,7 @@ from util.lr_sched import WarmupCosine, steps_per_epoch
 from util.vis import fixed_batch, render_stages
 
 DEMO_DEFAULTS = dict(model='MIM_vit_tiny_patch16', input_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3,
-                     batch_size=32, epochs=30, warmup_epochs=2, blr=1e-2, num_workers=0, save_freq=10,
+                     batch_size=32, epochs=25, warmup_epochs=2, blr=1e-2, num_workers=0, save_freq=5,
                      output_dir='./output_dir/demo_pretrain', log_dir='./output_dir/demo_pretrain/tb',
                      device='cpu')
 
@@ -93,7 +93,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='print the FreezeOut plan (and projected saving) and exit without training')
     g = p.add_argument_group('evaluation during pre-training')
     g.add_argument('--knn_eval_freq', default=0, type=int,
-                   help='run weighted k-NN on the current encoder every N epochs (0 = off; --demo: 10)')
+                   help='run weighted k-NN on the current encoder every N epochs (0 = off; --demo: 5)')
     g.add_argument('--knn_data_path', default=None, type=str,
                    help='ImageNet-style root with train/ and val/ for the online k-NN (default: --data_path)')
     g.add_argument('--vis_freq', default=20, type=int,
@@ -109,7 +109,7 @@ def prepare_args(args: argparse.Namespace) -> None:
     argv = getattr(args, 'argv', [])
     if args.demo:
         from util.demo_data import default_demo_root, make_demo_dataset
-        defaults = dict(DEMO_DEFAULTS, data_path=str(default_demo_root()), knn_eval_freq=10, vis_freq=5)
+        defaults = dict(DEMO_DEFAULTS, data_path=str(default_demo_root()), knn_eval_freq=5, vis_freq=5)
         if args.output_dir != DEMO_DEFAULTS['output_dir'] and 'output_dir' in explicit_flags(argv):
             defaults['log_dir'] = os.path.join(args.output_dir, 'tb')  # keep a custom demo run's files together
         apply_demo_defaults(args, defaults, argv)
