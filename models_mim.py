@@ -105,28 +105,18 @@ class HOGTargets(nn.Module):
     @torch.no_grad()
     def maps(self, imgs: torch.Tensor, stages: Optional[Sequence[int]] = None) -> Dict[int, torch.Tensor]:
         """HOG maps ``{stage: [B, 3·nb, H/c, W/c]}`` (channel-first, R bins then G then B) for ``stages``."""
-        stages = list(range(len(self.cell_sizes))) if stages is None else list(stages)
-        hists = self._cell_histograms(imgs, stages)
-        b = imgs.shape[0]
-        out = {}
-        for k in stages:
-            hist = hists[k]
-            _, hc, wc, nb = hist.shape
-            out[k] = hist.view(b, -1, hc, wc, nb).permute(0, 1, 4, 2, 3).reshape(b, -1, hc, wc)
-        return out
+        return {k: h.permute(0, 1, 4, 2, 3).flatten(1, 2) for k, h in self._per_image(imgs, stages).items()}
 
     @torch.no_grad()
     def forward(self, imgs: torch.Tensor, stages: Optional[Sequence[int]] = None) -> Dict[int, torch.Tensor]:
         """Targets ``{stage: [B, (H/c)·(W/c), 3·nb]}`` in row-major cell order, ready for the loss."""
+        return {k: h.permute(0, 2, 3, 1, 4).flatten(3).flatten(1, 2) for k, h in self._per_image(imgs, stages).items()}
+
+    def _per_image(self, imgs: torch.Tensor, stages: Optional[Sequence[int]]) -> Dict[int, torch.Tensor]:
+        """``{stage: [B, C, H/c, W/c, nb]}`` normalised cell histograms."""
         stages = list(range(len(self.cell_sizes))) if stages is None else list(stages)
-        hists = self._cell_histograms(imgs, stages)
         b = imgs.shape[0]
-        out = {}
-        for k in stages:
-            hist = hists[k]
-            _, hc, wc, nb = hist.shape
-            out[k] = hist.view(b, -1, hc * wc, nb).transpose(1, 2).reshape(b, hc * wc, -1)
-        return out
+        return {k: h.view(b, -1, *h.shape[1:]) for k, h in self._cell_histograms(imgs, stages).items()}
 
     def _cell_histograms(self, imgs: torch.Tensor, stages: List[int]) -> Dict[int, torch.Tensor]:
         """Normalised [B·C, H/c, W/c, nb] histograms for each requested stage."""
