@@ -85,6 +85,7 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
                 state.freeze_events.append(ev)
                 du.print0(f'FreezeOut: step {state.global_step} (epoch {epoch}): frozen units '
                           f'{ev["frozen_units"]}; active stages {ev["active_stages"]}')
+            step_lr = max(g['lr'] for g in opt.param_groups)  # LRs change only here, once per optimizer step
         samples = samples.to(device, non_blocking=True)
         update = (i + 1) % accum == 0
         sync_ctx = model.no_sync() if (isinstance(model, nn.parallel.DistributedDataParallel) and not update) \
@@ -108,7 +109,7 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
         images += samples.shape[0]
         compute_time += time.time() - t0
         pending.append({'i': i, 'loss': loss.detach(), 'stages': {k: v.detach() for k, v in out['stage_losses'].items()},
-                        'lr': max(g['lr'] for g in opt.param_groups), 'update': update})
+                        'lr': step_lr, 'update': update})
         if i % print_freq == 0 or i == n_micro - 1:
             _flush(pending, metric_logger, epoch, n_micro, log_writer)
             pending = []

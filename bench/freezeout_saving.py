@@ -49,7 +49,7 @@ import torch.nn as nn  # noqa: E402
 import pretrain_step as ps  # noqa: E402
 from freezeout import FreezeOut, FreezeOutSchedule, measure_unit_flops, projected_saving, step_cost  # noqa: E402
 
-PHASES = ['hog', 'encoder', 'decoders', 'backward', 'optim']
+PHASES = [p for p in ps.PHASES if p != 'data']  # phases that change with the freeze state / size
 # --metric -> per-state key; the savings summary always has all four
 METRIC_KEYS = {'wall': 'step_ms', 'cpu': 'cpu_ms', 'wall_min': 'step_min_ms', 'cpu_min': 'cpu_min_ms'}
 SAVING_KEYS = {'wall': 'measured_saving', 'cpu': 'measured_saving_cpu_time', 'wall_min': 'measured_saving_min',

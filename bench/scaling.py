@@ -39,7 +39,7 @@ import torch  # noqa: E402
 import pretrain_step as ps  # noqa: E402
 from freezeout import measure_unit_flops  # noqa: E402
 
-PHASES = ['hog', 'encoder', 'decoders', 'backward', 'optim']
+PHASES = [p for p in ps.PHASES if p != 'data']  # phases that change with the freeze state / size
 
 
 def _trim() -> None:

@@ -16,13 +16,7 @@ TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4)
 MIM_ARGS = dict(model='MIM_vit_tiny_patch16', input_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny tensors on 2 shared cores: one thread avoids contention (results are compared within one setting)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('single_thread')  # tiny tensors on 2 shared cores (tests/conftest.py)
 
 
 def _mim(all_stages: bool = False) -> models_mim.LocalMIM:

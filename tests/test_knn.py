@@ -17,13 +17,7 @@ from util.datasets import build_dataset, eval_transform
 TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny tensors on 2 shared cores: one thread avoids contention (results are compared within one setting)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('single_thread')  # tiny tensors on 2 shared cores (tests/conftest.py)
 
 
 def reference_knn(train_f, train_y, test_f, test_y, k, T, num_classes):
