@@ -341,6 +341,9 @@ def make_executor(opts: argparse.Namespace, job_dir: str, name: str):
 def submit(opts: argparse.Namespace, steps: List[Dict[str, Any]], job_dir: str, name: str, cwd: str):
     """Submit one job running ``steps``; returns the submitit job."""
     executor = make_executor(opts, job_dir, name)
+    if StepsJob.__module__ != '__main__':  # imported by tools/sweep.py: the job process cannot import tools/
+        import cloudpickle
+        cloudpickle.register_pickle_by_value(sys.modules[StepsJob.__module__])
     job = executor.submit(StepsJob(steps, cwd))
     print(f'submitted job {job.job_id} ({opts.cluster}): {name}; log: {job_dir}/{job.job_id}_0_log.out '
           f'(stderr: .err)', flush=True)

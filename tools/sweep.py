@@ -1,0 +1,300 @@
+"""Expand a grid of flag values into runs, run (or print, or submit) them, and chain evaluations on each.
+
+    python tools/sweep.py --grid t_0=0.7,0.8,0.9 --grid how_scale=cubic,linear --then knn --then linprobe \\
+        --out sweeps/t0 --run local -- run_pretrain.py --demo --epochs 10
+    python tools/sweep.py ... --run print -- CUDA_VISIBLE_DEVICES=0,1 python3 -m torch.distributed.launch \\
+        --nproc_per_node=2 run_pretrain.py --epochs 100 --batch_size 256 ...        # record.sh lines only
+    python tools/sweep.py ... --run slurm --nodes 1 --ngpus 8 --partition gpu -- run_pretrain.py ...
+
+Everything after ``--`` is the common command: optional ``NAME=value`` environment words and launcher words (as
+record.sh takes them), one of the four scripts, and its flags. Each grid point adds ``--key value`` (a switch such
+as ``all_stages`` takes on/off) and runs in ``<out>/<key>-<value>_<key>-<value>...`` with its TensorBoard events in
+``tb/``; ``--then knn|linprobe|finetune`` evaluates the run's ``checkpoint-last.pth`` into ``<run>/<evaluation>``.
+
+Each step records what it ran and how it ended in ``<its output folder>/launch_state.json``. Re-running the same
+sweep skips the steps recorded as done with the same command and re-runs the others, which resume from their
+newest checkpoint (auto-resume). A bad grid or flag fails before anything starts, in one line.
+"""
+import argparse
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import submitit_launch as sl  # noqa: E402
+from submitit_launch import LaunchError  # noqa: E402
+
+EVALS = {'knn': 'run_knn.py', 'linprobe': 'run_linprobe.py', 'finetune': 'run_finetune.py'}
+SWITCH_ON, SWITCH_OFF = ('on', 'true', 'yes', '1'), ('off', 'false', 'no', '0')
+OWNED = ('output_dir', 'resume', 'no_auto_resume')  # the sweep decides these per run
+ENV_WORD = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*=')
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser('Grid sweep of run_pretrain.py (or another script) with chained evaluations',
+                                allow_abbrev=False,
+                                usage='%(prog)s --grid KEY=V1,V2 [...] --out DIR [--then EVAL] [--run MODE] -- '
+                                      '[NAME=value ...] [launcher words] SCRIPT [common flags]')
+    p.add_argument('--grid', action='append', default=[], metavar='KEY=V1,V2,...',
+                   help='a flag of the script and its values; repeat for more axes; the runs are the cartesian '
+                        'product (a switch flag takes on/off) (default: none = one run of the common flags)')
+    p.add_argument('--out', required=True, help='sweep folder: one sub-folder per run, plus sweep.json')
+    p.add_argument('--then', action='append', default=[], metavar='EVAL',
+                   help='evaluate each run\'s checkpoint-last.pth after it: knn, linprobe or finetune (repeatable, '
+                        'or a comma list), into <run>/<EVAL> (default: none)')
+    for name in EVALS:
+        p.add_argument(f'--{name}_args', default='', metavar='"FLAGS"',
+                       help=f'extra flags for every {EVALS[name]} of --then {name}, one shell-quoted string; '
+                            f'--demo, --device and a --data_path holding val/ are inherited (default: none)')
+    p.add_argument('--run', default='print', choices=['print', 'local', 'slurm'],
+                   help='print the record.sh command lines; run them here one after another; or submit one job per '
+                        'run through tools/submitit_launch.py (the SLURM flags below) (default: print)')
+    sl.add_executor_args(p)
+    return p
+
+
+# ---- building the runs --------------------------------------------------------------------------------------------
+
+def split_command(words: Sequence[str]) -> Tuple[List[str], List[str], str, List[str]]:
+    """[NAME=value ...] [launcher words] SCRIPT [flags] -> (env words, launcher words, script, flags)."""
+    words = list(words)
+    i = 0
+    while i < len(words) and ENV_WORD.match(words[i]):
+        i += 1
+    env = words[:i]
+    for j in range(i, len(words)):
+        if os.path.basename(words[j]) in sl.SCRIPTS:
+            return env, words[i:j], words[j], words[j + 1:]
+    raise LaunchError(f'no script after --: give one of {", ".join(sl.SCRIPTS)} and its common flags, e.g. '
+                      f'-- run_pretrain.py --demo')
+
+
+def _action(parser: argparse.ArgumentParser, key: str) -> Optional[argparse.Action]:
+    for a in parser._actions:
+        if f'--{key}' in a.option_strings:
+            return a
+    return None
+
+
+def parse_grid(specs: Sequence[str], script: str, common: Sequence[str]) -> List[Tuple[str, List[str], bool]]:
+    """['t_0=0.7,0.8', ...] -> [(key, values, is_switch)], checked against the script's parser."""
+    parser = sl.script_parser(script)
+    common_keys = {a[2:].split('=', 1)[0] for a in common if a.startswith('--')}
+    axes, seen = [], set()
+    for spec in specs:
+        key, eq, vals = spec.partition('=')
+        key = key.strip().lstrip('-')
+        if not eq or not key:
+            raise LaunchError(f'--grid {spec}: expected KEY=V1,V2,... (e.g. --grid t_0=0.7,0.8)')
+        values = [v.strip() for v in vals.split(',')]
+        if not vals.strip() or any(v == '' for v in values):
+            raise LaunchError(f'--grid {spec}: empty value; give comma-separated values, e.g. {key}=A,B')
+        action = _action(parser, key)
+        if action is None:
+            raise LaunchError(f'--grid {spec}: {os.path.basename(script)} has no flag --{key} (see '
+                              f'{os.path.basename(script)} --help)')
+        if key in OWNED:
+            raise LaunchError(f'--grid {spec}: --{key} is set by the sweep for every run')
+        if key in seen:
+            raise LaunchError(f'--grid {spec}: --{key} is given twice; put all its values in one --grid')
+        if key in common_keys:
+            raise LaunchError(f'--grid {spec}: --{key} is also among the common flags after --; keep one')
+        if len(set(values)) != len(values):
+            raise LaunchError(f'--grid {spec}: a value is repeated')
+        switch = action.nargs == 0
+        if switch:
+            bad = [v for v in values if v.lower() not in SWITCH_ON + SWITCH_OFF]
+            if bad:
+                raise LaunchError(f'--grid {spec}: --{key} is a switch; its values are on/off, not {bad[0]!r}')
+        seen.add(key)
+        axes.append((key, values, switch))
+    return axes
+
+
+def _slug(text: str) -> str:
+    return re.sub(r'[^A-Za-z0-9.+-]+', '_', text).strip('_') or '_'
+
+
+def run_name(point: Sequence[Tuple[str, str]]) -> str:
+    return '_'.join(f'{k}-{_slug(v)}' for k, v in point) or 'run'
+
+
+def point_flags(point: Sequence[Tuple[str, str, bool]]) -> List[str]:
+    out: List[str] = []
+    for key, value, switch in point:
+        if switch:
+            out += [f'--{key}'] if value.lower() in SWITCH_ON else []
+        else:
+            out += [f'--{key}', value]
+    return out
+
+
+def eval_data_flags(common: Sequence[str], extra: Sequence[str], cwd: str) -> List[str]:
+    """What an evaluation inherits from the pre-training command: --demo, --device, and a data root with val/."""
+    out = []
+    if '--demo' in common:
+        out.append('--demo')
+    device = sl.flag_value(common, '--device')
+    if device and sl.flag_value(extra, '--device') is None:
+        out += ['--device', device]
+    if sl.flag_value(extra, '--data_path') is None:
+        for flag in ('--knn_data_path', '--data_path'):
+            root = sl.flag_value(common, flag)
+            if root and os.path.isdir(os.path.join(cwd, root, 'val')):
+                out += ['--data_path', root]
+                break
+    return out
+
+
+def build_runs(opts: argparse.Namespace, command: Sequence[str], cwd: str) -> Dict[str, Any]:
+    """All runs and their steps; every script flag list is checked by its parser (raises LaunchError)."""
+    env, launcher, script, common = split_command(command)
+    for key in OWNED:
+        if f'--{key}' in common or any(a.startswith(f'--{key}=') for a in common):
+            raise LaunchError(f'--{key} in the common flags: the sweep sets it for every run (drop it; runs go to '
+                              f'--out {opts.out})')
+    thens = [t.strip() for spec in opts.then for t in spec.split(',') if t.strip()]
+    for t in thens:
+        if t not in EVALS:
+            raise LaunchError(f'--then {t}: expected one of {", ".join(EVALS)}')
+        if os.path.basename(script) != 'run_pretrain.py':
+            raise LaunchError(f'--then {t}: evaluations chain on pre-training runs; the script is '
+                              f'{os.path.basename(script)}')
+    axes = parse_grid(opts.grid, script, common)
+    out = os.path.abspath(opts.out)
+    runs, names = [], {}
+    for combo in itertools.product(*[[(k, v, s) for v in vals] for k, vals, s in axes]):
+        name = run_name([(k, v) for k, v, _ in combo])
+        if name in names:
+            raise LaunchError(f'--grid: points {names[name]} and {dict((k, v) for k, v, _ in combo)} both name the '
+                              f'folder {name}; make the values differ in letters/digits')
+        names[name] = dict((k, v) for k, v, _ in combo)
+        run_dir = os.path.join(out, name)
+        argv = [*common, *point_flags(combo), '--output_dir', run_dir, '--log_dir', os.path.join(run_dir, 'tb')]
+        argv = sl.without_flags(argv[:-2], with_value=('--log_dir',)) + argv[-2:]  # the per-run --log_dir wins
+        try:
+            sl.parse_script_argv(script, argv)
+        except LaunchError as e:
+            raise LaunchError(f'--grid point {name}: {e}') from None
+        steps = [dict(script=str(sl.script_path(script)), argv=argv, output_dir=run_dir)]
+        for t in thens:
+            extra = shlex.split(getattr(opts, f'{t}_args'))
+            eargv = [*eval_data_flags(common, extra, cwd), *extra, '--finetune',
+                     os.path.join(run_dir, 'checkpoint-last.pth'), '--output_dir', os.path.join(run_dir, t)]
+            ns = sl.parse_script_argv(EVALS[t], eargv)
+            if not ns.demo and sl.flag_value(eargv, '--data_path') is None:
+                raise LaunchError(f'--then {t}: no data for the evaluation: pass --{t}_args "--data_path ROOT" '
+                                  f'(ROOT holding train/ and val/)')
+            steps.append(dict(script=str(sl.script_path(EVALS[t])), argv=eargv, output_dir=os.path.join(run_dir, t)))
+        runs.append(dict(name=name, point=names[name], output_dir=run_dir, steps=steps))
+    return dict(out=out, env=env, launcher=launcher, script=script, common=list(common), then=thens,
+                grid={k: v for k, v, _ in axes}, runs=runs)
+
+
+# ---- running ------------------------------------------------------------------------------------------------------
+
+def record_line(sweep: Dict[str, Any], step: Dict[str, Any], cwd: str) -> List[str]:
+    """``bash record.sh [env] [launcher] SCRIPT ARGV`` as words; evaluations run as single processes."""
+    record = 'record.sh' if os.path.isfile(os.path.join(cwd, 'record.sh')) else str(sl.REPO_ROOT / 'record.sh')
+    name = os.path.basename(step['script'])
+    typed = sweep['script'] if name == os.path.basename(sweep['script']) else name
+    script = typed if os.path.isfile(os.path.join(cwd, typed)) else step['script']
+    is_pretrain = name == os.path.basename(sweep['script'])
+    launcher = sweep['launcher'] if (is_pretrain and sweep['launcher']) else [sys.executable]
+    return ['bash', record, *sweep['env'], *launcher, script, *step['argv']]
+
+
+def run_print(sweep: Dict[str, Any], cwd: str) -> int:
+    for run in sweep['runs']:
+        print(f'# {run["name"]}: {json.dumps(run["point"])}')
+        for step in run['steps']:
+            line = shlex.join(record_line(sweep, step, cwd))
+            print(f'# finished (skipped on re-run): {line}' if sl.step_finished(step) else line)
+    return 0
+
+
+def run_local(sweep: Dict[str, Any], cwd: str) -> int:
+    failed = []
+    for run in sweep['runs']:
+        for step in run['steps']:
+            name = os.path.basename(step['script'])
+            if sl.step_finished(step):
+                print(f'[sweep] {run["name"]}: {name} finished before, skipped', flush=True)
+                continue
+            words = record_line(sweep, step, cwd)
+            print(f'[sweep] {run["name"]}: {shlex.join(words)}', flush=True)
+            sl.write_state(step['output_dir'], script=name, argv=list(step['argv']), state='running',
+                           returncode=None, started=sl.now(), job_id=None)
+            rc = subprocess.call(words, cwd=cwd)
+            state = 'done' if rc == 0 else ('stopped' if rc in sl.INTERRUPTED_CODES else 'failed')
+            sl.write_state(step['output_dir'], state=state, returncode=rc, ended=sl.now())
+            if rc in sl.INTERRUPTED_CODES:
+                print(f'[sweep] stopped by a signal in {run["name"]} ({name}); re-run the same sweep command to '
+                      f'resume', file=sys.stderr, flush=True)
+                return rc
+            if rc != 0:
+                failed.append(f'{run["name"]} ({name}, exit status {rc})')
+                break  # its evaluations need its checkpoint
+    if failed:
+        print(f'[sweep] failed: {"; ".join(failed)}; fix and re-run the same command (finished steps are skipped)',
+              file=sys.stderr, flush=True)
+        return 1
+    print(f'[sweep] all {len(sweep["runs"])} runs finished; report: python tools/report.py {sweep["out"]}',
+          flush=True)
+    return 0
+
+
+def run_slurm(sweep: Dict[str, Any], opts: argparse.Namespace, cwd: str) -> int:
+    sl.import_submitit()
+    if sweep['launcher']:
+        print(f'note: launcher words {shlex.join(sweep["launcher"])} are not used with --run slurm: every job runs '
+              f'--nodes x --ngpus processes (submitit tasks)', flush=True)
+    status = 0
+    for run in sweep['runs']:
+        if all(sl.step_finished(s) for s in run['steps']):
+            print(f'[sweep] {run["name"]}: finished before, not submitted', flush=True)
+            continue
+        job = sl.submit(opts, run['steps'], os.path.join(run['output_dir'], 'submitit'),
+                        opts.job_name or f'sweep_{run["name"]}'[:100], cwd)
+        if opts.cluster == 'local' or opts.wait:  # local jobs run one at a time, like --run local
+            status = max(status, sl.wait_for(job))
+    return status
+
+
+def main(argv: Sequence[str]) -> int:
+    argv = list(argv)
+    if '--' not in argv:
+        raise LaunchError('missing "--" before the command, e.g. ... --out DIR -- run_pretrain.py --demo')
+    cut = argv.index('--')
+    parser = get_args_parser()
+
+    def _error(message: str) -> None:
+        raise LaunchError(message)
+    parser.error = _error
+    opts = parser.parse_args(argv[:cut])
+    cwd = os.getcwd()
+    sweep = build_runs(opts, argv[cut + 1:], cwd)
+    if opts.run == 'print':
+        return run_print(sweep, cwd)
+    os.makedirs(sweep['out'], exist_ok=True)
+    with open(os.path.join(sweep['out'], 'sweep.json'), 'w') as f:
+        json.dump(dict(command=argv, cwd=cwd, **{k: sweep[k] for k in ('grid', 'then', 'script', 'common')},
+                       runs=[dict(name=r['name'], point=r['point'], output_dir=r['output_dir']) for r in sweep['runs']]),
+                  f, indent=1)
+    if opts.run == 'local':
+        return run_local(sweep, cwd)
+    return run_slurm(sweep, opts, cwd)
+
+
+if __name__ == '__main__':
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except LaunchError as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        sys.exit(2)
