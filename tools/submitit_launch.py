@@ -213,9 +213,10 @@ class StepsJob:
               f'(pid {os.getpid()}), attempt {self.attempt + 1}', flush=True)
         env = self._child_env()
         results = []
+        ran = False  # once a step runs again, the steps after it (evaluations of its checkpoint) must too
         for step in self.steps:
             name = os.path.basename(step['script'])
-            if step_finished(step):
+            if not ran and step_finished(step):
                 print(f'[submitit_launch] {name} -> {step["output_dir"]}: finished before, skipped', flush=True)
                 results.append(dict(script=name, output_dir=step['output_dir'], status='skipped'))
                 continue
@@ -226,6 +227,7 @@ class StepsJob:
             cmd = [sys.executable, step['script'], *argv]
             print(f'[submitit_launch] running: {shlex.join(cmd)}', flush=True)
             rc = self._run(cmd, env)
+            ran = True
             if rc == 0:
                 if rank0:
                     write_state(step['output_dir'], state='done', returncode=0, ended=now())

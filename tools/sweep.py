@@ -222,9 +222,10 @@ def run_print(sweep: Dict[str, Any], cwd: str) -> int:
 def run_local(sweep: Dict[str, Any], cwd: str) -> int:
     failed = []
     for run in sweep['runs']:
+        ran = False  # once a step runs again, the evaluations after it must too (its checkpoint changed)
         for step in run['steps']:
             name = os.path.basename(step['script'])
-            if sl.step_finished(step):
+            if not ran and sl.step_finished(step):
                 print(f'[sweep] {run["name"]}: {name} finished before, skipped', flush=True)
                 continue
             words = record_line(sweep, step, cwd)
@@ -232,6 +233,7 @@ def run_local(sweep: Dict[str, Any], cwd: str) -> int:
             sl.write_state(step['output_dir'], script=name, argv=list(step['argv']), state='running',
                            returncode=None, started=sl.now(), job_id=None)
             rc = subprocess.call(words, cwd=cwd)
+            ran = True
             state = 'done' if rc == 0 else ('stopped' if rc in sl.INTERRUPTED_CODES else 'failed')
             sl.write_state(step['output_dir'], state=state, returncode=rc, ended=sl.now())
             if rc in sl.INTERRUPTED_CODES:
