@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -219,6 +220,31 @@ def run_print(sweep: Dict[str, Any], cwd: str) -> int:
     return 0
 
 
+def _call(words: List[str], cwd: str) -> int:
+    """Run a record.sh line in its own process group; SIGINT/SIGTERM to the sweep reach the run as SIGINT.
+
+    SIGINT, not SIGTERM: record.sh and its tee ignore SIGINT and keep logging while the script stops at an
+    iteration boundary and exits 130, so nothing is left running or half-written when the sweep is stopped.
+    """
+    proc = subprocess.Popen(words, cwd=cwd, start_new_session=True)
+
+    def forward(signum, frame) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except InterruptedError:
+                continue
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def run_local(sweep: Dict[str, Any], cwd: str) -> int:
     failed = []
     for run in sweep['runs']:
@@ -232,7 +258,7 @@ def run_local(sweep: Dict[str, Any], cwd: str) -> int:
             print(f'[sweep] {run["name"]}: {shlex.join(words)}', flush=True)
             sl.write_state(step['output_dir'], script=name, argv=list(step['argv']), state='running',
                            returncode=None, started=sl.now(), job_id=None)
-            rc = subprocess.call(words, cwd=cwd)
+            rc = _call(words, cwd)
             ran = True
             state = 'done' if rc == 0 else ('stopped' if rc in sl.INTERRUPTED_CODES else 'failed')
             sl.write_state(step['output_dir'], state=state, returncode=rc, ended=sl.now())
