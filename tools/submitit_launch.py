@@ -295,7 +295,8 @@ def add_executor_args(p: argparse.ArgumentParser) -> None:
                    help="'slurm' submits with sbatch; 'local' runs the job as a subprocess here through the same "
                         "code path (submitit's local executor) and waits for it (default: slurm)")
     g.add_argument('--nodes', default=1, type=int, help='nodes per job (default: 1)')
-    g.add_argument('--ngpus', default=8, type=int, help='GPUs per node; 0 for a CPU job (default: 8)')
+    g.add_argument('--ngpus', default=None, type=int,
+                   help='GPUs per node; 0 for a CPU job (default: 8 with slurm; with local, the GPUs visible here)')
     g.add_argument('--tasks_per_node', default=None, type=int,
                    help='processes per node (default: --ngpus, at least 1)')
     g.add_argument('--cpus_per_task', default=10, type=int, help='CPU cores per process (default: 10)')
@@ -323,12 +324,16 @@ def add_executor_args(p: argparse.ArgumentParser) -> None:
 def make_executor(opts: argparse.Namespace, job_dir: str, name: str):
     submitit = import_submitit()
     executor = submitit.AutoExecutor(folder=job_dir, cluster=opts.cluster, slurm_max_num_timeout=opts.max_requeue)
-    tasks = opts.tasks_per_node or max(1, opts.ngpus)
+    ngpus = opts.ngpus
+    if ngpus is None:
+        import torch
+        ngpus = 8 if opts.cluster == 'slurm' else torch.cuda.device_count()
+    tasks = opts.tasks_per_node or max(1, ngpus)
     params = dict(name=name, timeout_min=opts.timeout, nodes=opts.nodes, tasks_per_node=tasks,
-                  cpus_per_task=opts.cpus_per_task, mem_gb=opts.mem_gb or max(16, 40 * opts.ngpus),
+                  cpus_per_task=opts.cpus_per_task, mem_gb=opts.mem_gb or max(16, 40 * ngpus),
                   slurm_signal_delay_s=opts.signal_delay_s)
-    if opts.ngpus:
-        params['gpus_per_node'] = opts.ngpus
+    if ngpus:
+        params['gpus_per_node'] = ngpus
     for key in ('partition', 'account', 'constraint', 'comment', 'exclude'):
         if getattr(opts, key):
             params[f'slurm_{key}'] = getattr(opts, key)
