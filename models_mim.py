@@ -494,6 +494,31 @@ class LocalMIM(nn.Module):
     def active_stages(self) -> List[int]:
         return [k for k, b in enumerate(self.stage_blocks) if b >= self.num_frozen_blocks]
 
+    def compile_regions(self, hog: bool = False, **opts) -> int:
+        """``nn.Module.compile(**opts)`` on every encoder block and every stage decoder (and the HOG targets with
+        ``hog=True``), in place; returns the per-function variant limit it set.
+
+        Regions, not the whole model: the Python loop over blocks stays eager, so a FreezeOut event only changes
+        which blocks run inside ``torch.no_grad()`` (grad mode, the blocks' train/eval flag and requires_grad are
+        dynamo guards, i.e. graph-visible) and never invalidates a graph. Identical blocks share one compiled code
+        object. Expected variants per function: encoder blocks 4 (trainable with/without an input that requires
+        grad, frozen under no_grad, frozen with grad for ``--dont_freeze_pe``), decoders 1 per head shape (masked
+        or full decode), times grad/no_grad where a caller runs without grad. The limit set here is 8 plus 2 per
+        decoder, and a hit raises instead of dynamo's silent fall-back to eager (util.compile.allow_variants).
+        State-dict keys are unchanged (no ``_orig_mod.`` prefix), so checkpoints load either way.
+        """
+        from util.compile import allow_variants
+        opts.setdefault('fullgraph', True)  # a graph break is an error, not a silent eager island
+        limit = 8 + 2 * len(self.decoder)
+        allow_variants(limit)
+        for blk in self.blocks:
+            blk.compile(**opts)
+        for dec in self.decoder:
+            dec.compile(**opts)
+        if hog:
+            self.hog.compile(**{**opts, 'fullgraph': False})  # its cell-index cache is Python state
+        return limit
+
     # ---- forward ----------------------------------------------------------------------------------------------
 
     def random_masking(self, x: torch.Tensor, mask_ratio: float

@@ -353,6 +353,21 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     cpu_batch = make_batch(args, device)
     rss_model_mb = peak_rss_mb()
     decomposition_err = check_decomposition(model, cpu_batch.to(device), args.mask_ratio, amp, args.full_decode)
+    compile_info: Dict[str, object] = {}
+    if args.compile or args.compile_hog:
+        from util import compile as uc
+        uc.check_toolchain(args.compile_backend, device)
+        before = uc.stats()
+        if args.compile:
+            model.compile_regions(backend=args.compile_backend, hog=args.compile_hog)
+        else:
+            model.hog.compile(backend=args.compile_backend)
+        t = time.perf_counter()
+        timed_step(model, optimizer, cpu_batch, device, amp, args.mask_ratio, sync, args.full_decode)
+        after = uc.stats()
+        compile_info = {'compile_first_step_s': time.perf_counter() - t,
+                        'compile_graphs': after['graphs'] - before['graphs'],
+                        'compile_dynamo_s': after['seconds'] - before['seconds']}
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     samples: List[Dict[str, float]] = []
@@ -365,7 +380,9 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         'embed_dim': model.embed_dim, 'batch_size': args.batch_size, 'threads': args.threads,
         'steps': args.steps, 'warmup': args.warmup, 'amp': amp.name, 'mask_ratio': args.mask_ratio,
         'hog_cells': model.hog.cell_sizes, 'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
-        'machine': machine_info(device, args.threads), 'decomposition_abs_err': decomposition_err}
+        'machine': machine_info(device, args.threads), 'decomposition_abs_err': decomposition_err,
+        'compile': args.compile, 'compile_hog': args.compile_hog, 'compile_backend': args.compile_backend,
+        **compile_info}
     for ph in PHASES + ['step', 'cpu', 'minflt'] + [f'cpu_{x}' for x in PHASES]:
         res[f'{ph}_ms'] = median([s[ph] for s in samples])
         res[f'{ph}_all_ms'] = [s[ph] for s in samples]
@@ -401,6 +418,10 @@ def print_table(r: Dict[str, object]) -> None:
     print(f"peak memory: {r['peak_mem_mb']:.0f} MiB ({r['peak_mem_kind']}); load average at start/end "
           f"{m.get('loadavg_at_start')} / {r.get('loadavg_at_end')} on {m['cpu_count']} cores")
     print(f"decomposition check |loss(phased) - loss(forward)| = {r['decomposition_abs_err']:.3g}")
+    if 'compile_graphs' in r:
+        what = 'blocks + decoders' + (' + HOG' if r['compile_hog'] else '') if r['compile'] else 'HOG only'
+        print(f"compiled ({r['compile_backend']}, {what}): first step {r['compile_first_step_s']:.1f} s, "
+              f"{r['compile_graphs']} graphs, dynamo {r['compile_dynamo_s']:.1f} s")
     if 'hog_ref_ms' in r:
         print(f"HOG targets, all {len(r['hog_stages'])} stages (cells {r['hog_cells']} px), batch {r['batch_size']}:")
         print(f"  reference-style design : {r['hog_ref_ms']:>9.1f} ms")
@@ -429,6 +450,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--hog_profile', action='store_true', help="print torch.profiler's top ops of model.hog")
     p.add_argument('--adamw', default='default', choices=['default', 'foreach', 'fused'],
                    help="torch AdamW implementation (default: torch's default, as run_pretrain.py)")
+    p.add_argument('--compile', action='store_true',
+                   help='LocalMIM.compile_regions (every block and decoder) before timing; the first step (with '
+                        'the compilation) is reported apart as compile_first_step_s (default: off)')
+    p.add_argument('--compile_hog', action='store_true',
+                   help='also compile the HOG targets (alone without --compile), to measure whether they gain')
+    p.add_argument('--compile_backend', default='inductor', choices=['inductor', 'aot_eager', 'eager'],
+                   help='torch.compile backend (default: inductor)')
     p.add_argument('--full_decode', action='store_true',
                    help='decode every cell of every stage (the pre-masked-only path, what main 775680a and the '
                         'reference do) instead of the training path (default: off = masked tokens only)')
@@ -438,7 +466,12 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> Dict[str, object]:
     args = get_parser().parse_args(argv)
-    res = run(args)
+    from util.errors import UserError
+    try:
+        res = run(args)
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
     print_table(res)
     if args.json:
         with open(args.json, 'w') as f:
