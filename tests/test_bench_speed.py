@@ -1,6 +1,6 @@
 """Smoke tests of the issue-10 benchmarks on minimal sizes (no timed asserts): the data pipeline bench and its
 equivalence check, the GPU check without a GPU, the reference-ratio bench's loader of an external checkout (a
-stand-in checkout here), and pretrain_step's --full_decode."""
+stand-in checkout here)."""
 import json
 import os
 import subprocess
@@ -10,10 +10,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ['--model', 'MIM_vit_tiny_patch16', '--input_size', '32', '--patch_size', '4', '--depth', '4',
-        '--embed_dim', '48', '--num_heads', '3', '--batch_size', '2', '--threads', '1', '--steps', '1']
-
-
 def _run(args, timeout=300, ok=True):
     p = subprocess.run([sys.executable] + [str(a) for a in args], cwd=REPO, capture_output=True, text=True,
                        timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1'))
@@ -25,11 +21,11 @@ def _run(args, timeout=300, ok=True):
 def test_data_pipeline_bench_and_equivalence(tmp_path):
     out = tmp_path / 'dp.json'
     _run(['bench/data_pipeline.py', '--dir', tmp_path / 'jpegs', '--images', '8', '--width', '80', '--height', '60',
-          '--input_size', '32', '--batch_size', '4', '--batches', '1', '--workers', '0,1', '--check', '3',
+          '--input_size', '32', '--batch_size', '4', '--batches', '1', '--workers', '1', '--check', '3',
           '--json', out])
     r = json.loads(out.read_text())
     assert {(x['variant'], x['workers']) for x in r['runs']} == {(v, w) for v in ('baseline', 'draft', 'tvjpeg',
-                                                                                   'uint8') for w in (0, 1)}
+                                                                                   'uint8') for w in (1,)}
     assert all(x['img_per_s'] > 0 and x['images'] == 4 for x in r['runs'])
     eq = r['equivalence']
     assert eq['uint8']['bit_equal'] and eq['uint8']['max_abs_diff'] == 0.0  # same ops, normalised later
@@ -79,10 +75,3 @@ def test_vs_reference_loads_an_external_checkout(tmp_path):
     assert r['speedup'] > 0 and len(r['losses']['ours']) == 2 and 'x (CPU time' in p.stdout
     bad = _run(['bench/vs_reference.py', '--reference_dir', tmp_path / 'nothing', *tiny16], ok=False)
     assert bad.returncode == 2 and bad.stderr.startswith('error: --reference_dir')
-
-
-def test_pretrain_step_full_decode_flag(tmp_path):
-    out = tmp_path / 's.json'
-    p = _run(['bench/pretrain_step.py', *TINY, '--full_decode', '--json', out])
-    r = json.loads(out.read_text())
-    assert r['full_decode'] is True and r['decomposition_abs_err'] == 0.0 and 'full (every cell)' in p.stdout
