@@ -32,7 +32,8 @@ def _log(path):
 
 def _numbers(rec):
     """The deterministic part of a pre-training record (no timings, throughput, memory, per-process savings)."""
-    return {k: v for k, v in rec.items() if not any(w in k for w in ('time', 'img_per_s', 'mem', 'so_far'))}
+    return {k: v for k, v in rec.items()
+            if not any(w in k for w in ('time', 'img_per_s', 'mem', 'so_far', 'data_wait'))}
 
 
 def _ok(res):
