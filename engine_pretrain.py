@@ -70,6 +70,7 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
     opt, scaler = state.optimizer, state.amp.scaler
     opt.zero_grad(set_to_none=True)
     pending: List[Dict[str, Any]] = []
+    drain = getattr(state.lr_control, 'drain_events', None)  # adaptive policy: its evaluations and decisions
     epoch_start, compute_time, images = time.time(), 0.0, 0
 
     for i, (samples, _) in enumerate(metric_logger.log_every(islice(loader, n_micro), print_freq, header,
@@ -77,7 +78,10 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
         stop.check(epoch, i)
         t0 = time.time()
         if i % accum == 0:
-            if set_lr(state, state.global_step):
+            changed = set_lr(state, state.global_step)
+            if drain is not None:
+                _policy_events(drain(), epoch, i / n_micro, log_writer)
+            if changed:
                 model = state.model = state.rewrap()
                 model.train(True)
                 ev = {'step': state.global_step, 'epoch': epoch, **state.lr_control.state_dict(),
@@ -130,6 +134,20 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
     du.print0(f'Averaged stats: {metric_logger}  compute time {compute_time:.1f}s  '
               f'{stats["img_per_s"]:.1f} img/s')
     return stats
+
+
+def _policy_events(events: List[Dict[str, Any]], epoch: int, frac: float, log_writer: Optional[TensorBoard]) -> None:
+    """One line per decision of the adaptive policy; signals and decisions to TensorBoard (x = epoch_1000x)."""
+    x = int((frac + epoch) * 1000)
+    for ev in events:
+        if ev['kind'] == 'decision':
+            du.print0(f"FreezeOut adaptive: step {ev['step']} (epoch {epoch}): {ev['unit']} stalled (plasticity "
+                      f"{ev['plasticity']:.3f} < {ev['threshold']:g} for {ev['patience']} evaluations); its LR "
+                      f"anneals to 0 and it freezes at step {ev['freeze_step']}")
+            if log_writer:
+                log_writer.scalar('freezeout/decided_unit', ev['index'], x)
+        elif log_writer and ev['kind'] == 'signal' and ev['plasticity']:
+            log_writer.scalars('freezeout/plasticity', ev['plasticity'], x)
 
 
 def _flush(pending: List[Dict[str, Any]], metric_logger: MetricLogger, epoch: int, n_micro: int,

@@ -18,7 +18,8 @@ from timm.optim import param_groups_weight_decay
 
 import models_mim
 from engine_pretrain import NonFiniteLoss, PretrainState, train_one_epoch
-from freezeout import FreezeOut, FreezeOutSchedule, format_plan, measure_unit_flops, projected_saving, step_cost
+from freezeout import (AdaptiveFreezeOut, FreezeOut, FreezeOutSchedule, add_policy_args, bounds_from_args,
+                       check_policy_args, decided_saving, format_adaptive_plan, format_plan, measure_unit_flops)
 from util import distributed as du
 from util.amp import make_amp
 from util.args import (add_common_args, apply_demo_defaults, check_output_dir, explicit_flags, resolve_device_flag,
@@ -76,7 +77,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--stage_weights', default='equal', type=str,
                    help="per-stage loss weights shallow->deep: 'equal' (paper), '4321', '1overk' (1/4,1/3,1/2,1) "
                         "or a comma list (default: equal)")
-    g = p.add_argument_group('FreezeOut (on when --t_0 or --how_scale is given)')
+    g = p.add_argument_group('FreezeOut (on when --t_0 or --how_scale is given, or --freeze_policy adaptive)')
     g.add_argument('--t_0', default=None, type=float,
                    help='freeze point of the first unit before scaling, in (0, 1]; 1 = never freeze (default when '
                         'FreezeOut is on: 0.8)')
@@ -91,6 +92,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'blocks become units 0..N-1')
     g.add_argument('--plan_only', action='store_true',
                    help='print the FreezeOut plan (and projected saving) and exit without training')
+    add_policy_args(g)
     g = p.add_argument_group('evaluation during pre-training')
     g.add_argument('--knn_eval_freq', default=0, type=int,
                    help='run weighted k-NN on the current encoder every N epochs (0 = off; --demo: 5)')
@@ -116,12 +118,14 @@ def prepare_args(args: argparse.Namespace) -> None:
         if args.data_path == str(default_demo_root()):
             make_demo_dataset(args.data_path)
     resolve_device_flag(args, argv)
-    args.freezeout = args.t_0 is not None or args.how_scale is not None
+    check_policy_args(args, argv, ('t_0', 'how_scale', 'not_scale_lr', 'non_layerwise_lr'))
+    args.freezeout = args.t_0 is not None or args.how_scale is not None or args.freeze_policy == 'adaptive'
     if args.freezeout:
-        args.t_0 = 0.8 if args.t_0 is None else args.t_0
-        args.how_scale = args.how_scale or 'cubic'
-        if not (0.0 < args.t_0 <= 1.0):
-            raise UserError(f'--t_0 {args.t_0}: must be in (0, 1] (1 = never freeze)')
+        if args.freeze_policy == 'schedule':
+            args.t_0 = 0.8 if args.t_0 is None else args.t_0
+            args.how_scale = args.how_scale or 'cubic'
+            if not (0.0 < args.t_0 <= 1.0):
+                raise UserError(f'--t_0 {args.t_0}: must be in (0, 1] (1 = never freeze)')
         if args.compile:
             raise UserError('--compile with FreezeOut is not supported: compiled graphs ignore requires_grad flips '
                             '(pytorch#139476); drop --compile or --t_0/--how_scale')
@@ -185,7 +189,15 @@ def main(args: argparse.Namespace) -> None:
               f'stage weights {model.stage_weights}')
 
     freezer, flops = None, None
-    if args.freezeout:
+    if args.freezeout and args.freeze_policy == 'adaptive':
+        freezer = AdaptiveFreezeOut(
+            model, total_steps, warmup_steps, WarmupCosine(args.lr, args.min_lr, warmup_steps, total_steps).lr_at,
+            bounds_from_args(args, total_steps), args.freeze_signal, probe=_probe(args, model, device),
+            sync=du.broadcast_from_rank0 if args.distributed else None, dont_freeze_pe=args.dont_freeze_pe)
+        flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
+        du.print0(format_adaptive_plan(freezer, spe, flops))
+        param_groups = freezer.param_groups(args.weight_decay)
+    elif args.freezeout:
         schedule = FreezeOutSchedule(FreezeOut.unit_names(model, args.dont_freeze_pe), total_steps, warmup_steps,
                                      args.lr, args.min_lr, args.t_0, args.how_scale, scale_lr=not args.not_scale_lr,
                                      layerwise_lr=not args.non_layerwise_lr)
@@ -264,6 +276,9 @@ def main(args: argparse.Namespace) -> None:
             record.update(frozen_units=freezer.num_frozen, active_stages=model.active_stages(),
                           unit_lr=freezer.lr_by_unit(state.global_step))
             record.update(_saving_so_far(saving, stats, epoch, args, freezer, flops, spe))
+            if args.freeze_policy == 'adaptive':
+                record.update(freeze_plasticity=freezer.plasticity,
+                              freeze_decisions=[d for d in freezer.decisions if epoch * spe <= d['step'] < (epoch + 1) * spe])
         if knn is not None and ((epoch + 1) % args.knn_eval_freq == 0 or epoch + 1 == args.epochs):
             record.update(knn(model))
         if vis_batch is not None and ((epoch + 1) % args.vis_freq == 0 or epoch + 1 == args.epochs):
@@ -277,7 +292,7 @@ def main(args: argparse.Namespace) -> None:
             'scaler': amp.scaler.state_dict() if amp.scaler is not None else None, 'step': state.global_step,
             'freezeout': freezer.state_dict() if freezer is not None else {},
         }, args, numbered=numbered)
-        _test_dump_rank_weights(model, optimizer, epoch)
+        _test_dump_rank_weights(model, optimizer, epoch, freezer)
         lrs = [g['lr'] for g in optimizer.param_groups]
         du.print0(f'epoch {epoch}: loss {stats["loss"]:.4f}  lr {min(lrs):.2e}..{max(lrs):.2e}  '
                   f'frozen units {freezer.num_frozen if freezer else 0}  {stats["img_per_s"]:.1f} img/s  '
@@ -288,7 +303,7 @@ def main(args: argparse.Namespace) -> None:
     du.cleanup()
 
 
-def _test_dump_rank_weights(model: nn.Module, optimizer, epoch: int) -> None:
+def _test_dump_rank_weights(model: nn.Module, optimizer, epoch: int, freezer=None) -> None:
     """TEST ONLY: with VITFREEZE_TEST_DUMP_RANK_WEIGHTS=<dir>, every rank writes sha256 digests of its weights and
     optimizer state after each epoch (only rank 0 writes checkpoints, so this is how tests compare the ranks)."""
     out = os.environ.get('VITFREEZE_TEST_DUMP_RANK_WEIGHTS')
@@ -307,7 +322,9 @@ def _test_dump_rank_weights(model: nn.Module, optimizer, epoch: int) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f'rank{du.get_rank()}-epoch{epoch}.json'), 'w') as f:
         json.dump({'rank': du.get_rank(), 'epoch': epoch, 'model': digest(sorted(model.state_dict().items())),
-                   'optimizer': digest(opt), 'world_size': du.get_world_size()}, f)
+                   'optimizer': digest(opt), 'world_size': du.get_world_size(),
+                   'num_frozen': freezer.num_frozen if freezer is not None else 0,
+                   'freeze_decisions': getattr(freezer, 'decisions', None)}, f)
 
 
 def _saving_so_far(acc: dict, stats: dict, epoch: int, args, freezer, flops, spe: int) -> dict:
@@ -318,12 +335,10 @@ def _saving_so_far(acc: dict, stats: dict, epoch: int, args, freezer, flops, spe
         acc['base_step_time'] = stats['step_time']
     acc['time'] += stats['compute_time']
     acc['steps'] += spe
-    done = (epoch + 1) * spe
-    sched = freezer.schedule
-    bounds = [0] + [b for b in sched.state_boundaries() if b < done] + [done]
-    plan = sum((hi - lo) * step_cost(flops, sched.num_frozen_at(lo), args.dont_freeze_pe)
-               for lo, hi in zip(bounds[:-1], bounds[1:]))
-    out = {'planned_saving_so_far': 1.0 - plan / (step_cost(flops, 0, args.dont_freeze_pe) * done)}
+    # adaptive: the decisions taken so far (a decided unit's freeze step may lie in the future: it is counted
+    # only from that step on, and only within [0, done))
+    key = 'decided_saving_so_far' if args.freeze_policy == 'adaptive' else 'planned_saving_so_far'
+    out = {key: decided_saving(freezer, flops, (epoch + 1) * spe, args.dont_freeze_pe)}
     if acc['base_step_time']:
         out['measured_saving_so_far'] = 1.0 - acc['time'] / (acc['base_step_time'] * acc['steps'])
     return out
@@ -345,7 +360,7 @@ def _log_epoch(tb: TensorBoard, record: dict, epoch: int, freezer) -> None:
         tb.scalar('freezeout/frozen_units', record['frozen_units'], x)
         tb.scalar('freezeout/active_stages', len(record['active_stages']), x)
         tb.scalars('freezeout/unit_lr', record['unit_lr'], x)
-        for k in ('planned_saving_so_far', 'measured_saving_so_far'):
+        for k in ('planned_saving_so_far', 'decided_saving_so_far', 'measured_saving_so_far'):
             if k in record:
                 tb.scalar(f'freezeout/{k}', record[k], x)
     for k, v in record.items():
@@ -354,13 +369,33 @@ def _log_epoch(tb: TensorBoard, record: dict, epoch: int, freezer) -> None:
     tb.flush()
 
 
-def _vis_batch(args, device):
+PROBE_IMAGES = 16  # the output signal's probe batch: 16 fixed images
+
+
+def _probe(args, model, device):
+    """The adaptive policy's probe for --freeze_signal output: every unit's output on a fixed batch (no RNG, fp32,
+    eval mode; identical on every rank)."""
+    if args.freeze_signal != 'output':
+        return None
+    imgs = _vis_batch(args, device, PROBE_IMAGES)
+
+    def probe():
+        was = model.training
+        model.eval()
+        try:
+            return model.unit_features(imgs)
+        finally:
+            model.train(was)
+    return probe
+
+
+def _vis_batch(args, device, n=None):
     """A fixed, un-augmented batch (val split if there is one) for the TensorBoard pictures."""
     try:
         ds = build_dataset(args.data_path, 'val', eval_transform(args.input_size), allow_root=False)
     except UserError:
         ds = build_dataset(args.data_path, 'train', eval_transform(args.input_size), allow_root=True)
-    return fixed_batch(ds, args.vis_images, device)
+    return fixed_batch(ds, n or args.vis_images, device)
 
 
 def _knn_setup(args, device):
