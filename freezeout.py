@@ -204,12 +204,34 @@ class FreezeOut:
         self.apply_frozen(optimizer, int(state.get('num_frozen', 0)))
 
 
+def tag_param_groups(groups: Sequence[Dict[str, Any]], units: Sequence[Any],
+                     dont_freeze_pe: bool = False) -> List[Dict[str, Any]]:
+    """Split optimizer param groups built elsewhere (e.g. layer-decay groups with ``lr_scale``) by FreezeOut unit.
+
+    Every resulting group keeps its source group's settings and gets ``unit`` (index among the scheduled units) and
+    ``name``; parameters in no scheduled unit get ``unit = -1`` (never frozen, global schedule). The LR a
+    :class:`FreezeOut` step sets is the unit's LR times the group's ``lr_scale``.
+    """
+    sched = list(units[1:] if dont_freeze_pe else units)
+    owner = {id(p): (i, u.name) for i, u in enumerate(sched) for p in u.params.values()}
+    out = []
+    for g in groups:
+        split: Dict[Any, List[torch.Tensor]] = {}
+        for p in g['params']:
+            split.setdefault(owner.get(id(p), (-1, 'rest')), []).append(p)
+        for (i, name), params in split.items():
+            out.append({**{k: v for k, v in g.items() if k != 'params'}, 'params': params, 'unit': i, 'name': name})
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # FLOP model and plan
 
 
 def measure_unit_flops(model: nn.Module, input_size: int, mask_ratio: float, device: torch.device,
-                       dont_freeze_pe: bool = False, time_targets: bool = True) -> Dict[str, Any]:
+                       dont_freeze_pe: bool = False, time_targets: bool = True,
+                       forward: Optional[Callable[[torch.Tensor], Any]] = None,
+                       units: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
     """Forward FLOPs of one image, per unit, measured on the actual model with torch's FlopCounterMode.
 
     Each unit counts its block plus the norms/decoders of the stages it feeds; attention matmuls are added
@@ -218,6 +240,9 @@ def measure_unit_flops(model: nn.Module, input_size: int, mask_ratio: float, dev
     scatter, which FLOP counters do not see, so with ``time_targets`` it is timed against the rest of the forward on
     ``device`` and added to ``shared`` as FLOP-equivalents (``hog_fwd``). The model's RNG use is isolated
     (fork_rng) so measuring does not change the run.
+
+    Other models: ``forward(x)`` runs one image (default ``model(x, mask_ratio=...)``) and ``units`` are their
+    FreezeOut units (default ``model.units()``); parameters outside every unit (a classifier head) count as shared.
     """
     from torch.utils.flop_counter import FlopCounterMode
     from timm.models.vision_transformer import Attention
@@ -236,7 +261,7 @@ def measure_unit_flops(model: nn.Module, input_size: int, mask_ratio: float, dev
         with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []), torch.no_grad():
             x = torch.randn(1, 3, input_size, input_size, device=device)
             with FlopCounterMode(display=False) as fc:
-                model(x, mask_ratio=mask_ratio)
+                model(x, mask_ratio=mask_ratio) if forward is None else forward(x)
     finally:
         for h in hooks:
             h.remove()
@@ -249,7 +274,7 @@ def measure_unit_flops(model: nn.Module, input_size: int, mask_ratio: float, dev
         total += sum(v for k, v in attn_extra.items() if k == prefix or k.startswith(prefix + '.'))
         return total
 
-    units = model.units()
+    units = model.units() if units is None else units
     per_unit, per_unit_enc = [], []
     for u in units:
         mods = sorted({'.'.join(n.split('.')[:2]) if n.split('.')[0] in ('blocks', 'norm', 'decoder')
