@@ -84,7 +84,9 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
             if changed:
                 model = state.model = state.rewrap()
                 model.train(True)
-                ev = {'step': state.global_step, 'epoch': epoch, **state.lr_control.state_dict(),
+                fo_state = state.lr_control.state_dict()  # (the adaptive policy's also holds its snapshot)
+                ev = {'step': state.global_step, 'epoch': epoch, 'num_frozen': fo_state['num_frozen'],
+                      'frozen_units': fo_state['frozen_units'],
                       'active_stages': state.model_without_ddp.active_stages()}
                 state.freeze_events.append(ev)
                 du.print0(f'FreezeOut: step {state.global_step} (epoch {epoch}): frozen units '

@@ -565,6 +565,17 @@ class ViTUnits:
                                                      if n.startswith(f'blocks.{b}.') and p.requires_grad}))
         return units
 
+    @torch.no_grad()
+    def unit_features(self, imgs: torch.Tensor) -> List[torch.Tensor]:
+        """Output of every unit on ``imgs`` (the adaptive policy's ``output`` probe); call in eval mode."""
+        m = self.model
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(imgs))))
+        out = [x]
+        for blk in m.blocks:
+            x = blk(x)
+            out.append(x)
+        return out
+
     def set_frozen(self, num_frozen_blocks: int, embed_frozen: bool) -> None:
         blocks = self.model.blocks
         blocks.num_frozen, blocks.embed_frozen = int(num_frozen_blocks), bool(embed_frozen)
