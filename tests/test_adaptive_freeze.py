@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import TINY_PRETRAIN_FLAGS
+from reliability_common import env as reliability_env
 from freezeout import AdaptiveBounds, AdaptiveFreezeOut, decided_saving, step_cost
 from models_mim import create_model
 from util.lr_sched import warmup_cosine
@@ -271,8 +272,7 @@ def test_ddp_two_ranks_take_identical_decisions(demo_root, tmp_path):
     args = [*TINY, '--accum_iter', '2', '--epochs', '3', '--data_path', demo_root, '--output_dir', out,
             '--freeze_policy', 'adaptive', '--freeze_window', '1', '--freeze_tail', '1', '--freeze_threshold', '1',
             '--freeze_patience', '1', '--freeze_earliest', '0']
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1',
-               VITFREEZE_TEST_DUMP_RANK_WEIGHTS=str(dumps))
+    env = reliability_env(MKL_NUM_THREADS='1', VITFREEZE_TEST_DUMP_RANK_WEIGHTS=str(dumps))  # tests/hooks
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
                         f'--master_port={_free_port()}', str(REPO / 'run_pretrain.py'), *map(str, args)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
@@ -280,6 +280,6 @@ def test_ddp_two_ranks_take_identical_decisions(demo_root, tmp_path):
     assert 'FreezeOut adaptive: step' in r.stdout
     for epoch in range(3):
         d = [json.loads((dumps / f'rank{k}-epoch{epoch}.json').read_text()) for k in (0, 1)]
-        assert d[0]['freeze_decisions'] == d[1]['freeze_decisions'], epoch
+        assert d[0]['freezeout'] == d[1]['freezeout'], epoch
         assert d[0]['model'] == d[1]['model'] and d[0]['optimizer'] == d[1]['optimizer'], epoch
-    assert d[0]['freeze_decisions'] and d[0]['num_frozen'] >= 1
+    assert d[0]['freezeout']['decisions'] and d[0]['freezeout']['num_frozen'] >= 1
