@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from freezeout import format_decision
 from util import distributed as du
 from util.amp import Amp
 from util.log import MetricLogger, SmoothedValue, TensorBoard
@@ -137,9 +138,7 @@ def _policy_events(events: List[Dict[str, Any]], epoch: int, frac: float, log_wr
     x = int((frac + epoch) * 1000)
     for ev in events:
         if ev['kind'] == 'decision':
-            du.print0(f"FreezeOut adaptive: step {ev['step']} (epoch {epoch}): {ev['unit']} stalled (plasticity "
-                      f"{ev['plasticity']:.3f} < {ev['threshold']:g} for {ev['patience']} evaluations); its LR "
-                      f"anneals to 0 and it freezes at step {ev['freeze_step']}")
+            du.print0(format_decision(ev, epoch))
             if log_writer:
                 log_writer.scalar('freezeout/decided_unit', ev['index'], x)
         elif log_writer and ev['kind'] == 'signal' and ev['plasticity']:

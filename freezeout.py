@@ -623,6 +623,45 @@ def format_adaptive_plan(freezer: AdaptiveFreezeOut, steps_per_epoch: int,
 # ---------------------------------------------------------------------------------------------------------------------
 # Flags of the freeze policy (shared by run_pretrain.py and run_finetune.py)
 
+SCHEDULE_FLAGS = ('t_0', 'how_scale', 'not_scale_lr', 'non_layerwise_lr')
+
+
+def add_schedule_args(g, embed: str = 'patch embedding and cls token') -> None:
+    """The scheduled FreezeOut's flags (run_pretrain.py, run_finetune.py), in the argument group ``g``."""
+    g.add_argument('--t_0', default=None, type=float,
+                   help='freeze point of the first unit before scaling, in (0, 1]; 1 = never freeze (default when '
+                        'FreezeOut is on: 0.8)')
+    g.add_argument('--how_scale', default=None, choices=['linear', 'squared', 'cubic'],
+                   help='t_i = s(t_0 + (1 - t_0) i / N) with s = identity/square/cube (default when on: cubic)')
+    g.add_argument('--not_scale_lr', action='store_true',
+                   help='initial LR of every unit = lr, instead of lr / t_i (default: scaled)')
+    g.add_argument('--non_layerwise_lr', action='store_true',
+                   help='all units follow the global warm-up + cosine; units are still frozen at t_i')
+    g.add_argument('--dont_freeze_pe', action='store_true',
+                   help=f'never freeze the {embed} (they follow the global schedule); blocks become units 0..N-1')
+
+
+def resolve_freeze_args(args, argv: Sequence[str]) -> None:
+    """``args.freezeout`` (on with --t_0/--how_scale or --freeze_policy adaptive), the schedule's defaults
+    (cubic, t_0 0.8), and one-line errors for bad or contradictory values."""
+    check_policy_args(args, argv, SCHEDULE_FLAGS)
+    args.freezeout = args.t_0 is not None or args.how_scale is not None or args.freeze_policy == 'adaptive'
+    if args.freezeout and args.freeze_policy == 'schedule':
+        args.t_0 = 0.8 if args.t_0 is None else args.t_0
+        args.how_scale = args.how_scale or 'cubic'
+        if not (0.0 < args.t_0 <= 1.0):
+            raise UserError(f'--t_0 {args.t_0}: must be in (0, 1] (1 = never freeze)')
+    elif not args.freezeout and (args.not_scale_lr or args.non_layerwise_lr or args.dont_freeze_pe):
+        print('note: --not_scale_lr/--non_layerwise_lr/--dont_freeze_pe only act with FreezeOut (--t_0/--how_scale)')
+
+
+def format_decision(ev: Dict[str, Any], epoch: int) -> str:
+    """The one log line of an adaptive decision."""
+    return (f"FreezeOut adaptive: step {ev['step']} (epoch {epoch}): {ev['unit']} stalled (plasticity "
+            f"{ev['plasticity']:.3f} < {ev['threshold']:g} for {ev['patience']} evaluations); its LR anneals to 0 "
+            f"and it freezes at step {ev['freeze_step']}")
+
+
 ADAPTIVE_FLAGS = ('freeze_signal', 'freeze_earliest', 'freeze_window', 'freeze_threshold', 'freeze_patience',
                   'freeze_tail')
 

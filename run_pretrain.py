@@ -17,8 +17,9 @@ from timm.optim import param_groups_weight_decay
 
 import models_mim
 from engine_pretrain import NonFiniteLoss, PretrainState, train_one_epoch
-from freezeout import (AdaptiveFreezeOut, FreezeOut, FreezeOutSchedule, add_policy_args, bounds_from_args,
-                       check_policy_args, decided_saving, format_adaptive_plan, format_plan, measure_unit_flops)
+from freezeout import (AdaptiveFreezeOut, FreezeOut, FreezeOutSchedule, add_policy_args, add_schedule_args,
+                       bounds_from_args, decided_saving, format_adaptive_plan, format_plan, measure_unit_flops,
+                       resolve_freeze_args)
 from util import distributed as du
 from util.amp import make_amp
 from util.args import (add_arch_args, add_common_args, add_optim_args, apply_demo_defaults, check_output_dir,
@@ -57,18 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="per-stage loss weights shallow->deep: 'equal' (paper), '4321', '1overk' (1/4,1/3,1/2,1) "
                         "or a comma list (default: equal)")
     g = p.add_argument_group('FreezeOut (on when --t_0 or --how_scale is given, or --freeze_policy adaptive)')
-    g.add_argument('--t_0', default=None, type=float,
-                   help='freeze point of the first unit before scaling, in (0, 1]; 1 = never freeze (default when '
-                        'FreezeOut is on: 0.8)')
-    g.add_argument('--how_scale', default=None, choices=['linear', 'squared', 'cubic'],
-                   help='t_i = s(t_0 + (1 - t_0) i / N) with s = identity/square/cube (default when on: cubic)')
-    g.add_argument('--not_scale_lr', action='store_true',
-                   help='initial LR of every unit = lr, instead of lr / t_i (default: scaled)')
-    g.add_argument('--non_layerwise_lr', action='store_true',
-                   help='all units follow the global warm-up + cosine; units are still frozen at t_i')
-    g.add_argument('--dont_freeze_pe', action='store_true',
-                   help='never freeze the patch embedding and cls token (they follow the global schedule); '
-                        'blocks become units 0..N-1')
+    add_schedule_args(g)
     g.add_argument('--plan_only', action='store_true',
                    help='print the FreezeOut plan (and projected saving) and exit without training')
     add_policy_args(g)
@@ -97,19 +87,10 @@ def prepare_args(args: argparse.Namespace) -> None:
         if args.data_path == str(default_demo_root()):
             make_demo_dataset(args.data_path)
     resolve_device_flag(args, argv)
-    check_policy_args(args, argv, ('t_0', 'how_scale', 'not_scale_lr', 'non_layerwise_lr'))
-    args.freezeout = args.t_0 is not None or args.how_scale is not None or args.freeze_policy == 'adaptive'
-    if args.freezeout:
-        if args.freeze_policy == 'schedule':
-            args.t_0 = 0.8 if args.t_0 is None else args.t_0
-            args.how_scale = args.how_scale or 'cubic'
-            if not (0.0 < args.t_0 <= 1.0):
-                raise UserError(f'--t_0 {args.t_0}: must be in (0, 1] (1 = never freeze)')
-        if args.compile:
-            raise UserError('--compile with FreezeOut is not supported: compiled graphs ignore requires_grad flips '
-                            '(pytorch#139476); drop --compile or --t_0/--how_scale')
-    elif args.not_scale_lr or args.non_layerwise_lr or args.dont_freeze_pe:
-        print('note: --not_scale_lr/--non_layerwise_lr/--dont_freeze_pe only act with FreezeOut (--t_0/--how_scale)')
+    resolve_freeze_args(args, argv)
+    if args.freezeout and args.compile:
+        raise UserError('--compile with FreezeOut is not supported: compiled graphs ignore requires_grad flips '
+                        '(pytorch#139476); drop --compile or --t_0/--how_scale')
     if args.batch_size < 1:
         raise UserError(f'--batch_size {args.batch_size}: must be >= 1')
     if args.accum_iter < 1:

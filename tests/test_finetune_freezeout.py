@@ -131,3 +131,121 @@ def test_flop_plan_for_the_vit():
     sched = FreezeOutSchedule([u.name for u in seam.units()], 100, 10, 1e-3, 1e-6, t_0=0.8, how_scale='cubic')
     s = projected_saving(sched, flops, False)
     assert 0.05 < s < 0.3
+
+
+# ---- through run_finetune.py (in-process: the same main() the command line runs) ---------------------------------
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+import models_mim  # noqa: E402
+
+# 32 train images, batch 8: 4 steps/epoch; 3 epochs: T = 12, W = 4. Linear t_0 = 0.3 over 5 units freezes the
+# embedding at step 4 (start of epoch 1), block1 at 6, block2 at 8 (start of epoch 2), block3 at 10; block4 never.
+FT = ['--input_size', '32', '--batch_size', '8', '--num_workers', '0', '--device', 'cpu', '--seed', '3',
+      '--lr', '1e-2', '--warmup_epochs', '1', '--save_freq', '1', '--layer_decay', '0.75', '--drop_path', '0.1']
+
+
+@pytest.fixture(scope='module')
+def pretrain_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    mim = models_mim.create_model('MIM_vit_tiny_patch16', img_size=32, patch_size=4, embed_dim=64, depth=4,
+                                  num_heads=4)
+    path = tmp_path_factory.mktemp('pre') / 'checkpoint-0.pth'
+    torch.save({'model': mim.state_dict(), 'epoch': 0,
+                'args': dict(model='MIM_vit_tiny_patch16', input_size=32, patch_size=4, embed_dim=64, depth=4,
+                             num_heads=4)}, path)
+    return str(path)
+
+
+def finetune(*argv):
+    import run_finetune
+    args = argparse.ArgumentParser(parents=[run_finetune.get_args_parser()]).parse_args(list(map(str, argv)))
+    args.argv = list(map(str, argv))
+    run_finetune.main(args)
+
+
+def ckpt(d, name='checkpoint-last.pth'):
+    return torch.load(d / name, map_location='cpu', weights_only=True)
+
+
+def losses(d):
+    return [{k: v for k, v in json.loads(l).items() if k.startswith(('train_loss', 'train_lr', 'test_', 'epoch'))
+             and k != 'train_epoch_time'} for l in (d / 'log.txt').read_text().splitlines()]
+
+
+def test_cli_t0_1_is_bit_identical_to_plain_finetuning(pretrain_ckpt, demo_root, tmp_path, capsys):
+    common = [*FT, '--epochs', '2', '--finetune', pretrain_ckpt, '--data_path', demo_root, '--mixup', '0.8',
+              '--cutmix', '1.0']
+    finetune(*common, '--output_dir', tmp_path / 'plain')
+    finetune(*common, '--output_dir', tmp_path / 't1', '--t_0', '1')
+    out = capsys.readouterr().out
+    assert 'FreezeOut plan: cubic t_0=1' in out and 'projected saving of training FLOPs' in out
+    a, b = ckpt(tmp_path / 'plain'), ckpt(tmp_path / 't1')
+    assert a['model'].keys() == b['model'].keys()
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    assert b['freezeout']['num_frozen'] == 0
+    assert losses(tmp_path / 'plain') == losses(tmp_path / 't1')
+
+
+def test_cli_finetune_freezes_for_real_and_resumes_exactly(pretrain_ckpt, demo_root, tmp_path, capsys):
+    ref, res = tmp_path / 'ref', tmp_path / 'res'
+    common = [*FT, '--epochs', '3', '--finetune', pretrain_ckpt, '--data_path', demo_root, '--how_scale', 'linear',
+              '--t_0', '0.3', '--mixup', '0.8', '--cutmix', '1.0']
+    finetune(*common, '--output_dir', ref)
+    out = capsys.readouterr().out
+    assert [ln.split(': frozen units ')[0] for ln in out.splitlines() if ln.startswith('FreezeOut: step')] == [
+        'FreezeOut: step 4 (epoch 1)', 'FreezeOut: step 6 (epoch 1)', 'FreezeOut: step 8 (epoch 2)',
+        'FreezeOut: step 10 (epoch 2)']
+    recs = [json.loads(l) for l in (ref / 'log.txt').read_text().splitlines()]
+    assert [r['frozen_units'] for r in recs] == [0, 2, 4]
+    assert recs[0]['planned_saving_so_far'] == 0 < recs[1]['planned_saving_so_far'] < recs[2]['planned_saving_so_far'] < 1
+    c0, c1, last = ckpt(ref, 'checkpoint-0.pth'), ckpt(ref, 'checkpoint-1.pth'), ckpt(ref)
+    emb = ['cls_token', 'pos_embed', 'patch_embed.proj.weight', 'patch_embed.proj.bias']
+    assert all(torch.equal(c0['model'][k], last['model'][k]) for k in emb)  # frozen from step 4 on
+    b2 = [k for k in last['model'] if k.startswith('blocks.1.')]
+    assert all(torch.equal(c1['model'][k], last['model'][k]) for k in b2)  # block2 frozen from step 8 on
+    assert not torch.equal(c1['model']['blocks.3.mlp.fc1.weight'], last['model']['blocks.3.mlp.fc1.weight'])
+    assert not torch.equal(c1['model']['head.weight'], last['model']['head.weight'])
+    # out of the optimizer: state only for block4, fc_norm, head (2 + 2 + ... tensors), groups of those only
+    n_train = sum(1 for k in last['model'] if k.startswith(('blocks.3.', 'fc_norm.', 'head.')))
+    assert len(last['optimizer']['state']) == n_train
+    assert {g['name'] for g in last['optimizer']['param_groups']} == {'block4', 'rest'}
+    # every layer-decay scale survives the split (block4: 0.75^1, fc_norm/head: 1)
+    assert {round(g['lr_scale'], 6) for g in last['optimizer']['param_groups']} == {0.75, 1.0}
+    # resume from the epoch-1 checkpoint (embed and block1 frozen): the rest is bit-identical
+    res.mkdir()
+    shutil.copy(ref / 'checkpoint-1.pth', res / 'checkpoint-last.pth')
+    (res / 'log.txt').write_text(''.join((ref / 'log.txt').read_text().splitlines(keepends=True)[:2]))
+    finetune(*common, '--output_dir', res)
+    again = ckpt(res)
+    for k in last['model']:
+        assert torch.equal(last['model'][k], again['model'][k]), k
+    assert last['freezeout'] == again['freezeout'] and losses(ref) == losses(res)
+    sa, sb = last['optimizer']['state'], again['optimizer']['state']
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+
+
+def test_cli_finetune_adaptive_decides_and_freezes(pretrain_ckpt, demo_root, tmp_path, capsys):
+    out_dir = tmp_path / 'o'
+    finetune(*FT, '--epochs', '3', '--finetune', pretrain_ckpt, '--data_path', demo_root, '--output_dir', out_dir,
+             '--freeze_policy', 'adaptive', '--freeze_window', '2', '--freeze_tail', '1', '--freeze_threshold', '1',
+             '--freeze_patience', '1', '--freeze_earliest', '0')
+    out = capsys.readouterr().out
+    recs = [json.loads(l) for l in (out_dir / 'log.txt').read_text().splitlines()]
+    decisions = [d for r in recs for d in r['freeze_decisions']]
+    assert decisions and [d['unit'] for d in decisions] == ['embed', 'block1', 'block2', 'block3'][:len(decisions)]
+    assert out.count('FreezeOut adaptive: step') == len(decisions)
+    assert recs[-1]['frozen_units'] >= 1 and recs[-1]['decided_saving_so_far'] > 0
+    assert ckpt(out_dir)['freezeout']['policy'] == 'adaptive'
+
+
+def test_cli_finetune_adaptive_plan_only(pretrain_ckpt, demo_root, tmp_path, capsys):
+    finetune(*FT, '--epochs', '3', '--finetune', pretrain_ckpt, '--data_path', demo_root, '--output_dir',
+             tmp_path / 'o', '--freeze_policy', 'adaptive', '--freeze_window', '2', '--plan_only')
+    out = capsys.readouterr().out
+    assert 'FreezeOut policy: adaptive, signal=weight' in out and 'window: every 2 steps' in out
+    assert 'order: prefix (embed, block1, block2, block3); block4 never freezes' in out
+    assert not (tmp_path / 'o' / 'log.txt').exists()
