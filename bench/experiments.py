@@ -100,14 +100,16 @@ def summarise(row: str, d: Path) -> Dict[str, Optional[float]]:
     if not recs:
         return out
     last = recs[-1]
+    # pre-training logs the loop's compute time; fine-tuning its epoch time (train loop only, no evaluation)
+    key = 'train_compute_time' if 'train_compute_time' in last else 'train_epoch_time'
+    out['train_s'] = sum(r[key] for r in recs if key in r) if key in last else None
+    out['flop_saving'] = last.get('planned_saving_so_far', last.get('decided_saving_so_far'))
+    if out['flop_saving'] is None and row in ('nofreeze', 'constant', 'curriculum', 'ft_plain'):
+        out['flop_saving'] = 0.0
+    out['measured_saving'] = last.get('measured_saving_so_far')
+    out['frozen_units'] = last.get('frozen_units', 0)
     if row in PRETRAIN_ROWS:
         out['knn_top1'] = _knn_top1(recs)
-        out['train_s'] = sum(r.get('train_compute_time', 0.0) for r in recs)
-        out['flop_saving'] = last.get('planned_saving_so_far', last.get('decided_saving_so_far'))
-        if out['flop_saving'] is None and row in ('nofreeze', 'constant', 'curriculum'):
-            out['flop_saving'] = 0.0
-        out['measured_saving'] = last.get('measured_saving_so_far')
-        out['frozen_units'] = last.get('frozen_units', 0)
     else:
         out['top1_last'] = last.get('test_acc1')
         out['top1_max'] = max(r.get('test_acc1', 0.0) for r in recs)

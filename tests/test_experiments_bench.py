@@ -34,11 +34,12 @@ def test_table_from_logs(tmp_path):
     _write(tmp_path / 'adaptive' / 's0', [{'epoch': 0, 'train_compute_time': 8.0, 'knn_k10_top1': 30.0,
                                            'decided_saving_so_far': 0.125, 'measured_saving_so_far': 0.1,
                                            'frozen_units': 3}], 90.0)
-    _write(tmp_path / 'ft_plain' / 's0', [{'epoch': 0, 'test_acc1': 50.0}, {'epoch': 1, 'test_acc1': 45.0}], 60.0)
+    _write(tmp_path / 'ft_plain' / 's0', [{'epoch': 0, 'test_acc1': 50.0, 'train_epoch_time': 2.0},
+                                          {'epoch': 1, 'test_acc1': 45.0, 'train_epoch_time': 3.0}], 60.0)
     t = ex.table(tmp_path, ['nofreeze', 'adaptive', 'ft_plain', 'constant'], [0, 1],
                  {'constant': 'not run: run_pretrain.py has no --lr_schedule on this checkout'})
     rows = {l.split('|')[1].strip(): [c.strip() for c in l.split('|')[2:-1]] for l in t.splitlines()[2:]}
     assert rows['nofreeze'][1:] == ['2/2', '42.0 ± 2.8', '-', '11.0 ± 1.4', '100.5 ± 0.7', '0.0 ± 0.0', '-', '0.0 ± 0.0']
     assert rows['adaptive'][1:] == ['1/2', '30.0', '-', '8.0', '90.0', '12.5', '10.0', '3.0']
-    assert rows['ft_plain'][1:5] == ['1/2', '-', '45.0 / 50.0', '-']
+    assert rows['ft_plain'][1:] == ['1/2', '-', '45.0 / 50.0', '5.0', '60.0', '0.0', '-', '0.0']
     assert rows['constant'][1] == 'not run: run_pretrain.py has no --lr_schedule on this checkout'
