@@ -694,7 +694,8 @@ def add_policy_args(g, earliest: float = 0.5) -> None:
 
 def check_policy_args(args, argv: Sequence[str], schedule_flags: Sequence[str]) -> None:
     """One-line errors for contradictory or out-of-range policy flags (``UserError``: exit status 2)."""
-    given = {a[2:].split('=', 1)[0].replace('-', '_') for a in argv if a.startswith('--')}
+    from util.args import explicit_flags
+    given = set(explicit_flags(argv))
     if args.freeze_policy == 'adaptive':
         clash = [f'--{f}' for f in schedule_flags if f in given]
         if clash:

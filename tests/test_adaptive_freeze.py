@@ -105,6 +105,20 @@ def test_lr_tail_bounds_last_unit_never_and_saving():
     assert step_cost(flops, 4, False) == 7.0
 
 
+def test_dont_freeze_pe_and_all_stages():
+    torch.manual_seed(0)
+    model = create_model('MIM_vit_tiny_patch16', img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4,
+                         all_stages=True)
+    fo, opt, lr_fn = make(model, dont_freeze_pe=True)
+    assert [u.name for u in fo.sched_units] == ['block1', 'block2', 'block3', 'block4']
+    assert any(n.startswith('decoder.0.') for n in fo.sched_units[0].params)  # --all_stages: block1 feeds stage 0
+    lrs = drive(model, fo, opt, 60, moving=[1, 2, 3], lr_fn=lr_fn)  # block1 (with its decoder) cannot change
+    assert [d['unit'] for d in fo.decisions] == ['block1'] and fo.num_frozen == 1
+    assert model.num_frozen_blocks == 1 and not model.embed_frozen and model.active_stages() == [1, 2, 3]
+    assert lrs[-1]['embed'] == lr_fn(59)  # the embedding is never frozen and follows the global schedule
+    assert all(p.requires_grad for p in model.units()[0].params.values())
+
+
 def test_no_decision_whose_freeze_falls_at_or_after_the_end():
     model = tiny_model()
     bounds = AdaptiveBounds(earliest=0.9, window=3, threshold=0.5, patience=1, tail=6)
