@@ -562,7 +562,8 @@ class AdaptiveFreezeOut(FreezeOut):
         return {'policy': 'adaptive', 'signal': self.signal, 'num_frozen': self.num_frozen,
                 'frozen_units': [u.name for u in self.sched_units[:self.num_frozen]],
                 'peak': list(self.peak), 'below': list(self.below), 'plasticity': dict(self.plasticity),
-                'tails': {str(k): list(v) for k, v in self.tails.items()}, 'decisions': [dict(d) for d in self.decisions],
+                'tails': {str(k): list(v) for k, v in self.tails.items()},
+                'decisions': [dict(d) for d in self.decisions],
                 'snapshot': {str(k): list(v) for k, v in self.snapshot.items()}, 'snapshot_step': self.snapshot_step}
 
     def load_state_dict(self, state: Dict[str, Any], optimizer: Optional[torch.optim.Optimizer]) -> None:
@@ -602,7 +603,8 @@ def format_adaptive_plan(freezer: AdaptiveFreezeOut, steps_per_epoch: int,
     lines = [f'FreezeOut policy: adaptive, signal={f.signal} (plasticity = change per unit LR over the window / its '
              f'peak since warm-up), T={f.total_steps} optimizer steps ({steps_per_epoch}/epoch), warm-up '
              f'W={f.warmup_steps}',
-             f'  earliest freeze: {b.earliest:g} of training = step {f.earliest_step} (epoch {f.earliest_step / spe:.2f})',
+             f'  earliest freeze: {b.earliest:g} of training = step {f.earliest_step} '
+             f'(epoch {f.earliest_step / spe:.2f})',
              f'  window: every {b.window} steps ({b.window / spe:.2f} epochs) from step {f.warmup_steps}: {evals} '
              f'evaluations',
              f'  threshold: plasticity < {b.threshold:g} for {b.patience} consecutive evaluations',
@@ -613,8 +615,8 @@ def format_adaptive_plan(freezer: AdaptiveFreezeOut, steps_per_epoch: int,
     if flops is not None:
         n = len(f.sched_units) - 1
         rest = f.total_steps - f.earliest_step
-        best = 1.0 - (f.earliest_step * step_cost(flops, 0, f.dont_freeze_pe) + rest * step_cost(flops, n, f.dont_freeze_pe)) \
-            / (step_cost(flops, 0, f.dont_freeze_pe) * f.total_steps) if rest > 0 else 0.0
+        c0, cn = step_cost(flops, 0, f.dont_freeze_pe), step_cost(flops, n, f.dont_freeze_pe)
+        best = 1.0 - (f.earliest_step * c0 + rest * cn) / (c0 * f.total_steps) if rest > 0 else 0.0
         lines.append(f'FLOP model: at most {100 * best:.1f}% saving of training FLOPs (every unit but the last frozen '
                      f'at the earliest step); the run logs the saving of its decisions so far')
     return '\n'.join(lines)

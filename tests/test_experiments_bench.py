@@ -39,7 +39,8 @@ def test_table_from_logs(tmp_path):
     t = ex.table(tmp_path, ['nofreeze', 'adaptive', 'ft_plain', 'constant'], [0, 1],
                  {'constant': 'not run: run_pretrain.py has no --lr_schedule on this checkout'})
     rows = {l.split('|')[1].strip(): [c.strip() for c in l.split('|')[2:-1]] for l in t.splitlines()[2:]}
-    assert rows['nofreeze'][1:] == ['2/2', '42.0 ± 2.8', '-', '11.0 ± 1.4', '100.5 ± 0.7', '0.0 ± 0.0', '-', '0.0 ± 0.0']
+    assert rows['nofreeze'][1:] == ['2/2', '42.0 ± 2.8', '-', '11.0 ± 1.4', '100.5 ± 0.7', '0.0 ± 0.0', '-',
+                                    '0.0 ± 0.0']
     assert rows['adaptive'][1:] == ['1/2', '30.0', '-', '8.0', '90.0', '12.5', '10.0', '3.0']
     assert rows['ft_plain'][1:] == ['1/2', '-', '45.0 / 50.0', '5.0', '60.0', '0.0', '-', '0.0']
     assert rows['constant'][1] == 'not run: run_pretrain.py has no --lr_schedule on this checkout'
