@@ -229,10 +229,11 @@ def test_cli_finetune_freezes_for_real_and_resumes_exactly(pretrain_ckpt, demo_r
     assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
 
 
-def test_cli_finetune_adaptive_decides_and_freezes(pretrain_ckpt, demo_root, tmp_path, capsys):
+@pytest.mark.parametrize('signal', ['weight', 'output'])
+def test_cli_finetune_adaptive_decides_and_freezes(signal, pretrain_ckpt, demo_root, tmp_path, capsys):
     out_dir = tmp_path / 'o'
     finetune(*FT, '--epochs', '3', '--finetune', pretrain_ckpt, '--data_path', demo_root, '--output_dir', out_dir,
-             '--freeze_policy', 'adaptive', '--freeze_window', '2', '--freeze_tail', '1', '--freeze_threshold', '1',
+             '--freeze_policy', 'adaptive', '--freeze_signal', signal, '--freeze_window', '2', '--freeze_tail', '1', '--freeze_threshold', '1',
              '--freeze_patience', '1', '--freeze_earliest', '0')
     out = capsys.readouterr().out
     recs = [json.loads(l) for l in (out_dir / 'log.txt').read_text().splitlines()]
@@ -240,7 +241,7 @@ def test_cli_finetune_adaptive_decides_and_freezes(pretrain_ckpt, demo_root, tmp
     assert decisions and [d['unit'] for d in decisions] == ['embed', 'block1', 'block2', 'block3'][:len(decisions)]
     assert out.count('FreezeOut adaptive: step') == len(decisions)
     assert recs[-1]['frozen_units'] >= 1 and recs[-1]['decided_saving_so_far'] > 0
-    assert ckpt(out_dir)['freezeout']['policy'] == 'adaptive'
+    assert ckpt(out_dir)['freezeout']['policy'] == 'adaptive' and ckpt(out_dir)['freezeout']['signal'] == signal
 
 
 def test_cli_finetune_adaptive_plan_only(pretrain_ckpt, demo_root, tmp_path, capsys):
