@@ -101,8 +101,13 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                               f"{lr_schedule.state_dict()['frozen_units']}")
                 if drain is not None:
                     for ev in drain():
+                        x = int((it / n_micro + epoch) * 1000)
                         if ev['kind'] == 'decision':
                             du.print0(format_decision(ev, epoch))
+                            if tb:
+                                tb.scalar('freezeout/decided_unit', ev['index'], x)
+                        elif tb and ev['plasticity']:
+                            tb.scalars('freezeout/plasticity', ev['plasticity'], x)
             else:
                 lr_schedule.apply(optimizer, step)
         samples = samples.to(device, non_blocking=True)
@@ -218,6 +223,9 @@ def fit(model: nn.Module, model_without_ddp: nn.Module, criterion: nn.Module, op
         numbered = epoch % args.save_freq == 0 or epoch + 1 == args.epochs
         log = {**{f'train_{k}': v for k, v in train_stats.items()}, **{f'test_{k}': v for k, v in test_stats.items()},
                'epoch': epoch, 'n_parameters': n_parameters, **(epoch_record(epoch) if epoch_record else {})}
+        for k in ('frozen_units', 'planned_saving_so_far', 'decided_saving_so_far'):
+            if k in log:
+                tb.scalar(f'freezeout/{k}', log[k], epoch)
         append_json_log(args.output_dir, log)  # before the checkpoint: a kill in between is undone by trim_json_log
         save_checkpoint(args.output_dir, epoch, state, args, numbered)
     stop.close()

@@ -233,7 +233,7 @@ def test_cli_finetune_freezes_for_real_and_resumes_exactly(pretrain_ckpt, demo_r
 def test_cli_finetune_adaptive_decides_and_freezes(signal, pretrain_ckpt, demo_root, tmp_path, capsys):
     out_dir = tmp_path / 'o'
     finetune(*FT, '--epochs', '3', '--finetune', pretrain_ckpt, '--data_path', demo_root, '--output_dir', out_dir,
-             '--freeze_policy', 'adaptive', '--freeze_signal', signal, '--freeze_window', '2', '--freeze_tail', '1', '--freeze_threshold', '1',
+             '--log_dir', tmp_path / 'tb', '--freeze_policy', 'adaptive', '--freeze_signal', signal, '--freeze_window', '2', '--freeze_tail', '1', '--freeze_threshold', '1',
              '--freeze_patience', '1', '--freeze_earliest', '0')
     out = capsys.readouterr().out
     recs = [json.loads(l) for l in (out_dir / 'log.txt').read_text().splitlines()]
@@ -242,6 +242,10 @@ def test_cli_finetune_adaptive_decides_and_freezes(signal, pretrain_ckpt, demo_r
     assert out.count('FreezeOut adaptive: step') == len(decisions)
     assert recs[-1]['frozen_units'] >= 1 and recs[-1]['decided_saving_so_far'] > 0
     assert ckpt(out_dir)['freezeout']['policy'] == 'adaptive' and ckpt(out_dir)['freezeout']['signal'] == signal
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(tmp_path / 'tb')).Reload()
+    assert [e.value for e in ea.Scalars('freezeout/decided_unit')] == [d['index'] for d in decisions]
+    assert ea.Scalars('freezeout/frozen_units')[-1].value == recs[-1]['frozen_units']
 
 
 def test_cli_finetune_adaptive_plan_only(pretrain_ckpt, demo_root, tmp_path, capsys):
