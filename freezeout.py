@@ -398,11 +398,12 @@ class AdaptiveFreezeOut(FreezeOut):
 
     Same optimizer-side interface as :class:`FreezeOut` (``param_groups``, ``step(optimizer, step)`` once per
     optimizer step, ``apply_frozen``, ``state_dict``). Every ``K = bounds.window`` steps after warm-up it measures,
-    for every unit still training, the relative change over the last K steps divided by the LR the unit had over
-    them (``rate``): with AdamW the step length is ~LR per element whatever the gradient, so change per unit LR
-    says how consistently a unit still moves — a drifting unit scores ~K times the step, a unit that only jitters
-    around its optimum ~sqrt(K). ``plasticity = rate / peak rate`` (its own peak since warm-up; a unit that has never
-    moved has plasticity 0). Signals:
+    for every unit still training, ``rate`` = the relative change over the last K steps (‖ΔW‖/‖W‖, or the same of
+    the unit's output); ``plasticity = rate / peak rate`` (its own peak since warm-up; a unit that has never moved
+    has plasticity 0). With ``per_lr`` the rate is divided by the LR summed over the window (AdamW moves every
+    weight by ~LR, so this isolates how *consistently* a unit moves from how far its LR lets it) — but on the demo
+    data that ratio *rises* as the cosine decays (weights stop bouncing across the valley at low LR), so nothing
+    ever stalls under a cosine schedule; it is an option, not the default. Signals:
 
     * ``weight``: change of the unit's parameters. Computed from the weights, which DDP keeps bit-identical on every
       rank, so every rank takes the same decisions with no communication.
@@ -421,7 +422,8 @@ class AdaptiveFreezeOut(FreezeOut):
     def __init__(self, model: nn.Module, total_steps: int, warmup_steps: int, base_lr: Callable[[int], float],
                  bounds: AdaptiveBounds, signal: str = 'weight',
                  probe: Optional[Callable[[], List[torch.Tensor]]] = None,
-                 sync: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, dont_freeze_pe: bool = False):
+                 sync: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, dont_freeze_pe: bool = False,
+                 per_lr: bool = False):
         if signal not in SIGNALS:
             raise UserError(f"--freeze_signal {signal!r}: choose {' or '.join(SIGNALS)}")
         if signal == 'output' and probe is None:
@@ -433,6 +435,7 @@ class AdaptiveFreezeOut(FreezeOut):
         self.num_frozen = 0
         self.total_steps, self.warmup_steps = int(total_steps), int(warmup_steps)
         self.base_lr, self.bounds, self.signal, self.probe, self.sync = base_lr, bounds, signal, probe, sync
+        self.per_lr = per_lr
         self.earliest_step = math.ceil(round(bounds.earliest * self.total_steps, 6))
         n = len(self.sched_units)
         self.peak: List[float] = [0.0] * n
@@ -476,7 +479,7 @@ class AdaptiveFreezeOut(FreezeOut):
             if self.sync is not None:
                 vec = self.sync(vec)
             vals = vec.tolist()
-            lr_dist = sum(self.base_lr(j) for j in range(prev_step, step))
+            lr_dist = sum(self.base_lr(j) for j in range(prev_step, step)) if self.per_lr else 1.0
             plast = {}
             for k, i in enumerate(measured):
                 delta, ref = vals[2 * k], vals[2 * k + 1]
@@ -600,7 +603,8 @@ def format_adaptive_plan(freezer: AdaptiveFreezeOut, steps_per_epoch: int,
     f, b = freezer, freezer.bounds
     spe = max(1, steps_per_epoch)
     evals = max(0, (f.total_steps - 1 - f.warmup_steps) // b.window + 1) if f.total_steps > f.warmup_steps else 0
-    lines = [f'FreezeOut policy: adaptive, signal={f.signal} (plasticity = change per unit LR over the window / its '
+    change = 'change per unit LR' if f.per_lr else 'relative change'
+    lines = [f'FreezeOut policy: adaptive, signal={f.signal} (plasticity = {change} over the window / its '
              f'peak since warm-up), T={f.total_steps} optimizer steps ({steps_per_epoch}/epoch), warm-up '
              f'W={f.warmup_steps}',
              f'  earliest freeze: {b.earliest:g} of training = step {f.earliest_step} '
@@ -664,8 +668,8 @@ def format_decision(ev: Dict[str, Any], epoch: int) -> str:
             f"and it freezes at step {ev['freeze_step']}")
 
 
-ADAPTIVE_FLAGS = ('freeze_signal', 'freeze_earliest', 'freeze_window', 'freeze_threshold', 'freeze_patience',
-                  'freeze_tail')
+ADAPTIVE_FLAGS = ('freeze_signal', 'freeze_per_lr', 'freeze_earliest', 'freeze_window', 'freeze_threshold',
+                  'freeze_patience', 'freeze_tail')
 
 
 def add_policy_args(g, earliest: float = 0.5) -> None:
@@ -675,9 +679,12 @@ def add_policy_args(g, earliest: float = 0.5) -> None:
                         'once its plasticity signal has stalled, in prefix order, within the --freeze_* bounds '
                         '(turns freezing on by itself) (default: schedule)')
     g.add_argument('--freeze_signal', default='weight', choices=list(SIGNALS),
-                   help='adaptive signal: weight = relative change of the unit\'s weights per unit LR over the '
-                        'window (no extra forward, no communication); output = the same for its output on a fixed '
-                        'probe batch of 16 images (one extra forward per window) (default: weight)')
+                   help='adaptive signal: weight = relative change of the unit\'s weights over the window (no '
+                        'extra forward, no communication); output = the same for its output on a fixed probe batch '
+                        'of 16 images (one extra forward per window) (default: weight)')
+    g.add_argument('--freeze_per_lr', action='store_true',
+                   help='adaptive: divide the change by the LR summed over the window (how consistently a unit '
+                        'moves, not how far); under a cosine LR this rarely stalls (default: off)')
     g.add_argument('--freeze_earliest', default=earliest, type=float, metavar='FRAC',
                    help=f'adaptive: nothing freezes before this fraction of the optimizer steps, in [0, 1) '
                         f'(default: {earliest})')
@@ -685,7 +692,7 @@ def add_policy_args(g, earliest: float = 0.5) -> None:
                    help='adaptive: evaluate the signal every STEPS optimizer steps, as the change over them '
                         '(default: 2%% of the run\'s steps, at least 1)')
     g.add_argument('--freeze_threshold', default=0.5, type=float, metavar='P',
-                   help='adaptive: a unit is stalled when its plasticity (change per unit LR / its peak since '
+                   help='adaptive: a unit is stalled when its plasticity (change over the window / its peak since '
                         'warm-up) is below P, in (0, 1] (default: 0.5)')
     g.add_argument('--freeze_patience', default=2, type=int, metavar='N',
                    help='adaptive: consecutive stalled evaluations before a unit is decided (default: 2)')
@@ -715,8 +722,8 @@ def check_policy_args(args, argv: Sequence[str], schedule_flags: Sequence[str]) 
         if args.freeze_tail is not None and args.freeze_tail < 0:
             raise UserError(f'--freeze_tail {args.freeze_tail}: must be >= 0 optimizer steps')
     elif any(f in given for f in ADAPTIVE_FLAGS):
-        print('note: --freeze_signal/--freeze_earliest/--freeze_window/--freeze_threshold/--freeze_patience/'
-              '--freeze_tail only act with --freeze_policy adaptive')
+        print('note: --freeze_signal/--freeze_per_lr/--freeze_earliest/--freeze_window/--freeze_threshold/'
+              '--freeze_patience/--freeze_tail only act with --freeze_policy adaptive')
 
 
 def bounds_from_args(args, total_steps: int) -> AdaptiveBounds:

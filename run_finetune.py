@@ -116,7 +116,7 @@ def setup_freezeout(args: argparse.Namespace, model: nn.Module, schedule, spe: i
         freezer = AdaptiveFreezeOut(seam, total, warm, schedule.lr_at, bounds_from_args(args, total),
                                     args.freeze_signal, probe=probe,
                                     sync=du.broadcast_from_rank0 if args.distributed else None,
-                                    dont_freeze_pe=args.dont_freeze_pe)
+                                    dont_freeze_pe=args.dont_freeze_pe, per_lr=args.freeze_per_lr)
         du.print0(format_adaptive_plan(freezer, spe, flops))
     else:
         names = FreezeOut.unit_names(seam, args.dont_freeze_pe)

@@ -146,7 +146,8 @@ def main(args: argparse.Namespace) -> None:
         freezer = AdaptiveFreezeOut(
             model, total_steps, warmup_steps, WarmupCosine(args.lr, args.min_lr, warmup_steps, total_steps).lr_at,
             bounds_from_args(args, total_steps), args.freeze_signal, probe=_probe(args, model, device),
-            sync=du.broadcast_from_rank0 if args.distributed else None, dont_freeze_pe=args.dont_freeze_pe)
+            sync=du.broadcast_from_rank0 if args.distributed else None, dont_freeze_pe=args.dont_freeze_pe,
+            per_lr=args.freeze_per_lr)
         flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
         du.print0(format_adaptive_plan(freezer, spe, flops))
         param_groups = freezer.param_groups(args.weight_decay)
