@@ -22,7 +22,7 @@ from util.checkpoint import resolve_resume, restore_rng_state, warn_changed_flag
 from util.datasets import build_dataset, build_loader, check_min_images
 from util.errors import UserError, check
 from util.knn import ShardSampler
-from util.lr_sched import WarmupCosine, steps_per_epoch
+from util.lr_sched import WarmupCosine, absolute_lr, steps_per_epoch
 
 # Tiny CPU defaults matching run_pretrain.py --demo (input 32, patch 4, width 96, depth 6, 3 heads); the architecture
 # recorded in a --finetune checkpoint still wins over them.
@@ -172,9 +172,7 @@ def build_loaders(args: argparse.Namespace, train: Any, val: Any) -> Tuple[DataL
 
 def lr_setup(args: argparse.Namespace, loader_len: int) -> Tuple[WarmupCosine, int]:
     """Absolute LR from --blr (printed with the effective batch) and the per-step warm-up + cosine schedule."""
-    eff = args.batch_size * args.accum_iter * du.get_world_size()
-    if args.lr is None:
-        args.lr = args.blr * eff / 256
+    eff = absolute_lr(args, du.get_world_size())
     du.print0(f'base lr: {args.lr * 256 / eff:.2e}')
     du.print0(f'actual lr: {args.lr:.2e}')
     du.print0(f'accumulate grad iterations: {args.accum_iter}')
