@@ -22,7 +22,7 @@ from engine_finetune import evaluate, fit
 from freezeout import (AdaptiveFreezeOut, FreezeOut, FreezeOutSchedule, add_policy_args, add_schedule_args,
                        bounds_from_args, decided_saving, format_adaptive_plan, format_plan, measure_unit_flops,
                        resolve_freeze_args, tag_param_groups)
-from eval_common import add_eval_args, add_model_args, adopt_checkpoint_arch, build_datasets, build_loaders, \
+from eval_common import add_eval_args, add_model_args, build_datasets, build_loaders, \
     build_model, checkpoints_for, demo_defaults, init_run, lr_setup, prepare_args, restore, wrap_ddp
 from util import distributed as du
 from util.amp import make_amp
@@ -131,10 +131,9 @@ def main(args: argparse.Namespace) -> None:
     prepare_args(args, DEMO_DEFAULTS)
     resolve_freeze_args(args, args.argv)
     device = init_run(args)
+    resume, pre = checkpoints_for(args)  # first: the checkpoint may set --input_size
     train_set, val_set, nb_classes = build_datasets(args, finetune_transform(True, args),
                                                     finetune_transform(False, args))
-    resume, pre = checkpoints_for(args)
-    adopt_checkpoint_arch(args, resume[1] if resume else pre)
     model = build_model(args, nb_classes, 'avg' if args.global_pool else 'token', args.drop_path)
     if pre is not None:
         models_vit.load_pretrained(model, args.finetune, head_init_std=2e-5, ckpt=pre)
