@@ -245,7 +245,7 @@ def phased_forward(model: models_mim.LocalMIM, imgs: torch.Tensor, mask_ratio: f
         for k in active:
             pred = model.decoder[k](latents[k], ids_restore)
             losses[k] = model.stage_loss(pred, targets[k], model.stage_mask(mask, model.stage_scales[k]))
-        loss = sum(model.stage_weights[k] * losses[k] for k in active) if losses else imgs.new_zeros(())
+        loss = sum(model.stage_weight[k] * losses[k] for k in active) if losses else imgs.new_zeros(())
     tick('decoders')
     return loss
 
