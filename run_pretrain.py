@@ -7,7 +7,6 @@
 ``python run_pretrain.py --demo`` trains a tiny model on the built-in demo data in a few minutes on a CPU.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,8 +20,8 @@ from engine_pretrain import NonFiniteLoss, PretrainState, train_one_epoch
 from freezeout import FreezeOut, FreezeOutSchedule, format_plan, measure_unit_flops, projected_saving, step_cost
 from util import distributed as du
 from util.amp import make_amp
-from util.args import (add_common_args, apply_demo_defaults, check_output_dir, explicit_flags, resolve_device_flag,
-                       run_main)
+from util.args import (add_arch_args, add_common_args, add_optim_args, apply_demo_defaults, check_output_dir,
+                       explicit_flags, resolve_device_flag, run_main)
 from util.checkpoint import resolve_resume, restore_rng_state, save_checkpoint, warn_changed_flags
 from util.datasets import (build_dataset, build_loader, check_min_images, eval_transform, pretrain_transform,
                            seed_loader_epoch)
@@ -48,23 +47,11 @@ DEMO_DEFAULTS = dict(model='MIM_vit_tiny_patch16', input_size=32, patch_size=4, 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser('LocalMIM pre-training (with optional FreezeOut)', add_help=True)
-    g = p.add_argument_group('optimisation')
-    g.add_argument('--batch_size', default=128, type=int,
-                   help='images per GPU/process per iteration; effective batch = batch_size * accum_iter * '
-                        'world size (default: 128)')
-    g.add_argument('--epochs', default=400, type=int, help='training epochs (default: 400)')
-    g.add_argument('--accum_iter', default=1, type=int,
-                   help='micro-batches accumulated per optimizer step (default: 1)')
-    g.add_argument('--weight_decay', type=float, default=0.05,
-                   help='AdamW weight decay; none on biases, norms and other 1-D params (default: 0.05)')
-    g.add_argument('--lr', type=float, default=None, metavar='LR',
-                   help='absolute peak learning rate; if unset lr = blr * effective batch / 256 (default: None)')
-    g.add_argument('--blr', type=float, default=1e-3, metavar='LR',
-                   help='base learning rate per 256 images (default: 1e-3; LocalMIM ViT-B uses 2e-4)')
-    g.add_argument('--min_lr', type=float, default=1e-6, metavar='LR',
-                   help='final learning rate of the cosine, also of every FreezeOut unit\'s cosine; ViTFreeze\'s '
-                        'unit cosines end at 0 ("min_lr is 0 based on freeze_out"): --min_lr 0 reproduces them '
-                        'exactly (default: 1e-6)')
+    g = add_optim_args(p, title='optimisation', batch_size=128, epochs=400, blr=1e-3, min_lr=1e-6, warmup_epochs=40,
+                       weight_decay=0.05, weight_decay_help='AdamW weight decay; none on biases, norms and other 1-D params',
+                       blr_note='; LocalMIM ViT-B uses 2e-4',
+                       min_lr_note='; also where every FreezeOut unit\'s cosine ends. ViTFreeze\'s unit cosines end at 0 '
+                                   '("min_lr is 0 based on freeze_out"): --min_lr 0 reproduces them exactly')
     g.add_argument('--lr_schedule', default='cosine', choices=['cosine', 'constant'],
                    help='after the linear warm-up: cosine = half-cosine to --min_lr (MAE/LocalMIM); constant = hold '
                         'the peak LR to the end. With FreezeOut a unit holds its peak and anneals to --min_lr over a '
@@ -73,17 +60,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='with --lr_schedule constant and FreezeOut: fraction in [0, 1] of a unit\'s post-warm-up '
                         'span (warm-up end to freeze step) spent on a half-cosine from its peak to --min_lr, so no '
                         'unit is frozen at a high LR; never-frozen units hold to the end (default: 0.1)')
-    g.add_argument('--warmup_epochs', type=int, default=40, metavar='N',
-                   help='epochs of linear warm-up, counted in optimizer steps (default: 40)')
     g = p.add_argument_group('model')
-    g.add_argument('--model', default='MIM_vit_base_patch16', type=str, metavar='MODEL',
-                   help=f"model name: {', '.join(models_mim.MODEL_NAMES)} (default: MIM_vit_base_patch16)")
-    g.add_argument('--input_size', default=224, type=int, help='square input size in pixels (default: 224)')
-    g.add_argument('--patch_size', default=None, type=int,
-                   help="patch size in pixels; default: the model's (16, or 14 for ViT-H)")
-    g.add_argument('--embed_dim', default=None, type=int, help="encoder width override (default: the model's)")
-    g.add_argument('--depth', default=None, type=int, help="encoder depth override (default: the model's)")
-    g.add_argument('--num_heads', default=None, type=int, help="attention heads override (default: the model's)")
+    add_arch_args(g, model_default='MIM_vit_base_patch16', source="the model's (patch 16, or 14 for ViT-H)",
+                  model_help=f"model name: {', '.join(models_mim.MODEL_NAMES)} (default: MIM_vit_base_patch16)")
     g.add_argument('--decoder_embed_dim', default=256, type=int,
                    help='width of each stage decoder (LocalMIM: 256; --demo: 128, in proportion to its 96-wide '
                         'encoder) (default: 256)')
@@ -123,7 +102,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='print the FreezeOut plan (and projected saving) and exit without training')
     g = p.add_argument_group('evaluation during pre-training')
     g.add_argument('--knn_eval_freq', default=0, type=int,
-                   help='run weighted k-NN on the current encoder every N epochs (0 = off; --demo: 5)')
+                   help='run weighted k-NN on the current encoder every N epochs and after the last (0 = off; --demo: 20)')
     g.add_argument('--knn_at_init', action='store_true',
                    help='with --knn_eval_freq: also run the k-NN on the randomly initialised encoder before training '
                         '(the baseline the pre-training must beat; logged as knn_init_* in epoch 0) (default: off; '
@@ -132,10 +111,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='ImageNet-style root with train/ and val/ for the online k-NN (default: --data_path)')
     g.add_argument('--vis_freq', default=20, type=int,
                    help='every N epochs write TensorBoard images of a fixed batch: input, mask, and HOG target vs '
-                        'prediction of each active stage (0 = off; needs --log_dir) (default: 20; --demo: 5)')
+                        'prediction of each active stage (0 = off; needs --log_dir) (default: 20; --demo: 10)')
     g.add_argument('--vis_images', default=4, type=int, help='images in the visualisation batch (default: 4)')
     g.add_argument('--compile', action='store_true', help='torch.compile the model (not with FreezeOut)')
-    add_common_args(p, output_dir='./output_dir', num_workers=10)
+    add_common_args(p, output_dir='./output_dir', num_workers=10, save_freq=50)  # LocalMIM's period
     return p
 
 
@@ -172,8 +151,6 @@ def prepare_args(args: argparse.Namespace) -> None:
         raise UserError(f'--epochs {args.epochs}: must be >= 1')
     if not 0.0 <= args.mask_ratio < 1.0:
         raise UserError(f'--mask_ratio {args.mask_ratio}: must be in [0, 1)')
-    if args.save_freq is None:
-        args.save_freq = 50  # LocalMIM's period; checkpoint-last.pth still covers pre-emption every epoch
 
 
 def build_model(args: argparse.Namespace) -> models_mim.LocalMIM:
@@ -191,12 +168,7 @@ def main(args: argparse.Namespace) -> None:
     device = du.init_distributed_mode(args)
     if args.output_dir and not args.plan_only:
         check_output_dir(args.output_dir)
-    seed = args.seed + du.get_rank()
-    torch.manual_seed(seed)
-    import numpy as np
-    import random
-    np.random.seed(seed)
-    random.seed(seed)
+    du.seed_process(args.seed)
 
     dataset = build_dataset(args.data_path, 'train', pretrain_transform(args.input_size), allow_root=True,
                             bad_images=args.bad_images, seed=args.seed)  # per-sample seeds: same augmentation for any world size
@@ -331,7 +303,6 @@ def main(args: argparse.Namespace) -> None:
             'scaler': amp.scaler.state_dict() if amp.scaler is not None else None, 'step': state.global_step,
             'freezeout': freezer.state_dict() if freezer is not None else {},
         }, args, numbered=numbered)
-        _test_dump_rank_weights(model, optimizer, epoch)
         lrs = [g['lr'] for g in optimizer.param_groups]
         du.print0(f'epoch {epoch}: loss {stats["loss"]:.4f}  lr {min(lrs):.2e}..{max(lrs):.2e}  '
                   f'frozen units {freezer.num_frozen if freezer else 0}  {stats["img_per_s"]:.1f} img/s  '
@@ -342,28 +313,6 @@ def main(args: argparse.Namespace) -> None:
         print(demo_summary(args, freezer, flops, spe), flush=True)
     stop.close()
     du.cleanup()
-
-
-def _test_dump_rank_weights(model: nn.Module, optimizer, epoch: int) -> None:
-    """TEST ONLY: with VITFREEZE_TEST_DUMP_RANK_WEIGHTS=<dir>, every rank writes sha256 digests of its weights and
-    optimizer state after each epoch (only rank 0 writes checkpoints, so this is how tests compare the ranks)."""
-    out = os.environ.get('VITFREEZE_TEST_DUMP_RANK_WEIGHTS')
-    if not out:
-        return
-    import hashlib
-
-    def digest(tensors) -> str:
-        h = hashlib.sha256()
-        for k, t in tensors:
-            h.update(k.encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
-    opt = [(f'{i}.{k}', v) for i, st in sorted(optimizer.state_dict()['state'].items())
-           for k, v in sorted(st.items()) if torch.is_tensor(v)]
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f'rank{du.get_rank()}-epoch{epoch}.json'), 'w') as f:
-        json.dump({'rank': du.get_rank(), 'epoch': epoch, 'model': digest(sorted(model.state_dict().items())),
-                   'optimizer': digest(opt), 'world_size': du.get_world_size()}, f)
 
 
 def _saving_so_far(acc: dict, stats: dict, epoch: int, args, freezer, flops, spe: int) -> dict:
