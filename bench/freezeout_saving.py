@@ -252,8 +252,8 @@ def e2e(args: argparse.Namespace, log=print) -> Dict[str, object]:
         for i, kind in enumerate(order):
             od = os.path.join(d, f'{kind}{i}')
             cmd = base + ['--output_dir', od, '--log_dir', os.path.join(od, 'tb')]
-            if kind == 'freezeout':
-                cmd += ['--how_scale', 'cubic', '--t_0', '0.8']
+            # --demo runs FreezeOut by default; --t_0 1 is its plain run (bit-identical to no FreezeOut)
+            cmd += ['--how_scale', 'cubic', '--t_0', '0.8' if kind == 'freezeout' else '1']
             t = time.time()
             ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

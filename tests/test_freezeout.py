@@ -339,7 +339,8 @@ def cli_runs(demo_root, run_pretrain):
     runs = {'cubic': flags, 'nolw': flags + ['--not_scale_lr', '--non_layerwise_lr'], 't1': flags + ['--t_0', '1'],
             'bad_t0': flags + ['--t_0', '1.5'],
             'vit': flags + ['--freeze_schedule', 'vitfreeze', '--not_scale_lr'],
-            'vit_default': [f for f in flags if f not in ('--freeze_schedule', 'freezeout')]}
+            'vit_default': [f for f in flags if f not in ('--freeze_schedule', 'freezeout')],
+            'const': flags + ['--lr_schedule', 'constant', '--constant_tail', '0.25']}
     return dict(zip(runs, run_pretrain.many(list(runs.values()), max_parallel=4)))
 
 
@@ -402,6 +403,10 @@ def test_plan_only_vitfreeze_is_the_default_with_accumulation(cli_runs):
         assert [r[5] for r in rows] == [9, 9, 10, 11, None]  # 4 + 8 t_i: 8.10, 8.91, 9.83, 10.86
         assert ('LR jumps x' in text) == scale
     assert 'FreezeOut plan' not in cli_runs['bad_t0'].stdout
+    # --lr_schedule constant reaches the plan: same freeze steps as the cosine run, the tail named
+    const = _ok_stdout(cli_runs['const'])
+    assert 'constant LR: hold the peak after warm-up, a freezing unit anneals to min_lr over the last 0.25' in const
+    assert [r[5] for r in _parse_plan(const)[1]] == [r[5] for r in _parse_plan(_ok_stdout(cli_runs['cubic']))[1]]
 
 
 def _ok_stdout(res):
