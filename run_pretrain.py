@@ -7,6 +7,7 @@
 ``python run_pretrain.py --demo`` trains a tiny model on the built-in demo data in a few minutes on a CPU.
 """
 import argparse
+import json
 import os
 import sys
 import time
