@@ -313,6 +313,9 @@ def test_demo_defaults_yield_to_explicit_flags(runs):
     # T = 12, W = 0, t = (0.3 + 0.7 i / 6)^3 -> freeze steps ceil(12 t) = 1, 1, 2, 4, 6, 9: printed as they happen
     assert re.findall(r'FreezeOut: step (\d+) \(epoch 0\)', res.stdout) == ['1', '2', '4', '6', '9']
     assert 'frozen by the end: 6 of 7 units' in summary and '  block5   frozen at step 9 (epoch 0.75)' in summary
+    assert Path(args['data_path']) == runs['demo_cache']
+    assert (runs['demo_cache'] / 'train').is_dir() and (runs['demo_cache'] / 'val').is_dir()
+    assert glob.glob(str(out / 'tb' / 'events.out.tfevents.*'))
 
 
 def test_demo_summary_reports_the_knn_lift(tmp_path):
@@ -329,9 +332,6 @@ def test_demo_summary_reports_the_knn_lift(tmp_path):
     text = run_pretrain.demo_summary(args, None, None, 12)
     assert 'k-NN top-1 (k=20, val split): random init 48.0% -> pre-trained 75.0% (chance 50%)' in text
     assert 'FreezeOut: off' in text and 'tensorboard' not in text
-    assert Path(args['data_path']) == runs['demo_cache']
-    assert (runs['demo_cache'] / 'train').is_dir() and (runs['demo_cache'] / 'val').is_dir()
-    assert glob.glob(str(out / 'tb' / 'events.out.tfevents.*'))
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------------
