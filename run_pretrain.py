@@ -49,10 +49,11 @@ DEMO_DEFAULTS = dict(model='MIM_vit_tiny_patch16', input_size=32, patch_size=4, 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser('LocalMIM pre-training (with optional FreezeOut)', add_help=True)
     g = add_optim_args(p, title='optimisation', batch_size=128, epochs=400, blr=1e-3, min_lr=1e-6, warmup_epochs=40,
-                       weight_decay=0.05, weight_decay_help='AdamW weight decay; none on biases, norms and other 1-D params',
+                       weight_decay=0.05,
+                       weight_decay_help='AdamW weight decay; none on biases, norms and other 1-D params',
                        blr_note='; LocalMIM ViT-B uses 2e-4',
-                       min_lr_note='; also where every FreezeOut unit\'s cosine ends. ViTFreeze\'s unit cosines end at 0 '
-                                   '("min_lr is 0 based on freeze_out"): --min_lr 0 reproduces them exactly')
+                       min_lr_note="; also where every FreezeOut unit's cosine ends. ViTFreeze's unit cosines end at "
+                                   '0 ("min_lr is 0 based on freeze_out"): --min_lr 0 reproduces them exactly')
     g.add_argument('--lr_schedule', default='cosine', choices=['cosine', 'constant'],
                    help='after the linear warm-up: cosine = half-cosine to --min_lr (MAE/LocalMIM); constant = hold '
                         'the peak LR to the end. With FreezeOut a unit holds its peak and anneals to --min_lr over a '
@@ -94,7 +95,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--not_scale_lr', action='store_true',
                    help='initial LR of every unit = lr, instead of lr / t_i (default: scaled)')
     g.add_argument('--non_layerwise_lr', action='store_true',
-                   help='all units follow the global warm-up + cosine; units are still frozen at t_i')
+                   help='all units follow the global warm-up + cosine (or constant); each is still frozen at its '
+                        'freeze step (default: off)')
     g.add_argument('--dont_freeze_pe', action='store_true',
                    help='never freeze the patch embedding and cls token (they follow the global schedule); '
                         'blocks become units 0..N-1. Without it the cls token freezes with unit 0 (ViTFreeze never '
@@ -103,7 +105,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='print the FreezeOut plan (and projected saving) and exit without training')
     g = p.add_argument_group('evaluation during pre-training')
     g.add_argument('--knn_eval_freq', default=0, type=int,
-                   help='run weighted k-NN on the current encoder every N epochs and after the last (0 = off; --demo: 20)')
+                   help='run weighted k-NN on the current encoder every N epochs and after the last (0 = off; '
+                        '--demo: 20)')
     g.add_argument('--knn_at_init', action='store_true',
                    help='with --knn_eval_freq: also run the k-NN on the randomly initialised encoder before training '
                         '(the baseline the pre-training must beat; logged as knn_init_* in epoch 0) (default: off; '

@@ -181,7 +181,7 @@ def test_freezeout_step_sets_group_lrs_and_dont_freeze_pe():
     assert all(p.requires_grad for p in model.units()[0].params.values())
 
 
-# ---- the ViTFreeze schedule (the default) ------------------------------------------------------------------------------
+# ---- the ViTFreeze schedule (the default) -------------------------------------------------------------------------
 
 def vit_lr_formula(j, lr, alpha, min_lr, w, t, total):
     """Issue 9 §1: warm-up to the global lr, then alpha's cosine from W over t (T - W) steps to min_lr."""
@@ -640,7 +640,8 @@ def test_measured_flops_and_format_plan():
     measure_unit_flops(model, 32, 0.75, torch.device('cpu'))
     assert torch.equal(torch.rand(3), a)
 
-    sched = FreezeOutSchedule(flops['names'], 12, 4, 6.25e-5, 1e-6, t_0=0.3, how_scale='linear', freeze_schedule='freezeout')
+    sched = FreezeOutSchedule(flops['names'], 12, 4, 6.25e-5, 1e-6, t_0=0.3, how_scale='linear',
+                              freeze_schedule='freezeout')
     text = format_plan(sched, 4, flops)
     for u in sched.units:
         assert re.search(rf'^\s*{u.index}\s+{u.name}\s', text, re.M), u.name
