@@ -71,11 +71,13 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
     # a stage-loss curriculum changes the weights every optimizer step; otherwise they change only at freeze events
     curriculum = getattr(getattr(mw, 'stage_weight_schedule', None), 'varies', False)
     unit_lr_tb = bool(log_writer) and hasattr(state.lr_control, 'schedule')
+    data_wait, ready = 0.0, epoch_start  # host time blocked in the loader, between iterations
 
     for i, (samples, _) in enumerate(metric_logger.log_every(islice(loader, n_micro), print_freq, header,
                                                              remaining_after=remaining, total=n_micro)):
-        stop.check(epoch, i)
         t0 = time.time()
+        data_wait += t0 - ready
+        stop.check(epoch, i)
         if i % accum == 0:
             if set_lr(state, state.global_step):
                 model = state.model = state.rewrap()
@@ -117,6 +119,7 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
                                    int((i / n_micro + epoch) * 1000))
             _flush(pending, metric_logger, epoch, n_micro, log_writer)
             pending = []
+        ready = time.time()
 
     metric_logger.synchronize_between_processes()
     epoch_time = time.time() - epoch_start
@@ -128,7 +131,7 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
         import resource
         max_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
     stats.update(epoch_time=epoch_time, compute_time=compute_time, data_time=max(0.0, epoch_time - compute_time),
-                 max_mem_mb=max_mem,
+                 data_wait_time=data_wait, data_wait_share=data_wait / max(1e-9, epoch_time), max_mem_mb=max_mem,
                  step_time=compute_time / max(1, state.steps_per_epoch),
                  img_per_s=world * images / max(1e-9, epoch_time))
     du.print0(f'Averaged stats: {metric_logger}  compute time {compute_time:.1f}s  '
