@@ -23,9 +23,10 @@ def _log(path):
 
 
 def _numbers(rec):
-    """The deterministic part of a log record: drops wall-clock timings, throughput, memory and the "saving so far"
-    figures (documented as covering this process's epochs only, so a resumed process reports its own)."""
-    return {k: v for k, v in rec.items() if not any(w in k for w in ('time', 'img_per_s', 'mem', 'so_far'))}
+    """The deterministic part of a log record: drops wall-clock timings (and the data-wait share), throughput,
+    memory and the "saving so far" figures (documented as covering this process's epochs only, so a resumed
+    process reports its own)."""
+    return {k: v for k, v in rec.items() if not any(w in k for w in ('time', 'img_per_s', 'mem', 'so_far', 'wait'))}
 
 
 def _load(path):
