@@ -20,7 +20,7 @@ import models_mim
 from engine_pretrain import NonFiniteLoss, PretrainState, train_one_epoch
 from freezeout import (AdaptiveFreezeOut, FreezeOut, FreezeOutSchedule, add_policy_args, add_schedule_args,
                        bounds_from_args, decided_saving, format_adaptive_plan, format_plan, measure_unit_flops,
-                       resolve_freeze_args)
+                       projected_saving, resolve_freeze_args)
 from util import distributed as du
 from util.amp import fused_attention_report, make_amp, set_cuda_speed_flags
 from util.args import (add_arch_args, add_common_args, add_optim_args, apply_demo_defaults, check_output_dir,
@@ -378,7 +378,11 @@ def demo_summary(args, freezer, flops, spe: int) -> str:
             recs = [json.loads(l) for l in f if l.strip()]
     last = recs[-1] if recs else {}
     lines = ['', '=' * 30 + ' ViTFreeze demo: summary ' + '=' * 30]
-    if freezer is not None:
+    if freezer is not None and not hasattr(freezer, 'schedule'):  # the adaptive policy: decisions, no fixed plan
+        lines.append(f'FreezeOut: adaptive policy; frozen by the end: {freezer.num_frozen} units; decided saving '
+                     f'{100 * last.get("decided_saving_so_far", 0.0):.1f}% (FLOP model), measured '
+                     f'{100 * last.get("measured_saving_so_far", 0.0):.1f}%')
+    elif freezer is not None:
         s = freezer.schedule
         lines.append(f'FreezeOut: {s.how_scale} t_0={s.t_0:g}, --freeze_schedule {s.freeze_schedule}, '
                      f'T={s.total_steps} steps; frozen by the end: {freezer.num_frozen} of {len(s.units)} units')
