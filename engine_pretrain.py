@@ -69,6 +69,10 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
     pending: List[Dict[str, Any]] = []
     drain = getattr(state.lr_control, 'drain_events', None)  # adaptive policy: its evaluations and decisions
     epoch_start, compute_time, images = time.time(), 0.0, 0
+    mw = state.model_without_ddp
+    # a stage-loss curriculum changes the weights every optimizer step; otherwise they change only at freeze events
+    curriculum = getattr(getattr(mw, 'stage_weight_schedule', None), 'varies', False)
+    unit_lr_tb = bool(log_writer) and hasattr(state.lr_control, 'schedule')
     data_wait, ready = 0.0, epoch_start  # host time blocked in the loader, between iterations
 
     for i, (samples, _) in enumerate(metric_logger.log_every(islice(loader, n_micro), print_freq, header,
@@ -90,6 +94,8 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
                 state.freeze_events.append(ev)
                 du.print0(f'FreezeOut: step {state.global_step} (epoch {epoch}): frozen units '
                           f'{ev["frozen_units"]}; active stages {ev["active_stages"]}')
+            if curriculum:
+                mw.update_stage_weights(state.global_step / state.total_steps)
             step_lr = max(g['lr'] for g in opt.param_groups)  # LRs change only here, once per optimizer step
         samples = samples.to(device, non_blocking=True)
         update = (i + 1) % accum == 0
@@ -114,6 +120,10 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
         pending.append({'i': i, 'loss': loss.detach(), 'stages': {k: v.detach() for k, v in out['stage_losses'].items()},
                         'lr': step_lr, 'update': update})
         if i % print_freq == 0 or i == n_micro - 1:
+            if unit_lr_tb:  # per-unit LR of the latest optimizer step: shows the vitfreeze jump at W, the tails
+                # (a unit's decay and no-decay groups share one LR)
+                log_writer.scalars('freezeout/unit_lr', {g['name']: g['lr'] for g in opt.param_groups},
+                                   int((i / n_micro + epoch) * 1000))
             _flush(pending, metric_logger, epoch, n_micro, log_writer)
             pending = []
         ready = time.time()

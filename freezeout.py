@@ -1,22 +1,44 @@
-"""FreezeOut for pre-training: per-unit cosine schedules that end at a unit-specific point t_i, then freezing.
+"""FreezeOut for pre-training: per-unit LR schedules that end at a unit-specific point t_i, then freezing.
 
 The module knows *ordered units of parameters*, nothing about LocalMIM. A model offers ``units()`` (unit 0 =
 input side, then one unit per block in forward order) and ``set_frozen(num_frozen_blocks, embed_frozen)``.
 
-Schedule (positions in optimizer steps from the start of training; T total steps, W warm-up steps):
+Freeze points (both schedules): x_i = t0 + (1 - t0) · i / N,  t_i = s(x_i),  s ∈ {identity, square, cube}
+(--how_scale); α_i = lr / t_i (default, "scale_lr") or lr (--not_scale_lr). T = total optimizer steps, W = warm-up
+steps, both from the real loader length, epochs, accumulation and world size.
 
-    x_i = t0 + (1 - t0) · i / N,   t_i = s(x_i),  s ∈ {identity, square, cube}  (--how_scale)
-    J_i = t_i · T,                 α_i = lr / t_i (default, "scale_lr") or lr (--not_scale_lr)
-    j < W:         lr_i(j) = α_i · j / W
-    W <= j < J_i:  lr_i(j) = min_lr + (α_i - min_lr) · ½ (1 + cos(π (j - W) / (J_i - W)))
-    j >= J_i:      unit i is frozen (at an optimizer-step boundary)
+``--freeze_schedule vitfreeze`` (default; what the ViTFreeze code does, so the seed's runs are reproduced):
+
+    j < W:            lr_i(j) = lr · j / W                  (every unit ramps to the *global* lr)
+    W <= j < F_i:     lr_i(j) = min_lr + (α_i - min_lr) · ½ (1 + cos(π (j - W) / (t_i (T - W))))
+                      (a scaled unit jumps from lr to α_i at j = W)
+    F_i = W + t_i · (T - W): unit i is frozen at the first optimizer step j >= F_i
+
+ViTFreeze's cosine ends at 0; ours ends at --min_lr so that a unit with t_i = 1 follows the global schedule exactly
+(``--min_lr 0`` gives ViTFreeze's curve). ViTFreeze freezes once j - W > t_i (T - W), i.e. it takes one more step
+at LR 0, which moves nothing under AdamW; we freeze at that step instead.
+
+``--freeze_schedule freezeout`` (the FreezeOut paper's convention, counted from step 0):
+
+    j < W:            lr_i(j) = α_i · j / W
+    W <= j < J_i:     lr_i(j) = min_lr + (α_i - min_lr) · ½ (1 + cos(π (j - W) / (J_i - W)))
+    J_i = t_i · T:    unit i is frozen at the first optimizer step j >= J_i
+
+``--lr_schedule constant`` (hold the peak after warm-up instead of the cosine): the global curve holds lr; unit i
+holds α_i after warm-up and, so that nothing is frozen at a high LR (its weights would stop right after a large,
+noisy update instead of settling), anneals over a short tail: the last ``constant_tail`` fraction of its
+post-warm-up span [W, F_i) is a half-cosine from α_i to min_lr ending at its freeze point. A unit that never freezes
+(t_i = 1) holds to the end, exactly as the plain constant run.
 
 Units are 0..N with N = number of blocks (unit 0 = patch embedding + cls token, unit i = block i). With
 ``--dont_freeze_pe`` the embedding is not a unit (global schedule, never frozen) and the blocks are units 0..N-1
 with denominator N-1, so the first block freezes at s(t0) and the last at 1. The last unit always has t = 1 and
-never freezes. ``--non_layerwise_lr``: every unit follows the global warm-up + cosine and is still frozen at J_i.
-With t_i = 1 the per-unit curve *is* the global one (same function, same numbers), so ``--t_0 1`` reproduces plain
-training bit-exactly.
+never freezes. ``--non_layerwise_lr``: every unit follows the global warm-up + cosine (or constant) and is still
+frozen at its freeze point. With t_i = 1 the per-unit curve *is* the global one (same function, same numbers), so
+``--t_0 1`` reproduces plain training bit-exactly under either schedule.
+
+The cls token belongs to unit 0 and freezes with it (a deliberate difference from ViTFreeze, which keeps it at the
+global LR and never freezes it, so its backward still runs through every frozen block).
 
 Freezing (what saves compute): parameters get ``requires_grad=False``, their param groups leave the optimizer, their
 optimizer state is deleted, the model runs the frozen prefix under ``no_grad`` and drops the stages it fed, and the
@@ -30,9 +52,10 @@ import torch
 import torch.nn as nn
 
 from util.errors import UserError
-from util.lr_sched import warmup_cosine
+from util.lr_sched import LR_SCHEDULES, global_lr, warmup_cosine
 
 SCALINGS = {'linear': lambda x: x, 'squared': lambda x: x ** 2, 'cubic': lambda x: x ** 3}
+FREEZE_SCHEDULES = ('vitfreeze', 'freezeout')
 
 
 def freeze_points(num_units: int, t_0: float, how_scale: str) -> List[float]:
@@ -51,14 +74,14 @@ def freeze_points(num_units: int, t_0: float, how_scale: str) -> List[float]:
 class UnitPlan:
     index: int          # FreezeOut unit index
     name: str
-    t: float            # freeze point as a fraction of training
-    alpha: float        # initial (peak) LR of the unit
-    end_step: float     # J_i = t_i · T
+    t: float            # freeze point as a fraction of training (vitfreeze: of the post-warm-up part)
+    alpha: float        # peak LR of the unit (after warm-up)
+    end_step: float     # where the unit's LR reaches min_lr: F_i = W + t_i (T - W) (vitfreeze) or J_i = t_i T
     freeze_step: Optional[int]  # first optimizer step at which the unit is frozen; None = never
 
 
 class FreezeOutSchedule:
-    """The pure schedule: t_i, α_i, J_i, lr_i(step), freeze steps. No model needed.
+    """The pure schedule: t_i, α_i, freeze points, lr_i(step), freeze steps. No model needed.
 
     Args:
         unit_names: names of the scheduled units in forward order (embedding first unless ``dont_freeze_pe``).
@@ -66,21 +89,33 @@ class FreezeOutSchedule:
         warmup_steps: W.
         lr, min_lr: peak and final LR of the global schedule.
         t_0, how_scale, scale_lr, layerwise_lr: the method's knobs (see module docstring).
+        freeze_schedule: ``vitfreeze`` (ViTFreeze's code) or ``freezeout`` (the paper's convention).
+        lr_schedule: ``cosine`` or ``constant`` (hold the peak; units anneal over a tail before freezing).
+        constant_tail: with ``constant``, the fraction of a unit's post-warm-up span spent annealing to min_lr.
     """
 
     def __init__(self, unit_names: Sequence[str], total_steps: int, warmup_steps: int, lr: float, min_lr: float,
-                 t_0: float = 0.8, how_scale: str = 'cubic', scale_lr: bool = True, layerwise_lr: bool = True):
+                 t_0: float = 0.8, how_scale: str = 'cubic', scale_lr: bool = True, layerwise_lr: bool = True,
+                 freeze_schedule: str = 'vitfreeze', lr_schedule: str = 'cosine', constant_tail: float = 0.1):
         if total_steps < 1:
             raise UserError('FreezeOut needs at least one optimizer step: check --epochs, --batch_size, '
                             '--accum_iter against the dataset size')
+        if freeze_schedule not in FREEZE_SCHEDULES:
+            raise UserError(f'--freeze_schedule {freeze_schedule!r}: choose {" or ".join(FREEZE_SCHEDULES)}')
+        if lr_schedule not in LR_SCHEDULES:
+            raise UserError(f'--lr_schedule {lr_schedule!r}: choose {" or ".join(LR_SCHEDULES)}')
+        if not 0.0 <= constant_tail <= 1.0:
+            raise UserError(f'--constant_tail {constant_tail}: must be in [0, 1]')
         self.total_steps, self.warmup_steps = int(total_steps), int(warmup_steps)
         self.lr, self.min_lr = float(lr), float(min_lr)
         self.t_0, self.how_scale, self.scale_lr, self.layerwise_lr = t_0, how_scale, scale_lr, layerwise_lr
+        self.freeze_schedule, self.lr_schedule, self.constant_tail = freeze_schedule, lr_schedule, constant_tail
         ts = freeze_points(len(unit_names), t_0, how_scale)
+        post = max(0, self.total_steps - self.warmup_steps)  # T - W
         self.units: List[UnitPlan] = []
         for i, (name, t) in enumerate(zip(unit_names, ts)):
             alpha = self.lr / t if scale_lr else self.lr
-            end = t * self.total_steps
+            end = self.warmup_steps + t * post if freeze_schedule == 'vitfreeze' else t * self.total_steps
             # round first: 0.8**3 * T is 51200.000000000004, which must freeze at 51200, not 51201
             freeze = math.ceil(round(end, 6)) if round(end, 6) < self.total_steps else None
             self.units.append(UnitPlan(i, name, t, alpha, end, freeze))
@@ -88,13 +123,40 @@ class FreezeOutSchedule:
     def lr_at(self, unit: int, step: int) -> float:
         """LR of ``unit`` at optimizer step ``step`` (valid while the unit is active)."""
         if not self.layerwise_lr:
-            return warmup_cosine(step, self.lr, self.min_lr, self.warmup_steps, self.total_steps)
+            return self.global_lr_at(step)
         u = self.units[unit]
+        w = self.warmup_steps
+        if step < w:
+            # vitfreeze: every unit ramps to the global lr (the same numbers as the plain run), then jumps to α_i
+            return (self.lr if self.freeze_schedule == 'vitfreeze' else u.alpha) * step / w
         end = u.end_step if u.freeze_step is not None else self.total_steps
-        return warmup_cosine(step, u.alpha, self.min_lr, self.warmup_steps, end)
+        if self.lr_schedule == 'cosine':
+            return warmup_cosine(step, u.alpha, self.min_lr, w, end)
+        if u.freeze_step is None:
+            return u.alpha  # t = 1: the plain constant run's curve
+        tail_start = end - self.constant_tail * (end - w)
+        if step < tail_start or end <= tail_start:
+            return u.alpha
+        return self.min_lr + (u.alpha - self.min_lr) * 0.5 * (
+            1.0 + math.cos(math.pi * min(1.0, (step - tail_start) / (end - tail_start))))
 
     def global_lr_at(self, step: int) -> float:
-        return warmup_cosine(step, self.lr, self.min_lr, self.warmup_steps, self.total_steps)
+        return global_lr(step, self.lr, self.min_lr, self.warmup_steps, self.total_steps, self.lr_schedule)
+
+    def describe(self) -> str:
+        """One line naming the schedule in force and its formulas."""
+        if self.freeze_schedule == 'vitfreeze':
+            s = ('vitfreeze (ViTFreeze: every unit warms up to lr, a scaled unit jumps to a_i at W, its cosine runs '
+                 'from W over t_i(T-W) to min_lr, frozen at W + t_i(T-W))')
+        else:
+            s = ('freezeout (FreezeOut paper: warm-up to a_i, cosine to min_lr at J_i = t_i T from step 0, frozen '
+                 'at J_i)')
+        if not self.layerwise_lr:
+            s += '; non-layerwise: every unit follows the global curve, only the freeze steps are per unit'
+        if self.lr_schedule == 'constant':
+            s += (f'; constant LR: hold the peak after warm-up, a freezing unit anneals to min_lr over the last '
+                  f'{self.constant_tail:g} of its post-warm-up span')
+        return s
 
     def num_frozen_at(self, step: int) -> int:
         """Length of the frozen prefix at optimizer step ``step`` (t_i increases with i, so it is a prefix)."""
@@ -348,11 +410,17 @@ def projected_saving(schedule: FreezeOutSchedule, flops: Dict[str, Any], dont_fr
 
 def format_plan(schedule: FreezeOutSchedule, steps_per_epoch: int, flops: Optional[Dict[str, Any]] = None,
                 dont_freeze_pe: bool = False) -> str:
-    """A human-readable freeze plan: per unit t_i, initial LR, freeze step and epoch; projected FLOP saving."""
+    """A human-readable freeze plan: the schedule in force, per unit t_i, peak LR, the step where its LR reaches
+    min_lr (``end``), freeze step and epoch; projected FLOP saving."""
     s = schedule
+    cls = ('cls token: in the never-frozen embedding (--dont_freeze_pe), as in ViTFreeze' if dont_freeze_pe else
+           'cls token: frozen with unit 0 (ViTFreeze keeps it at the global LR and never freezes it, so its backward '
+           'runs through every frozen block)')
     lines = [f'FreezeOut plan: {s.how_scale} t_0={s.t_0:g}, scale_lr={s.scale_lr}, layerwise_lr={s.layerwise_lr}, '
-             f'T={s.total_steps} optimizer steps ({steps_per_epoch}/epoch), warm-up W={s.warmup_steps}',
-             f"{'unit':>4} {'name':<10} {'t_i':>7} {'init lr':>10} {'J_i':>10} {'freeze step':>11} "
+             f'T={s.total_steps} optimizer steps ({steps_per_epoch}/epoch), warm-up W={s.warmup_steps}, '
+             f'lr={s.lr:.3e}, min_lr={s.min_lr:.3e}; {cls}',
+             f'schedule: {s.describe()}',
+             f"{'unit':>4} {'name':<10} {'t_i':>7} {'peak lr':>10} {'end':>10} {'freeze step':>11} "
              f"{'epoch':>8}  note"]
     if dont_freeze_pe:
         lines.append(f"{'-':>4} {'embed':<10} {'-':>7} {s.lr:>10.3e} {'-':>10} {'never':>11} {'-':>8}  global "
@@ -363,7 +431,10 @@ def format_plan(schedule: FreezeOutSchedule, steps_per_epoch: int, flops: Option
             fs, ep, note = 'never', '-', 't = 1'
         else:
             fs, ep = str(u.freeze_step), f'{u.freeze_step / max(1, steps_per_epoch):.2f}'
-            note = 'J_i <= warm-up: frozen before its cosine starts' if u.end_step <= s.warmup_steps else ''
+            note = 'end <= warm-up: frozen before its cosine starts' if u.end_step <= s.warmup_steps else ''
+        if (s.freeze_schedule == 'vitfreeze' and s.layerwise_lr and u.alpha != s.lr and s.warmup_steps > 0
+                and (u.freeze_step is None or u.freeze_step > s.warmup_steps)):
+            note = (note + '; ' if note else '') + f'LR jumps x{u.alpha / s.lr:.3g} at W'
         lines.append(f'{u.index:>4} {u.name:<10} {u.t:>7.4f} {alpha:>10.3e} {u.end_step:>10.1f} {fs:>11} {ep:>8}  '
                      f'{note}')
     if flops is not None:
@@ -634,6 +705,11 @@ SCHEDULE_FLAGS = ('t_0', 'how_scale', 'not_scale_lr', 'non_layerwise_lr')
 
 def add_schedule_args(g, embed: str = 'patch embedding and cls token') -> None:
     """The scheduled FreezeOut's flags (run_pretrain.py, run_finetune.py), in the argument group ``g``."""
+    g.add_argument('--freeze_schedule', default='vitfreeze', choices=list(FREEZE_SCHEDULES),
+                   help="vitfreeze = ViTFreeze's code: every unit warms up to lr, a scaled unit jumps to lr/t_i at "
+                        "the end of warm-up W, its cosine runs from W over t_i*(T-W) steps to --min_lr and it "
+                        "freezes at step W + t_i*(T-W); freezeout = the FreezeOut paper's convention: warm-up to "
+                        "lr/t_i, cosine to --min_lr ending (and freezing) at t_i*T (default: vitfreeze)")
     g.add_argument('--t_0', default=None, type=float,
                    help='freeze point of the first unit before scaling, in (0, 1]; 1 = never freeze (default when '
                         'FreezeOut is on: 0.8)')
@@ -642,9 +718,11 @@ def add_schedule_args(g, embed: str = 'patch embedding and cls token') -> None:
     g.add_argument('--not_scale_lr', action='store_true',
                    help='initial LR of every unit = lr, instead of lr / t_i (default: scaled)')
     g.add_argument('--non_layerwise_lr', action='store_true',
-                   help='all units follow the global warm-up + cosine; units are still frozen at t_i')
+                   help='all units follow the global warm-up + cosine (or constant); each is still frozen at its '
+                        'freeze step (default: off)')
     g.add_argument('--dont_freeze_pe', action='store_true',
-                   help=f'never freeze the {embed} (they follow the global schedule); blocks become units 0..N-1')
+                   help=f'never freeze the {embed} (they follow the global schedule); blocks become units 0..N-1. '
+                        f'Without it the cls token freezes with unit 0 (ViTFreeze never freezes it) (default: off)')
 
 
 def resolve_freeze_args(args, argv: Sequence[str]) -> None:

@@ -28,7 +28,8 @@ from timm.models.vision_transformer import Block
 from util.errors import UserError
 from util.pos_embed import sincos_2d_tensor
 
-__all__ = ['HOGTargets', 'LocalMIM', 'ParamUnit', 'stage_layout', 'parse_stage_weights', 'create_model',
+__all__ = ['HOGTargets', 'LocalMIM', 'ParamUnit', 'stage_layout', 'parse_stage_weights', 'stage_weights_for',
+           'StageWeightSchedule', 'create_model',
            'MODEL_NAMES']
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -192,30 +193,90 @@ def cell_size(patch_size: int, scale: float) -> int:
     return int(c)
 
 
-def parse_stage_weights(spec: Union[str, Sequence[float], None], num_stages: int) -> List[float]:
-    """``equal`` (paper) | ``4321`` (4,3,2,1 shallow→deep) | ``1overk`` (1/4,1/3,1/2,1) | comma list of floats.
+STAGE_WEIGHT_PRESETS = ('equal', '4321', '1overk', 'inv4321')
+STAGE_WEIGHTS_HELP = ("'equal' (paper: 1 each); '4321' and '1overk' as ViTFreeze's weighted runs computed them, over "
+                      "the stages still active: the k-th active stage (k = 0 shallowest) gets S_active - k ('4321') "
+                      "or 1/(k+1) ('1overk'), so the weights shift when freezing switches a stage off; 'inv4321': "
+                      "fixed 1/S, .., 1/2, 1 shallow->deep; or a comma list of S numbers, fixed per stage")
 
-    The presets generalise to S stages as S..1 and 1/S..1/1.
-    """
-    if spec is None or spec == 'equal':
-        return [1.0] * num_stages
+
+def _parse_spec(spec: Union[str, Sequence[float], None], num_stages: int,
+                flag: str = '--stage_weights') -> Union[str, List[float]]:
+    """A validated preset name or list of ``num_stages`` weights."""
+    if spec is None:
+        return 'equal'
     if isinstance(spec, str):
-        if spec == '4321':
-            return [float(num_stages - k) for k in range(num_stages)]
-        if spec == '1overk':
-            return [1.0 / (num_stages - k) for k in range(num_stages)]
+        if spec in STAGE_WEIGHT_PRESETS:
+            return spec
         try:
             w = [float(x) for x in spec.split(',') if x.strip()]
         except ValueError:
-            raise UserError(f"--stage_weights {spec!r}: use 'equal', '4321', '1overk' or a comma list of "
-                            f'{num_stages} numbers') from None
+            raise UserError(f"{flag} {spec!r}: use {', '.join(repr(p) for p in STAGE_WEIGHT_PRESETS)} or "
+                            f'a comma list of {num_stages} numbers') from None
     else:
         w = [float(x) for x in spec]
     if len(w) != num_stages:
-        raise UserError(f'--stage_weights: got {len(w)} weights for {num_stages} stages; give exactly {num_stages}')
+        raise UserError(f'{flag}: got {len(w)} weights for {num_stages} stages; give exactly {num_stages}')
     if any(not math.isfinite(x) or x < 0 for x in w):
-        raise UserError(f'--stage_weights {spec!r}: weights must be finite and >= 0')
+        raise UserError(f'{flag} {spec!r}: weights must be finite and >= 0')
     return w
+
+
+def stage_weights_for(spec: Union[str, Sequence[float], None], num_stages: int,
+                      active: Optional[Sequence[int]] = None) -> List[float]:
+    """Loss weight of every stage (0 for inactive ones) given the ``active`` stages (default: all).
+
+    ``4321``/``1overk`` rank the active stages (ViTFreeze's edit of the loss, whose stage list shrank as stages were
+    switched off): rank r of S_a active stages gets S_a - r, resp. 1/(r + 1). ``inv4321`` and comma lists are fixed
+    per stage index.
+    """
+    p = _parse_spec(spec, num_stages)
+    active = list(range(num_stages)) if active is None else sorted(active)
+    out = [0.0] * num_stages
+    for r, k in enumerate(active):
+        if isinstance(p, list):
+            out[k] = p[k]
+        elif p == 'equal':
+            out[k] = 1.0
+        elif p == '4321':
+            out[k] = float(len(active) - r)
+        elif p == '1overk':
+            out[k] = 1.0 / (r + 1)
+        else:  # inv4321
+            out[k] = 1.0 / (num_stages - k)
+    return out
+
+
+def parse_stage_weights(spec: Union[str, Sequence[float], None], num_stages: int) -> List[float]:
+    """Weights with every stage active (see :func:`stage_weights_for`); validates ``spec``."""
+    return stage_weights_for(spec, num_stages)
+
+
+class StageWeightSchedule:
+    """Stage-loss weights at a point of training: ``--stage_weights W0`` and optionally ``--stage_weights_end W1``.
+
+    At training progress p = step / T the weight of stage k is ``W0_k + (W1_k - W0_k) · p``, both ends evaluated
+    over the currently active stages (presets shift when a stage switches off); without ``W1`` it is ``W0_k``.
+    """
+
+    def __init__(self, start: Union[str, Sequence[float], None], end: Union[str, Sequence[float], None],
+                 num_stages: int):
+        self.start, self.end, self.num_stages = start, end, num_stages
+        _parse_spec(start, num_stages)
+        if end is not None:
+            _parse_spec(end, num_stages, '--stage_weights_end')
+
+    @property
+    def varies(self) -> bool:
+        """True when the weights change with the step (a curriculum), not only with the active set."""
+        return self.end is not None
+
+    def at(self, progress: float, active: Optional[Sequence[int]] = None) -> List[float]:
+        w0 = stage_weights_for(self.start, self.num_stages, active)
+        if self.end is None:
+            return w0
+        w1 = stage_weights_for(self.end, self.num_stages, active)
+        return [a + (b - a) * progress for a, b in zip(w0, w1)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -393,7 +454,9 @@ class LocalMIM(nn.Module):
         hog_nbins: orientation bins; targets have ``3·hog_nbins`` features.
         hog_bias: frozen random gradient bias in the HOG (``--hog_bias``).
         all_stages: every block feeds a decoder (see :func:`stage_layout`).
-        stage_weights: loss weight per stage (see :func:`parse_stage_weights`).
+        stage_weights: loss weight per stage (see :func:`stage_weights_for`).
+        stage_weights_end: with it, the weights move linearly from ``stage_weights`` to this over training
+            (:class:`StageWeightSchedule`; the engine calls :meth:`update_stage_weights` per optimizer step).
         stage_scales: scales of the four default taps (4, 2, 1, 0.5).
         decoder_embed_dim, decoder_depth, decoder_num_heads: per-stage decoder shape (256, 1, 8).
         hog_bias_seed: seed of the hog bias draw (same on all ranks).
@@ -404,7 +467,8 @@ class LocalMIM(nn.Module):
                  hog_bias: bool = False, all_stages: bool = False,
                  stage_weights: Union[str, Sequence[float], None] = 'equal',
                  stage_scales: Sequence[float] = (4, 2, 1, 0.5), decoder_embed_dim: int = 256,
-                 decoder_depth: int = 1, decoder_num_heads: int = 8, hog_bias_seed: int = 0, in_chans: int = 3):
+                 decoder_depth: int = 1, decoder_num_heads: int = 8, hog_bias_seed: int = 0, in_chans: int = 3,
+                 stage_weights_end: Union[str, Sequence[float], None] = None):
         super().__init__()
         if isinstance(img_size, (tuple, list)):
             if len(img_size) != 2 or img_size[0] != img_size[1]:
@@ -434,7 +498,14 @@ class LocalMIM(nn.Module):
             if (self.grid * s) != int(self.grid * s):
                 raise UserError(f'a {self.grid}x{self.grid} patch grid cannot be resampled at scale {s:g}; use an even '
                                 f'grid (input_size / patch_size)')
-        self.stage_weights = parse_stage_weights(stage_weights, len(self.layout))
+        self.stage_weight_schedule = StageWeightSchedule(stage_weights, stage_weights_end, len(self.layout))
+        self.stage_weights = self.stage_weight_schedule.at(0.0)  # at the start, every stage active
+        # the loss reads the weights from a device buffer, written only when they change (freeze events, or each
+        # optimizer step of a curriculum), so the training step never builds or syncs them on the host
+        self.register_buffer('stage_weight', torch.tensor(self.stage_weights, dtype=torch.float32),
+                             persistent=False)
+        self._stage_weight_progress = 0.0
+        self._stage_weight_values = list(self.stage_weights)
         self.norm = nn.ModuleList([_ln(embed_dim) for _ in self.layout])
 
         self._init_encoder()  # before the decoders, as in the reference: decoders initialise themselves
@@ -484,6 +555,27 @@ class LocalMIM(nn.Module):
         self.num_frozen_blocks, self.embed_frozen = int(num_frozen_blocks), bool(embed_frozen)
         for b, blk in enumerate(self.blocks):
             blk.train(self.training and b >= self.num_frozen_blocks)
+        self.update_stage_weights(self._stage_weight_progress)  # presets rank the active stages
+
+    def update_stage_weights(self, progress: float) -> bool:
+        """Set the loss weights for training progress ``progress`` = step / T and the current active stages.
+
+        Called at optimizer-step boundaries only; writes the device buffer (non-blocking, no host sync) only when
+        a weight changes. Returns True if it did."""
+        self._stage_weight_progress = float(progress)
+        values = self.stage_weight_schedule.at(self._stage_weight_progress, self.active_stages())
+        if values == self._stage_weight_values:
+            return False
+        self._stage_weight_values = values
+        src = torch.tensor(values, dtype=torch.float32)
+        if self.stage_weight.device.type == 'cuda':
+            src = src.pin_memory()  # a pageable-memory copy would synchronise the host with the stream
+        self.stage_weight.copy_(src, non_blocking=True)
+        return True
+
+    def current_stage_weights(self) -> List[float]:
+        """The weights the loss uses now (host copy, for logging)."""
+        return list(self._stage_weight_values)
 
     def train(self, mode: bool = True) -> 'LocalMIM':
         super().train(mode)
@@ -641,7 +733,7 @@ class LocalMIM(nn.Module):
         latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio)
         stage_losses, preds = self.decode(latents, mask, ids_restore, targets, mask_ratio, full)
         if stage_losses:
-            loss = sum(self.stage_weights[k] * stage_losses[k] for k in active)
+            loss = sum(self.stage_weight[k] * stage_losses[k] for k in active)
         else:
             loss = imgs.new_zeros(())
         out: Dict[str, object] = {'loss': loss, 'stage_losses': stage_losses}

@@ -7,6 +7,7 @@
 ``python run_pretrain.py --demo`` trains a tiny model on the built-in demo data in a few minutes on a CPU.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -19,7 +20,7 @@ import models_mim
 from engine_pretrain import NonFiniteLoss, PretrainState, train_one_epoch
 from freezeout import (AdaptiveFreezeOut, FreezeOut, FreezeOutSchedule, add_policy_args, add_schedule_args,
                        bounds_from_args, decided_saving, format_adaptive_plan, format_plan, measure_unit_flops,
-                       resolve_freeze_args)
+                       projected_saving, resolve_freeze_args)
 from util import distributed as du
 from util.amp import fused_attention_report, make_amp, set_cuda_speed_flags
 from util.args import (add_arch_args, add_common_args, add_optim_args, apply_demo_defaults, check_output_dir,
@@ -34,20 +35,42 @@ from util.signals import GracefulStop
 from util.lr_sched import WarmupCosine, absolute_lr, steps_per_epoch
 from util.vis import fixed_batch, render_stages
 
+# The demo shows FreezeOut: scaled cubic t_0 0.7 (ViTFreeze schedule) freezes the embedding and 5 of the 6 blocks
+# from epoch 15 on, with them 3 of the 4 stage decoders, which are most of this model's FLOPs (plan: ~25% saved);
+# the first freeze comes after ~180 full steps, as the tiny encoder's k-NN leaves chance only after ~200 steps.
+# ``--demo --t_0 1`` is the plain LocalMIM demo (bit-identical to no FreezeOut). The encoder is the evaluators'
+# --demo architecture; the decoders are 128 wide (LocalMIM: 256 for a 768-wide ViT-B), which makes a step ~3x
+# cheaper, so the run affords the ~400+ optimizer steps the k-NN needs to leave chance within the time budget.
 DEMO_DEFAULTS = dict(model='MIM_vit_tiny_patch16', input_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3,
-                     batch_size=32, epochs=25, warmup_epochs=2, blr=1e-2, num_workers=0, save_freq=5,
+                     decoder_embed_dim=128, batch_size=32, epochs=40, warmup_epochs=2, blr=1e-2, num_workers=0,
+                     save_freq=10,
+                     how_scale='cubic', t_0=0.7, knn_eval_freq=20, knn_at_init=True, vis_freq=10,
                      output_dir='./output_dir/demo_pretrain', log_dir='./output_dir/demo_pretrain/tb',
                      device='cpu')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser('LocalMIM pre-training (with optional FreezeOut)', add_help=True)
-    add_optim_args(p, title='optimisation', batch_size=128, epochs=400, blr=1e-3, min_lr=1e-6, warmup_epochs=40,
-                   weight_decay=0.05, weight_decay_help='AdamW weight decay; none on biases, norms and other 1-D params',
-                   blr_note='; LocalMIM ViT-B uses 2e-4')
+    g = add_optim_args(p, title='optimisation', batch_size=128, epochs=400, blr=1e-3, min_lr=1e-6, warmup_epochs=40,
+                       weight_decay=0.05,
+                       weight_decay_help='AdamW weight decay; none on biases, norms and other 1-D params',
+                       blr_note='; LocalMIM ViT-B uses 2e-4',
+                       min_lr_note="; also where every FreezeOut unit's cosine ends. ViTFreeze's unit cosines end at "
+                                   '0 ("min_lr is 0 based on freeze_out"): --min_lr 0 reproduces them exactly')
+    g.add_argument('--lr_schedule', default='cosine', choices=['cosine', 'constant'],
+                   help='after the linear warm-up: cosine = half-cosine to --min_lr (MAE/LocalMIM); constant = hold '
+                        'the peak LR to the end. With FreezeOut a unit holds its peak and anneals to --min_lr over a '
+                        'tail before its freeze step (--constant_tail) (default: cosine)')
+    g.add_argument('--constant_tail', default=0.1, type=float, metavar='FRAC',
+                   help='with --lr_schedule constant and FreezeOut: fraction in [0, 1] of a unit\'s post-warm-up '
+                        'span (warm-up end to freeze step) spent on a half-cosine from its peak to --min_lr, so no '
+                        'unit is frozen at a high LR; never-frozen units hold to the end (default: 0.1)')
     g = p.add_argument_group('model')
     add_arch_args(g, model_default='MIM_vit_base_patch16', source="the model's (patch 16, or 14 for ViT-H)",
                   model_help=f"model name: {', '.join(models_mim.MODEL_NAMES)} (default: MIM_vit_base_patch16)")
+    g.add_argument('--decoder_embed_dim', default=256, type=int,
+                   help='width of each stage decoder (LocalMIM: 256; --demo: 128, in proportion to its 96-wide '
+                        'encoder) (default: 256)')
     g.add_argument('--mask_ratio', default=0.75, type=float,
                    help='fraction of patches removed from the encoder input, in [0, 1) (default: 0.75)')
     g.add_argument('--hog_nbins', default=9, type=int, help='HOG orientation bins over 180 degrees (default: 9)')
@@ -56,8 +79,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--all_stages', action='store_true',
                    help='every block feeds a decoder instead of blocks [1, 3, depth-3, depth-1] (default: off)')
     g.add_argument('--stage_weights', default='equal', type=str,
-                   help="per-stage loss weights shallow->deep: 'equal' (paper), '4321', '1overk' (1/4,1/3,1/2,1) "
-                        "or a comma list (default: equal)")
+                   help=f'per-stage loss weights, shallow->deep: {models_mim.STAGE_WEIGHTS_HELP} (default: equal)')
+    g.add_argument('--stage_weights_end', default=None, type=str, metavar='W1',
+                   help='stage-loss curriculum: every weight moves linearly over the optimizer steps from '
+                        '--stage_weights (step 0) to this (reached at step T; preset or comma list, same rules); '
+                        'logged per epoch (default: none, weights fixed)')
     g = p.add_argument_group('FreezeOut (on when --t_0 or --how_scale is given, or --freeze_policy adaptive)')
     add_schedule_args(g)
     g.add_argument('--plan_only', action='store_true',
@@ -65,12 +91,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_policy_args(g)
     g = p.add_argument_group('evaluation during pre-training')
     g.add_argument('--knn_eval_freq', default=0, type=int,
-                   help='run weighted k-NN on the current encoder every N epochs (0 = off; --demo: 5)')
+                   help='run weighted k-NN on the current encoder every N epochs and after the last (0 = off; '
+                        '--demo: 20)')
+    g.add_argument('--knn_at_init', action='store_true',
+                   help='with --knn_eval_freq: also run the k-NN on the randomly initialised encoder before training '
+                        '(the baseline the pre-training must beat; logged as knn_init_* in epoch 0) (default: off; '
+                        '--demo: on)')
     g.add_argument('--knn_data_path', default=None, type=str,
                    help='ImageNet-style root with train/ and val/ for the online k-NN (default: --data_path)')
     g.add_argument('--vis_freq', default=20, type=int,
                    help='every N epochs write TensorBoard images of a fixed batch: input, mask, and HOG target vs '
-                        'prediction of each active stage (0 = off; needs --log_dir) (default: 20; --demo: 5)')
+                        'prediction of each active stage (0 = off; needs --log_dir) (default: 20; --demo: 10)')
     g.add_argument('--vis_images', default=4, type=int, help='images in the visualisation batch (default: 4)')
     g = p.add_argument_group('speed')
     g.add_argument('--compile', action='store_true',
@@ -102,7 +133,7 @@ def prepare_args(args: argparse.Namespace) -> None:
     argv = getattr(args, 'argv', [])
     if args.demo:
         from util.demo_data import default_demo_root, make_demo_dataset
-        defaults = dict(DEMO_DEFAULTS, data_path=str(default_demo_root()), knn_eval_freq=5, vis_freq=5)
+        defaults = dict(DEMO_DEFAULTS, data_path=str(default_demo_root()))
         if args.output_dir != DEMO_DEFAULTS['output_dir'] and 'output_dir' in explicit_flags(argv):
             defaults['log_dir'] = os.path.join(args.output_dir, 'tb')  # keep a custom demo run's files together
         apply_demo_defaults(args, defaults, argv)
@@ -110,6 +141,9 @@ def prepare_args(args: argparse.Namespace) -> None:
             make_demo_dataset(args.data_path)
     resolve_device_flag(args, argv)
     resolve_freeze_args(args, argv)
+    if not 0.0 <= args.constant_tail <= 1.0:
+        raise UserError(f'--constant_tail {args.constant_tail}: must be in [0, 1] (a fraction of a unit\'s '
+                        f'post-warm-up span)')
     if args.prefetch_factor is not None and (args.prefetch_factor < 1 or args.num_workers < 1):
         raise UserError(f'--prefetch_factor {args.prefetch_factor}: needs a value >= 1 and --num_workers >= 1')
     if args.batch_size < 1:
@@ -126,7 +160,8 @@ def build_model(args: argparse.Namespace) -> models_mim.LocalMIM:
     return models_mim.create_model(
         args.model, img_size=args.input_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
         depth=args.depth, num_heads=args.num_heads, hog_nbins=args.hog_nbins, hog_bias=args.hog_bias,
-        all_stages=args.all_stages, stage_weights=args.stage_weights, hog_bias_seed=args.seed)
+        all_stages=args.all_stages, stage_weights=args.stage_weights, hog_bias_seed=args.seed,
+        stage_weights_end=args.stage_weights_end, decoder_embed_dim=args.decoder_embed_dim)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -161,7 +196,7 @@ def main(args: argparse.Namespace) -> None:
               f'{du.get_world_size()} processes)')
     du.print0(f'model {args.model}: {args.input_size}px, patch {model.patch_size}, {model.depth} blocks, stages '
               f'(block, scale, cell px): {list(zip(model.stage_blocks, model.stage_scales, model.cell_sizes))}, '
-              f'stage weights {model.stage_weights}')
+              f'stage weights {model.stage_weights}' + _curriculum_note(args, model))
     if cuda_flags:
         du.print0(f'CUDA: {cuda_flags}, fused AdamW, pinned memory {args.pin_mem} + non_blocking copies')
     note = fused_attention_report(model)
@@ -181,7 +216,8 @@ def main(args: argparse.Namespace) -> None:
     elif args.freezeout:
         schedule = FreezeOutSchedule(FreezeOut.unit_names(model, args.dont_freeze_pe), total_steps, warmup_steps,
                                      args.lr, args.min_lr, args.t_0, args.how_scale, scale_lr=not args.not_scale_lr,
-                                     layerwise_lr=not args.non_layerwise_lr)
+                                     layerwise_lr=not args.non_layerwise_lr, freeze_schedule=args.freeze_schedule,
+                                     lr_schedule=args.lr_schedule, constant_tail=args.constant_tail)
         freezer = FreezeOut(model, schedule, args.dont_freeze_pe)
         flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
         du.print0(format_plan(schedule, spe, flops, args.dont_freeze_pe))
@@ -190,15 +226,16 @@ def main(args: argparse.Namespace) -> None:
         param_groups = param_groups_weight_decay(model, args.weight_decay)
     if args.plan_only:
         if not args.freezeout:
-            du.print0('no FreezeOut (--t_0/--how_scale not given): plain warm-up + cosine, nothing freezes; '
-                      f'T={total_steps} steps, W={warmup_steps}')
+            du.print0(f'no FreezeOut (--t_0/--how_scale not given): plain warm-up + {args.lr_schedule}, nothing '
+                      f'freezes; T={total_steps} steps, W={warmup_steps}')
         du.cleanup()
         return
 
     # fused: one kernel for all parameters (CPU and CUDA); 3-4x faster optimizer step than the per-tensor loop
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
     amp = make_amp(device, args.amp)
-    lr_control = freezer if freezer is not None else WarmupCosine(args.lr, args.min_lr, warmup_steps, total_steps)
+    lr_control = freezer if freezer is not None else WarmupCosine(args.lr, args.min_lr, warmup_steps, total_steps,
+                                                                  shape=args.lr_schedule)
 
     def rewrap() -> nn.Module:
         # A fresh DDP reducer only registers parameters that still require grad, so frozen ones stop being
@@ -214,6 +251,12 @@ def main(args: argparse.Namespace) -> None:
     if resumed:
         path, ckpt = resumed
         warn_changed_flags(ckpt.get('args', {}), args)
+        saved = ckpt.get('args', {})
+        if (freezer is not None and saved.get('freezeout') and 'freeze_schedule' not in saved
+                and args.freeze_schedule != 'freezeout'):
+            du.print0(f'warning: {path} predates --freeze_schedule and was trained with the freezeout schedule; '
+                      f'continuing it with --freeze_schedule {args.freeze_schedule} changes the run (pass '
+                      f'--freeze_schedule freezeout to continue it unchanged)')
         if freezer is not None:
             freezer.load_state_dict(ckpt.get('freezeout', {}), optimizer)  # before the optimizer: groups must match
         elif ckpt.get('freezeout', {}).get('num_frozen', 0):
@@ -249,6 +292,11 @@ def main(args: argparse.Namespace) -> None:
     log_writer = TensorBoard(args.log_dir)
     knn = _knn_setup(args, device) if args.knn_eval_freq > 0 else None
     vis_batch = _vis_batch(args, device) if (log_writer and args.vis_freq > 0) else None
+    init_knn = {}
+    if knn is not None and args.knn_at_init and args.start_epoch == 0:
+        du.print0('k-NN of the randomly initialised encoder (the baseline):')
+        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):  # the run is unchanged
+            init_knn = {k.replace('knn_', 'knn_init_', 1): v for k, v in knn(model).items()}
     du.print0(f'Start training for {args.epochs} epochs (from epoch {args.start_epoch})')
     start = time.time()
     saving = {'base_step_time': None, 'time': 0.0, 'steps': 0}
@@ -258,7 +306,10 @@ def main(args: argparse.Namespace) -> None:
     for epoch in range(args.start_epoch, args.epochs):
         seed_loader_epoch(loader, args.seed, epoch, du.get_rank())
         stats = train_one_epoch(state, loader, epoch, args, log_writer, stop=stop)
-        record = {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch, 'step': state.global_step}
+        record = {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch, 'step': state.global_step,
+                  'stage_weights': model.current_stage_weights()}
+        if epoch == 0:
+            record.update(init_knn)
         if freezer is not None:
             record.update(frozen_units=freezer.num_frozen, active_stages=model.active_stages(),
                           unit_lr=freezer.lr_by_unit(state.global_step))
@@ -294,6 +345,8 @@ def main(args: argparse.Namespace) -> None:
                   f'time left {_eta(start, epoch - args.start_epoch + 1, args.epochs - epoch - 1)}')
     log_writer.close()
     du.print0(f'Training time {time.strftime("%H:%M:%S", time.gmtime(time.time() - start))}')
+    if args.demo and du.is_main_process():
+        print(demo_summary(args, freezer, flops, spe), flush=True)
     stop.close()
     du.cleanup()
 
@@ -313,6 +366,73 @@ def _saving_so_far(acc: dict, stats: dict, epoch: int, args, freezer, flops, spe
     if acc['base_step_time']:
         out['measured_saving_so_far'] = 1.0 - acc['time'] / (acc['base_step_time'] * acc['steps'])
     return out
+
+
+def demo_summary(args, freezer, flops, spe: int) -> str:
+    """The end-of-demo block: freeze events, measured vs planned saving, k-NN lift, where the files are, what next.
+    Read from log.txt, so a resumed demo reports the whole run."""
+    recs = []
+    path = os.path.join(args.output_dir, 'log.txt') if args.output_dir else ''
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            recs = [json.loads(l) for l in f if l.strip()]
+    last = recs[-1] if recs else {}
+    lines = ['', '=' * 30 + ' ViTFreeze demo: summary ' + '=' * 30]
+    if freezer is not None and not hasattr(freezer, 'schedule'):  # the adaptive policy: decisions, no fixed plan
+        lines.append(f'FreezeOut: adaptive policy; frozen by the end: {freezer.num_frozen} units; decided saving '
+                     f'{100 * last.get("decided_saving_so_far", 0.0):.1f}% (FLOP model), measured '
+                     f'{100 * last.get("measured_saving_so_far", 0.0):.1f}%')
+    elif freezer is not None:
+        s = freezer.schedule
+        lines.append(f'FreezeOut: {s.how_scale} t_0={s.t_0:g}, --freeze_schedule {s.freeze_schedule}, '
+                     f'T={s.total_steps} steps; frozen by the end: {freezer.num_frozen} of {len(s.units)} units')
+        for u in s.units:
+            if u.freeze_step is not None and u.freeze_step < s.total_steps:
+                lines.append(f'  {u.name:<8} frozen at step {u.freeze_step} (epoch {u.freeze_step / spe:.2f})')
+        planned = projected_saving(s, flops, args.dont_freeze_pe)
+        meas = last.get('measured_saving_so_far')
+        lines.append(f'saving: planned {100 * planned:.1f}% of training FLOPs (FLOP model); measured '
+                     + (f'{100 * meas:.1f}% of training-loop compute time (vs the step time before anything froze)'
+                        if meas is not None else 'n/a (no epoch ran before the first freeze)'))
+    else:
+        lines.append('FreezeOut: off')
+    k = 20
+    init = next((r[f'knn_init_k{k}_top1'] for r in recs if f'knn_init_k{k}_top1' in r), None)
+    final = next((r[f'knn_k{k}_top1'] for r in reversed(recs) if f'knn_k{k}_top1' in r), None)
+    if final is not None:
+        chance = 100.0 / max(1, len(_class_dirs(args.knn_data_path or args.data_path)))
+        lines.append(f'k-NN top-1 (k={k}, val split): random init '
+                     + (f'{init:.1f}%' if init is not None else 'n/a') + f' -> pre-trained {final:.1f}% '
+                     f'(chance {chance:.0f}%)')
+    out = args.output_dir or '.'
+    ck = os.path.join(out, 'checkpoint-last.pth')
+    lines += [f'files: checkpoints {out}/checkpoint-*.pth, per-epoch log {os.path.join(out, "log.txt")}'
+              + (f', TensorBoard: tensorboard --logdir {args.log_dir}' if args.log_dir else ''),
+              'next:',
+              f'  python run_knn.py --demo --finetune {ck}         # k-NN of the pre-trained encoder',
+              f'  python run_linprobe.py --demo --finetune {ck}    # linear probe',
+              f'  python run_finetune.py --demo --finetune {ck}    # fine-tune',
+              '  python run_pretrain.py --demo --plan_only          # the freeze plan alone',
+              '  python run_pretrain.py --demo --t_0 1 --output_dir output_dir/demo_plain   # plain LocalMIM',
+              '=' * 85]
+    return '\n'.join(lines)
+
+
+def _class_dirs(root: str) -> list:
+    for sub in ('val', 'train', ''):
+        d = os.path.join(root, sub)
+        if os.path.isdir(d):
+            dirs = [e for e in os.listdir(d) if os.path.isdir(os.path.join(d, e))]
+            if dirs:
+                return dirs
+    return []
+
+
+def _curriculum_note(args, model) -> str:
+    if not args.stage_weights_end:
+        return ''
+    end = models_mim.stage_weights_for(args.stage_weights_end, len(model.stage_blocks))
+    return f' -> {end} at step T (linear in the optimizer step)'
 
 
 DATA_BOUND_SHARE = 0.10
@@ -344,10 +464,11 @@ def _log_epoch(tb: TensorBoard, record: dict, epoch: int, freezer) -> None:
               'train_max_mem_mb'):
         if k in record:
             tb.scalar(f'perf/{k[6:]}', record[k], x)
-    if freezer is not None:
+    for k, w in enumerate(record.get('stage_weights', [])):
+        tb.scalar(f'stage_weight/stage{k}', w, x)
+    if freezer is not None:  # (the per-unit LR goes to TensorBoard from the training loop, per optimizer step)
         tb.scalar('freezeout/frozen_units', record['frozen_units'], x)
         tb.scalar('freezeout/active_stages', len(record['active_stages']), x)
-        tb.scalars('freezeout/unit_lr', record['unit_lr'], x)
         for k in ('planned_saving_so_far', 'decided_saving_so_far', 'measured_saving_so_far'):
             if k in record:
                 tb.scalar(f'freezeout/{k}', record[k], x)

@@ -73,7 +73,8 @@ def parse_schedules(args: argparse.Namespace) -> List[Tuple[str, float]]:
 def make_schedule(args, names: Sequence[str], how: str, t0: float) -> FreezeOutSchedule:
     total = args.epochs * args.steps_per_epoch
     return FreezeOutSchedule(names, total, args.warmup_epochs * args.steps_per_epoch, args.lr, args.min_lr, t0, how,
-                             scale_lr=not args.not_scale_lr, layerwise_lr=not args.non_layerwise_lr)
+                             scale_lr=not args.not_scale_lr, layerwise_lr=not args.non_layerwise_lr,
+                             freeze_schedule=args.freeze_schedule)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -251,8 +252,8 @@ def e2e(args: argparse.Namespace, log=print) -> Dict[str, object]:
         for i, kind in enumerate(order):
             od = os.path.join(d, f'{kind}{i}')
             cmd = base + ['--output_dir', od, '--log_dir', os.path.join(od, 'tb')]
-            if kind == 'freezeout':
-                cmd += ['--how_scale', 'cubic', '--t_0', '0.8']
+            # --demo runs FreezeOut by default; --t_0 1 is its plain run (bit-identical to no FreezeOut)
+            cmd += ['--how_scale', 'cubic', '--t_0', '0.8' if kind == 'freezeout' else '1']
             t = time.time()
             ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -467,6 +468,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--rounds', default=2, type=int, help='passes over the states, alternating order (default: 2)')
     p.add_argument('--t_0', default=0.8, type=float)
     p.add_argument('--how_scale', default='cubic', choices=['linear', 'squared', 'cubic'])
+    p.add_argument('--freeze_schedule', default='vitfreeze', choices=['vitfreeze', 'freezeout'],
+                   help='where units freeze: W + t_i (T - W) (vitfreeze, run_pretrain.py\'s default) or t_i T '
+                        '(freezeout; docs/PERFORMANCE.md section 3 was measured with it) (default: vitfreeze)')
     p.add_argument('--schedules', default=None,
                    help='several schedules from one sweep, e.g. cubic:0.8,linear:0.5,cubic:0.9 (overrides --t_0/'
                         '--how_scale)')

@@ -243,7 +243,7 @@ def phased_forward(model: models_mim.LocalMIM, imgs: torch.Tensor, mask_ratio: f
     tick('encoder')
     with amp.autocast():
         losses, _ = model.decode(latents, mask, ids_restore, targets, mask_ratio, full_decode)
-        loss = sum(model.stage_weights[k] * losses[k] for k in active) if losses else imgs.new_zeros(())
+        loss = sum(model.stage_weight[k] * losses[k] for k in active) if losses else imgs.new_zeros(())
     tick('decoders')
     return loss
 

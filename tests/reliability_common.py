@@ -38,9 +38,10 @@ TIMEOUT = 180  # seconds, any single subprocess
 TINY = ['--model', 'MIM_vit_tiny_patch16', '--input_size', '32', '--patch_size', '4', '--embed_dim', '64',
         '--depth', '4', '--num_heads', '4', '--batch_size', '4', '--warmup_epochs', '1', '--blr', '1e-2',
         '--num_workers', '0', '--device', 'cpu', '--seed', '3']
-# 32 images / batch 4 = 8 iterations per epoch, T = 24 steps, W = 8. Linear t_0 = 0.3 over 5 units freezes the
-# embedding at step 8 (epoch 1 start), block1 at 12 (mid epoch 1), block2 at 16 (epoch 2 start), block3 at 20.
-FREEZE = ['--how_scale', 'linear', '--t_0', '0.3']
+# 32 images / batch 4 = 8 iterations per epoch, T = 24 steps, W = 8. Linear t_0 = 0.3 over 5 units freezes (under
+# the FreezeOut-paper schedule these tests pin) the embedding at step 8 (epoch 1 start), block1 at 12 (mid epoch 1),
+# block2 at 16 (epoch 2 start), block3 at 20.
+FREEZE = ['--how_scale', 'linear', '--t_0', '0.3', '--freeze_schedule', 'freezeout']
 EPOCHS = 3
 ITERS = 8
 

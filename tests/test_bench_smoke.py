@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark scripts and the schedule plot: they run, write the JSON keys, and the reference-style
 HOG written in the bench agrees with ours. Minimal sizes (32 px, patch 4, depth 4, 2 steps); no timed asserts."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -96,8 +97,12 @@ def test_plot_schedule_uses_freezeout_schedule():
     s = build_schedule(a)
     assert [u.name for u in s.units] == ['embed', 'block1', 'block2', 'block3', 'block4']
     assert s.total_steps == 100 and s.warmup_steps == 10 and s.lr == pytest.approx(2e-3)
-    a = get_parser().parse_args(['--dont_freeze_pe', '--depth', '4', '--out', 'x.png'])
-    assert [u.name for u in build_schedule(a).units][0] == 'block1'
+    assert s.freeze_schedule == 'vitfreeze' and s.units[0].freeze_step == 10 + math.ceil(0.512 * 90)
+    a = get_parser().parse_args(['--dont_freeze_pe', '--depth', '4', '--out', 'x.png', '--freeze_schedule',
+                                 'freezeout', '--lr_schedule', 'constant'])
+    s = build_schedule(a)
+    assert [u.name for u in s.units][0] == 'block1'
+    assert (s.freeze_schedule, s.lr_schedule) == ('freezeout', 'constant')
 
 
 def test_scaling_smoke(tmp_path):

@@ -37,7 +37,7 @@ def _setup(t_0, how='linear', drop_path=0.1, layer_decay=0.75, total=12, warm=2,
     seam = models_vit.ViTUnits(model)
     groups = models_vit.layer_decay_param_groups(model, 0.05, layer_decay)
     names = [u.name for u in (seam.units()[1:] if dont_freeze_pe else seam.units())]
-    sched = FreezeOutSchedule(names, total, warm, 1e-3, 1e-6, t_0=t_0, how_scale=how)
+    sched = FreezeOutSchedule(names, total, warm, 1e-3, 1e-6, t_0=t_0, how_scale=how, freeze_schedule='freezeout')
     fo = FreezeOut(seam, sched, dont_freeze_pe)
     tagged = tag_param_groups(groups, seam.units(), dont_freeze_pe)
     opt = torch.optim.AdamW(tagged, lr=1e-3)
@@ -141,9 +141,10 @@ import shutil  # noqa: E402
 
 import models_mim  # noqa: E402
 
-# 32 train images, batch 8: 4 steps/epoch; 3 epochs: T = 12, W = 4. Linear t_0 = 0.3 over 5 units freezes the
-# embedding at step 4 (start of epoch 1), block1 at 6, block2 at 8 (start of epoch 2), block3 at 10; block4 never.
-FT = ['--input_size', '32', '--batch_size', '8', '--num_workers', '0', '--device', 'cpu', '--seed', '3',
+# 32 train images, batch 8: 4 steps/epoch; 3 epochs: T = 12, W = 4. Linear t_0 = 0.3 over 5 units freezes (FreezeOut-
+# paper schedule, pinned) the embedding at step 4 (start of epoch 1), block1 at 6, block2 at 8 (start of epoch 2),
+# block3 at 10; block4 never.
+FT = ['--freeze_schedule', 'freezeout', '--input_size', '32', '--batch_size', '8', '--num_workers', '0', '--device', 'cpu', '--seed', '3',
       '--lr', '1e-2', '--warmup_epochs', '1', '--save_freq', '1', '--layer_decay', '0.75', '--drop_path', '0.1']
 
 

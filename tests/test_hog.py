@@ -1,6 +1,7 @@
 """HOG targets (models_mim.HOGTargets): the reference fixture, a literal slow reference, one pass == per stage,
 forward layout, autocast, and the --hog_bias draw."""
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,9 @@ from models_mim import HOGTargets, create_model
 
 pytestmark = pytest.mark.usefixtures('single_thread')
 
-FIXTURE = Path(__file__).resolve().parents[2] / 'shared/fixtures/hog_reference.npz'
+# Shipped with the tests (see tests/fixtures/README.md); the project's ../shared copy is only a fallback.
+FIXTURE_CANDIDATES = (Path(__file__).resolve().parent / 'fixtures' / 'hog_reference.npz',
+                      Path(__file__).resolve().parents[2] / 'shared' / 'fixtures' / 'hog_reference.npz')
 POOLS = [4, 8, 16, 32]
 
 
@@ -53,10 +56,19 @@ def _images(seed=0, b=2, size=32):
     return x
 
 
+def find_fixture():
+    return next((p for p in FIXTURE_CANDIDATES if p.is_file()), None)
+
+
 def _fixture():
-    if not FIXTURE.exists():
-        pytest.skip(f'HOG reference fixture not found at {FIXTURE} (it lives in ../shared/fixtures of the checkout)')
-    return np.load(FIXTURE)
+    path = find_fixture()
+    if path is None:
+        msg = (f'HOG reference fixture not found at {" or ".join(map(str, FIXTURE_CANDIDATES))} '
+               f'(tests/fixtures/hog_reference.npz ships with the repository)')
+        if os.environ.get('CI', '').lower() in ('1', 'true', 'yes'):
+            pytest.fail(msg + '; CI must check the HOG targets against the reference', pytrace=False)
+        pytest.skip(msg)
+    return np.load(path)
 
 
 def _report(name, got, ref, tol=1e-5):
@@ -87,6 +99,21 @@ def test_matches_reference_fixture(nb):
         # the fixture is a real HOG: non-trivial, unit-norm (or zero) cells
         norms = ref.view(3, 3, nb, -1).norm(dim=2)
         assert ((norms - 1).abs() < 1e-4).logical_or(norms < 1e-6).all()
+
+
+def test_fixture_ships_with_the_tests_and_missing_fails_in_ci(monkeypatch, tmp_path):
+    import sys
+    here = sys.modules[__name__]
+    assert find_fixture() == FIXTURE_CANDIDATES[0], 'tests/fixtures/hog_reference.npz must ship with the tests'
+    if FIXTURE_CANDIDATES[1].is_file():  # the shipped copy is the project's reference file, byte for byte
+        assert FIXTURE_CANDIDATES[0].read_bytes() == FIXTURE_CANDIDATES[1].read_bytes()
+    monkeypatch.setattr(here, 'FIXTURE_CANDIDATES', (tmp_path / 'a.npz', tmp_path / 'b.npz'))
+    monkeypatch.setenv('CI', 'true')
+    with pytest.raises(pytest.fail.Exception, match='CI must check the HOG targets'):
+        _fixture()
+    monkeypatch.delenv('CI')
+    with pytest.raises(pytest.skip.Exception, match='not found'):
+        _fixture()
 
 
 def test_fixture_equals_literal_reference():

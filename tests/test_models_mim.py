@@ -135,7 +135,8 @@ def test_stage_loss_equals_literal_formula_on_random_tensors():
 
 
 @pytest.mark.parametrize('spec,weights', [('equal', [1, 1, 1, 1]), ('4321', [4, 3, 2, 1]),
-                                          ('1overk', [1 / 4, 1 / 3, 1 / 2, 1]), ('0.5,1,2,0', [0.5, 1, 2, 0])])
+                                          ('1overk', [1, 1 / 2, 1 / 3, 1 / 4]), ('inv4321', [1 / 4, 1 / 3, 1 / 2, 1]),
+                                          ('0.5,1,2,0', [0.5, 1, 2, 0])])
 def test_forward_loss_is_weighted_sum_of_literal_stage_losses(spec, weights):
     model = tiny(seed=0, stage_weights=spec)
     assert model.stage_weights == pytest.approx(weights)
@@ -173,11 +174,13 @@ def test_parse_stage_weights_presets_and_errors():
     assert parse_stage_weights('equal', 4) == [1.0] * 4
     assert parse_stage_weights(None, 3) == [1.0] * 3
     assert parse_stage_weights('4321', 4) == [4.0, 3.0, 2.0, 1.0]
-    assert parse_stage_weights('1overk', 4) == pytest.approx([0.25, 1 / 3, 0.5, 1.0])
+    assert parse_stage_weights('1overk', 4) == pytest.approx([1.0, 0.5, 1 / 3, 0.25])
+    assert parse_stage_weights('inv4321', 4) == pytest.approx([0.25, 1 / 3, 0.5, 1.0])
     assert parse_stage_weights('1, 2.5,0,3', 4) == [1.0, 2.5, 0.0, 3.0]
-    # all_stages with 12 stages: presets generalise to S..1 and 1/S..1
+    # all_stages with 12 stages: presets generalise to S..1, 1..1/S and 1/S..1
     assert parse_stage_weights('4321', 12) == [float(12 - k) for k in range(12)]
-    assert parse_stage_weights('1overk', 12)[0] == pytest.approx(1 / 12)
+    assert parse_stage_weights('1overk', 12)[-1] == pytest.approx(1 / 12)
+    assert parse_stage_weights('inv4321', 12)[0] == pytest.approx(1 / 12)
     for bad, msg in (('1,2,3', 'got 3 weights for 4 stages'), ('1,2,3,4,5', 'got 5 weights'),
                      ('a,b,c,d', 'comma list'), ('1,-1,1,1', '>= 0'), ('nan,1,1,1', 'finite'),
                      ('inf,1,1,1', 'finite'), ('4312', 'got 1 weights')):
@@ -185,6 +188,61 @@ def test_parse_stage_weights_presets_and_errors():
             parse_stage_weights(bad, 4)
     with pytest.raises(UserError, match='stage_weights'):
         tiny(stage_weights='1,2')
+
+
+def vitfreeze_weights(spec, active, num_stages):
+    """ViTFreeze's weighted loss: its stage list shrank as stages were switched off; stage k of the remaining list
+    (k = 0 shallowest) got len(pred) - k ('4321') or 1 / (k + 1) ('1overk')."""
+    out = [0.0] * num_stages
+    for k, stage in enumerate(sorted(active)):
+        out[stage] = {'4321': len(active) - k, '1overk': 1 / (k + 1)}[spec]
+    return out
+
+
+@pytest.mark.parametrize('spec', ['4321', '1overk', 'inv4321', '1,2,3,4'])
+def test_stage_weight_presets_before_and_after_a_stage_switches_off(spec):
+    """depth 4: taps [1, 3, 1, 3]; freezing blocks 1-2 switches off stages 0 and 2 (fed by block 2)."""
+    model = tiny(seed=0, stage_weights=spec)
+    fixed = {'inv4321': [1 / 4, 1 / 3, 1 / 2, 1], '1,2,3,4': [1, 2, 3, 4]}
+    imgs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    for frozen, active in ((0, [0, 1, 2, 3]), (1, [0, 1, 2, 3]), (2, [1, 3])):
+        model.set_frozen(frozen, embed_frozen=frozen > 0)
+        assert model.active_stages() == active
+        want = fixed[spec] if spec in fixed else vitfreeze_weights(spec, active, 4)
+        want = [w if k in active else 0.0 for k, w in enumerate(want)]
+        assert model.current_stage_weights() == pytest.approx(want, rel=1e-7)
+        assert model.stage_weight.tolist() == pytest.approx(want, rel=1e-7)  # the buffer the loss reads
+        assert models_mim.stage_weights_for(spec, 4, active) == pytest.approx(want)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            out = model(imgs, mask_ratio=0.75)
+        assert sorted(out['stage_losses']) == active
+        total = sum(want[k] * out['stage_losses'][k].item() for k in active)
+        assert out['loss'].item() == pytest.approx(total, rel=1e-6)
+    if spec == '4321':  # after the shift: the shallowest active stage weighs S_active = 2, the deepest 1
+        assert model.current_stage_weights() == [0.0, 2.0, 0.0, 1.0]
+    if spec == '1overk':
+        assert model.current_stage_weights() == [0.0, 1.0, 0.0, 0.5]
+
+
+def test_stage_weight_curriculum_is_linear_in_progress_and_written_only_on_change():
+    model = tiny(seed=0, stage_weights='equal', stage_weights_end='0,1,2,4')
+    sched = model.stage_weight_schedule
+    assert sched.varies and not models_mim.StageWeightSchedule('4321', None, 4).varies
+    for p in (0.0, 0.25, 0.5, 0.999):
+        assert sched.at(p) == pytest.approx([1 + (w - 1) * p for w in (0, 1, 2, 4)])
+    assert model.update_stage_weights(0.5) is True
+    assert model.stage_weight.tolist() == pytest.approx([0.5, 1.0, 1.5, 2.5])
+    assert model.update_stage_weights(0.5) is False  # unchanged: no write
+    # presets at both ends rank the active stages: equal -> 4321 with stages 0 and 2 off
+    m2 = tiny(seed=0, stage_weights='equal', stage_weights_end='4321')
+    m2.update_stage_weights(0.5)
+    m2.set_frozen(2, embed_frozen=True)
+    assert m2.current_stage_weights() == pytest.approx([0.0, 1 + (2 - 1) * 0.5, 0.0, 1.0])
+    with pytest.raises(UserError, match='--stage_weights_end: got 2 weights for 4 stages'):
+        tiny(stage_weights_end='1,2')
+    # not in the state dict: checkpoints keep their keys, the weights follow from the step
+    assert 'stage_weight' not in model.state_dict()
 
 
 # ---- stage layout and HOG cells ------------------------------------------------------------------------------------

@@ -23,9 +23,10 @@ def _log(path):
 
 
 def _numbers(rec):
-    """The deterministic part of a log record: drops wall-clock timings, throughput, memory and the "saving so far"
-    figures (documented as covering this process's epochs only, so a resumed process reports its own)."""
-    return {k: v for k, v in rec.items() if not any(w in k for w in ('time', 'img_per_s', 'mem', 'so_far'))}
+    """The deterministic part of a log record: drops wall-clock timings (and the data-wait share), throughput,
+    memory and the "saving so far" figures (documented as covering this process's epochs only, so a resumed
+    process reports its own)."""
+    return {k: v for k, v in rec.items() if not any(w in k for w in ('time', 'img_per_s', 'mem', 'so_far', 'wait'))}
 
 
 def _load(path):
@@ -42,17 +43,24 @@ def runs(demo_root, run_pretrain, tmp_path_factory):
     """Every run_pretrain.py invocation of this module, in two waves (the second resumes from the first)."""
     tmp = tmp_path_factory.mktemp('cli')
     base = [*TINY_PRETRAIN_FLAGS, '--model', 'MIM_vit_tiny_patch16', '--data_path', demo_root]
-    d = {k: tmp / k for k in ('plain', 't1', 'fo', 'resumed_plain', 'resumed_fo', 'demo', 'seed_accum')}
+    d = {k: tmp / k for k in ('plain', 't1', 't1_fo', 'fo', 'resumed_plain', 'resumed_fo', 'fo_vit', 'resumed_fo_vit',
+                              'demo', 'seed_accum')}
     demo_cache = tmp / 'demo_cache'
-    fo_flags = ['--t_0', '0.3', '--how_scale', 'linear', '--save_freq', '1']
+    fo_flags = ['--t_0', '0.3', '--how_scale', 'linear', '--save_freq', '1', '--freeze_schedule', 'freezeout']
+    # the default (vitfreeze) schedule, with a stage-loss curriculum riding along
+    vit_flags = ['--t_0', '0.3', '--how_scale', 'linear', '--save_freq', '1', '--stage_weights', 'equal',
+                 '--stage_weights_end', '4321']
 
     wave1 = {
         'plain': base + ['--epochs', 2, '--output_dir', d['plain'], '--log_dir', d['plain'] / 'tb'],
         't1': base + ['--epochs', 2, '--output_dir', d['t1'], '--log_dir', d['t1'] / 'tb', '--t_0', 1,
                       '--how_scale', 'cubic'],
+        't1_fo': base + ['--epochs', 2, '--output_dir', d['t1_fo'], '--t_0', 1, '--how_scale', 'cubic',
+                         '--freeze_schedule', 'freezeout'],
         'fo': base + ['--epochs', 3, '--output_dir', d['fo'], *fo_flags],
+        'fo_vit': base + ['--epochs', 3, '--output_dir', d['fo_vit'], '--log_dir', d['fo_vit'] / 'tb', *vit_flags],
         'demo': ['--demo', '--epochs', 1, '--output_dir', d['demo'], '--log_dir', d['demo'] / 'tb',
-                 '--knn_eval_freq', 0, '--num_workers', 0],
+                 '--knn_eval_freq', 0, '--num_workers', 0, '--warmup_epochs', 0, '--t_0', 0.3],
         # the seed's torch.distributed.launch lines: --local-rank=0 and --world_size 1 on the command line
         'seed_accum': base + ['--epochs', 1, '--world_size', 1, '--accum_iter', 2, '--stage_weights', '1overk',
                               '--output_dir', d['seed_accum'], '--local-rank=0'],
@@ -64,18 +72,20 @@ def runs(demo_root, run_pretrain, tmp_path_factory):
     # (1) plain run continued to 3 epochs in a copy of its output dir
     if res['plain'].returncode == 0:
         shutil.copytree(d['plain'], d['resumed_plain'], ignore=shutil.ignore_patterns('tb'))
-    # (2) the FreezeOut run "killed during epoch 2": its output dir as it was after epoch 1's checkpoint
-    if res['fo'].returncode == 0:
-        d['resumed_fo'].mkdir()
-        shutil.copy(d['fo'] / 'checkpoint-1.pth', d['resumed_fo'] / 'checkpoint-1.pth')
-        shutil.copy(d['fo'] / 'checkpoint-1.pth', d['resumed_fo'] / 'checkpoint-last.pth')
-        shutil.copy(d['fo'] / 'checkpoint-0.pth', d['resumed_fo'] / 'checkpoint-0.pth')
-        with open(d['fo'] / 'log.txt') as f, open(d['resumed_fo'] / 'log.txt', 'w') as g:
-            g.writelines(f.readlines()[:2])
+    # (2) the FreezeOut runs "killed during epoch 2": their output dirs as they were after epoch 1's checkpoint
+    for full, cut in (('fo', 'resumed_fo'), ('fo_vit', 'resumed_fo_vit')):
+        if res[full].returncode == 0:
+            d[cut].mkdir()
+            shutil.copy(d[full] / 'checkpoint-1.pth', d[cut] / 'checkpoint-1.pth')
+            shutil.copy(d[full] / 'checkpoint-1.pth', d[cut] / 'checkpoint-last.pth')
+            shutil.copy(d[full] / 'checkpoint-0.pth', d[cut] / 'checkpoint-0.pth')
+            with open(d[full] / 'log.txt') as f, open(d[cut] / 'log.txt', 'w') as g:
+                g.writelines(f.readlines()[:2])
     plan = base + ['--epochs', 2, '--plan_only', '--output_dir', '']
     wave2 = {
         'resumed_plain': base + ['--epochs', 3, '--output_dir', d['resumed_plain']],
         'resumed_fo': base + ['--epochs', 3, '--output_dir', d['resumed_fo'], *fo_flags],
+        'resumed_fo_vit': base + ['--epochs', 3, '--output_dir', d['resumed_fo_vit'], *vit_flags],
         'seed_all_stages': [*plan, '--patch_size', 8, '--not_scale_lr', '--non_layerwise_lr', '--all_stages',
                             '--t_0', '0.8'],
         'seed_dont_freeze_pe': plan + ['--dont_freeze_pe', '--how_scale', 'cubic'],
@@ -87,6 +97,8 @@ def runs(demo_root, run_pretrain, tmp_path_factory):
         wave2.pop('resumed_plain')
     if res['fo'].returncode != 0:
         wave2.pop('resumed_fo')
+    if res['fo_vit'].returncode != 0:
+        wave2.pop('resumed_fo_vit')
     res.update(zip(wave2, run_pretrain.many(list(wave2.values()), timeout=600, max_parallel=4)))
     return {'res': res, 'dir': d, 'demo_cache': demo_cache, 'tmp': tmp}
 
@@ -151,10 +163,13 @@ def test_resume_continues_from_next_epoch(runs):
 
 # ---- bit-exactness --------------------------------------------------------------------------------------------------
 
-def test_t0_1_reproduces_plain_training_bit_exactly(runs):
-    _ok(runs['res']['t1'])
-    plain, t1 = runs['dir']['plain'], runs['dir']['t1']
-    assert 'FreezeOut plan' in runs['res']['t1'].stdout
+@pytest.mark.parametrize('run', ['t1', 't1_fo'])
+def test_t0_1_reproduces_plain_training_bit_exactly(runs, run):
+    """--t_0 1 under the vitfreeze (default) and the freezeout schedule: the plain run, bit for bit."""
+    _ok(runs['res'][run])
+    plain, t1 = runs['dir']['plain'], runs['dir'][run]
+    assert 'FreezeOut plan' in runs['res'][run].stdout
+    assert f"schedule: {'freezeout' if run == 't1_fo' else 'vitfreeze'} (" in runs['res'][run].stdout
     lp, lt = _log(plain / 'log.txt'), _log(t1 / 'log.txt')
     assert [r['epoch'] for r in lt] == [0, 1]
     for a, b in zip(lp, lt):
@@ -201,6 +216,50 @@ def test_interrupt_and_resume_mid_freeze_is_bit_exact(runs):
     assert la[2]['train_loss'] == lb[2]['train_loss']
 
 
+def test_vitfreeze_resume_mid_freeze_is_bit_exact_and_logs_the_jump_and_curriculum(runs):
+    """The default schedule with a stage-weight curriculum: T = 12, W = 4, linear t_0 0.3 -> freeze at 4 + 8 t_i =
+    6.4, 7.8, 9.2, 10.6 -> steps 7, 8, 10, 11; resumed from epoch 1's checkpoint (1 unit frozen, 3 freezes ahead)
+    it ends bit-identical. log.txt/TensorBoard show every unit at the global ramp before W and at a_i = lr/t_i at W;
+    the stage weights of each epoch's last step are the curriculum formula over the active stages."""
+    from freezeout import FreezeOutSchedule
+    from models_mim import StageWeightSchedule
+    full_res, res = runs['res']['fo_vit'], runs['res']['resumed_fo_vit']
+    _ok(full_res)
+    _ok(res)
+    full, resumed = runs['dir']['fo_vit'], runs['dir']['resumed_fo_vit']
+    lr = 1e-3 * 8 / 256
+    sched = FreezeOutSchedule(['embed', 'block1', 'block2', 'block3', 'block4'], 12, 4, lr, 1e-6, 0.3, 'linear')
+    assert [u.freeze_step for u in sched.units] == [7, 8, 10, 11, None]
+    events = [int(s) for s in re.findall(r'FreezeOut: step (\d+) \(epoch', full_res.stdout)]
+    assert events == [7, 8, 10, 11]
+    ck1 = _load(full / 'checkpoint-1.pth')
+    assert ck1['step'] == 8 and ck1['freezeout']['num_frozen'] == 1
+    a, b = _load(full / 'checkpoint-last.pth'), _load(resumed / 'checkpoint-last.pth')
+    assert a['step'] == b['step'] == 12 and a['freezeout'] == b['freezeout'] and a['freezeout']['num_frozen'] == 4
+    assert [k for k in a['model'] if not torch.equal(a['model'][k], b['model'][k])] == []
+    sa, sb = a['optimizer']['state'], b['optimizer']['state']
+    assert sa.keys() == sb.keys() and all(torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k]))
+                                          for i in sa for k in sa[i])
+    la, lb = _log(full / 'log.txt'), _log(resumed / 'log.txt')
+    assert _numbers(la[2]) == _numbers(lb[2])
+    # the jump: epoch 0's record is at step W = 4, where every unit is at a_i = lr / t_i
+    for name, u in zip(['embed', 'block1', 'block2', 'block3', 'block4'], sched.units):
+        assert la[0]['unit_lr'][name] == pytest.approx(lr / u.t, rel=1e-12)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    for name, u in zip(['embed', 'block2', 'block4'], [sched.units[0], sched.units[2], sched.units[4]]):
+        acc = EventAccumulator(str(full / 'tb' / f'freezeout_unit_lr_{name}'), size_guidance={'scalars': 0})
+        acc.Reload()
+        by_x = {e.step: e.value for e in acc.Scalars('freezeout/unit_lr')}
+        assert by_x[750] == pytest.approx(lr * 3 / 4, rel=1e-6)  # step W-1 (iteration 3 of epoch 0): the ramp
+        assert by_x[1000] == pytest.approx(lr / u.t, rel=1e-6)  # step W: the jump
+    # the curriculum equal -> 4321 over the active stages, at each epoch's last optimizer step
+    curr = StageWeightSchedule('equal', '4321', 4)
+    for rec in la:
+        last = rec['step'] - 1
+        assert rec['stage_weights'] == pytest.approx(curr.at(last / 12, rec['active_stages']), rel=1e-12)
+    assert la[-1]['active_stages'] == [1, 3] and la[-1]['stage_weights'][0] == 0.0
+
+
 # ---- seed command lines -----------------------------------------------------------------------------------------------
 
 def test_seed_line_not_scale_non_layerwise_all_stages(runs):
@@ -221,7 +280,7 @@ def test_seed_line_world_size_accum_stage_weights(runs):
     res, out = runs['res']['seed_accum'], runs['dir']['seed_accum']
     _ok(res)
     assert 'effective batch size: 16' in res.stdout and 'accumulate grad iterations: 2' in res.stdout
-    assert 'stage weights [0.25, 0.3333333333333333, 0.5, 1.0]' in res.stdout
+    assert 'stage weights [1.0, 0.5, 0.3333333333333333, 0.25]' in res.stdout  # ViTFreeze's 1/(k+1)
     log = _log(out / 'log.txt')
     assert len(log) == 1 and log[0]['step'] == 2  # 4 micro-batches / accum 2
     args = _load(out / 'checkpoint-last.pth')['args']
@@ -239,11 +298,41 @@ def test_demo_defaults_yield_to_explicit_flags(runs):
     args = _load(out / 'checkpoint-last.pth')['args']
     assert args['epochs'] == 1 and args['knn_eval_freq'] == 0
     assert Path(args['output_dir']) == out
-    # demo defaults for everything not given
+    # demo defaults for everything not given: the evaluators' demo encoder, FreezeOut on
     assert (args['model'], args['input_size'], args['embed_dim'], args['depth']) == ('MIM_vit_tiny_patch16', 32, 96, 6)
+    import run_pretrain
+    assert (run_pretrain.DEMO_DEFAULTS['how_scale'], run_pretrain.DEMO_DEFAULTS['t_0']) == ('cubic', 0.7)
+    assert (args['how_scale'], args['t_0'], args['freeze_schedule'], args['decoder_embed_dim']) == \
+        ('cubic', 0.3, 'vitfreeze', 128)  # --t_0 0.3 given: it wins over the demo's 0.7
+    assert 'FreezeOut plan: cubic t_0=0.3' in res.stdout and 'projected saving' in res.stdout
+    summary = res.stdout[res.stdout.index('ViTFreeze demo: summary'):]
+    for needle in ('FreezeOut: cubic t_0=0.3, --freeze_schedule vitfreeze', 'saving: planned', 'files: checkpoints',
+                   f'{out}/checkpoint-*.pth', 'tensorboard --logdir', 'run_knn.py --demo --finetune',
+                   'run_linprobe.py --demo', 'run_finetune.py --demo', '--plan_only', '--demo --t_0 1'):
+        assert needle in summary, (needle, summary)
+    assert 'k-NN top-1' not in summary  # --knn_eval_freq 0 given: no k-NN, none reported
+    # T = 12, W = 0, t = (0.3 + 0.7 i / 6)^3 -> freeze steps ceil(12 t) = 1, 1, 2, 4, 6, 9: printed as they happen
+    assert re.findall(r'FreezeOut: step (\d+) \(epoch 0\)', res.stdout) == ['1', '2', '4', '6', '9']
+    assert 'frozen by the end: 6 of 7 units' in summary and '  block5   frozen at step 9 (epoch 0.75)' in summary
     assert Path(args['data_path']) == runs['demo_cache']
     assert (runs['demo_cache'] / 'train').is_dir() and (runs['demo_cache'] / 'val').is_dir()
     assert glob.glob(str(out / 'tb' / 'events.out.tfevents.*'))
+
+
+def test_demo_summary_reports_the_knn_lift(tmp_path):
+    import argparse
+    import run_pretrain
+    (tmp_path / 'val' / 'a').mkdir(parents=True)
+    (tmp_path / 'val' / 'b').mkdir()
+    with open(tmp_path / 'log.txt', 'w') as f:
+        f.write(json.dumps({'epoch': 0, 'knn_init_k20_top1': 48.0, 'knn_k20_top1': 50.0}) + '\n')
+        f.write(json.dumps({'epoch': 1}) + '\n')
+        f.write(json.dumps({'epoch': 2, 'knn_k20_top1': 75.0}) + '\n')
+    args = argparse.Namespace(output_dir=str(tmp_path), data_path=str(tmp_path), knn_data_path=None, log_dir=None,
+                              dont_freeze_pe=False)
+    text = run_pretrain.demo_summary(args, None, None, 12)
+    assert 'k-NN top-1 (k=20, val split): random init 48.0% -> pre-trained 75.0% (chance 50%)' in text
+    assert 'FreezeOut: off' in text and 'tensorboard' not in text
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------------

@@ -32,21 +32,35 @@ def _launch(launcher: str, port: int, script_args: Sequence[str]) -> List[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('launcher', ['torchrun', 'launch'])
-def test_ddp_two_processes_freezeout(launcher: str, demo_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize('launcher,schedule', [('torchrun', 'freezeout'), ('launch', 'freezeout'),
+                                               ('torchrun', 'vitfreeze')])
+def test_ddp_two_processes_freezeout(launcher: str, schedule: str, demo_root: Path, tmp_path: Path) -> None:
+    from freezeout import FreezeOutSchedule
     out, dumps = tmp_path / 'out', tmp_path / 'dumps'
-    args = pretrain_args(demo_root, out, *DDP_ARGS)
+    args = pretrain_args(demo_root, out, *DDP_ARGS, '--freeze_schedule', schedule)
     r = subprocess.run(_launch(launcher, free_port(), args), cwd=REPO, capture_output=True, text=True,
                        timeout=TIMEOUT, env=env(VITFREEZE_TEST_DUMP_RANK_WEIGHTS=str(dumps)))
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert 'effective batch size: 16 (4 x 2 x 2 processes)' in r.stdout
     assert 'actual lr: 6.25e-04' in r.stdout  # blr 1e-2 * 16 / 256
-    assert len(re.findall(r'FreezeOut: step \d+ \(epoch \d\): frozen units', r.stdout)) >= 2
+    # T and W from 2 processes x accum 2 (2 steps/epoch): the freezes happen where the formulas put them
+    assert 'T=6 optimizer steps (2/epoch), warm-up W=2' in r.stdout and f'schedule: {schedule} (' in r.stdout
+    sched = FreezeOutSchedule(['embed', 'block1', 'block2', 'block3', 'block4'], 6, 2, 6.25e-4, 1e-6, 0.3, 'linear',
+                              freeze_schedule=schedule)
+    events = [int(x) for x in re.findall(r'FreezeOut: step (\d+) \(epoch \d\): frozen units', r.stdout)]
+    assert events == sorted({u.freeze_step for u in sched.units if u.freeze_step is not None and u.freeze_step < 6})
+    assert events == ([4, 5] if schedule == 'vitfreeze' else [2, 3, 4, 5])  # 2 + 4 t_i, resp. 6 t_i, rounded up
     assert r.stdout.count('| distributed init (rank') == 2
     # only rank 0 writes: one log record per epoch, one set of checkpoints, no stray temp files
     assert sorted(os.listdir(out)) == ['checkpoint-0.pth', 'checkpoint-2.pth', 'checkpoint-last.pth', 'log.txt']
     recs = logged(out)
     assert [x['epoch'] for x in recs] == [0, 1, 2] and recs[-1]['frozen_units'] >= 2
+    for rec in recs:  # each epoch's per-unit LR is the schedule's at the next step (vitfreeze epoch 0: the jump)
+        for i, u in enumerate(sched.units):
+            if u.name in rec['unit_lr']:
+                assert rec['unit_lr'][u.name] == pytest.approx(sched.lr_at(i, 2 * (rec['epoch'] + 1)), rel=1e-12)
+    if schedule == 'vitfreeze':
+        assert recs[0]['unit_lr']['embed'] == pytest.approx(6.25e-4 / 0.3, rel=1e-12)
     # every rank holds the same weights and optimizer state after every epoch, and they are what rank 0 saved
     for epoch in range(EPOCHS):
         d = [json.loads((dumps / f'rank{k}-epoch{epoch}.json').read_text()) for k in (0, 1)]

@@ -32,6 +32,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--not_scale_lr', action='store_true', help='initial LR of every unit = lr (not lr / t_i)')
     p.add_argument('--non_layerwise_lr', action='store_true', help='all units follow the global schedule')
     p.add_argument('--dont_freeze_pe', action='store_true', help='the embedding is never frozen')
+    p.add_argument('--freeze_schedule', default='vitfreeze', choices=['vitfreeze', 'freezeout'],
+                   help="run_pretrain.py's --freeze_schedule (default: vitfreeze)")
+    p.add_argument('--lr_schedule', default='cosine', choices=['cosine', 'constant'],
+                   help="run_pretrain.py's --lr_schedule (default: cosine)")
+    p.add_argument('--constant_tail', default=0.1, type=float,
+                   help="run_pretrain.py's --constant_tail, a fraction (default: 0.1)")
     p.add_argument('--lr', default=None, type=float, help='absolute peak LR (default: blr · batch_size / 256)')
     p.add_argument('--blr', default=1e-3, type=float, help='base LR per 256 images (default: 1e-3)')
     p.add_argument('--batch_size', default=256, type=int, help='effective batch for --blr (default: 256)')
@@ -48,7 +54,8 @@ def build_schedule(args: argparse.Namespace) -> FreezeOutSchedule:
     lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
     return FreezeOutSchedule(names, args.epochs * args.steps_per_epoch, args.warmup_epochs * args.steps_per_epoch,
                              lr, args.min_lr, args.t_0, args.how_scale, scale_lr=not args.not_scale_lr,
-                             layerwise_lr=not args.non_layerwise_lr)
+                             layerwise_lr=not args.non_layerwise_lr, freeze_schedule=args.freeze_schedule,
+                             lr_schedule=args.lr_schedule, constant_tail=args.constant_tail)
 
 
 def _grid(end: int, points: int, extra: List[int]) -> List[int]:

@@ -24,7 +24,7 @@ def str2bool(v: str) -> bool:
 
 def add_optim_args(parser: argparse.ArgumentParser, *, title: str, batch_size: int, epochs: int, blr: float,
                    min_lr: float, warmup_epochs: int, weight_decay: float, weight_decay_help: str,
-                   batch_note: str = '', blr_note: str = '') -> argparse._ArgumentGroup:
+                   batch_note: str = '', blr_note: str = '', min_lr_note: str = '') -> argparse._ArgumentGroup:
     """Batch, epochs, accumulation, LR schedule and weight decay: the same flags in the three training scripts,
     each with its own defaults (and optimizer wording for ``--weight_decay``). Returns the group for more flags."""
     g = parser.add_argument_group(title)
@@ -43,7 +43,7 @@ def add_optim_args(parser: argparse.ArgumentParser, *, title: str, batch_size: i
                    help=f'base learning rate per 256 images: lr = blr * effective batch / 256 (default: {blr}'
                         f'{blr_note})')
     g.add_argument('--min_lr', default=min_lr, type=float, metavar='LR',
-                   help=f'final learning rate of the cosine schedule (default: {min_lr})')
+                   help=f'final learning rate of the cosine schedule{min_lr_note} (default: {min_lr})')
     g.add_argument('--warmup_epochs', default=warmup_epochs, type=int, metavar='N',
                    help=f'epochs of linear warm-up from 0, counted in optimizer steps (default: {warmup_epochs})')
     return g

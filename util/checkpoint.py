@@ -204,7 +204,8 @@ def resolve_resume(args: argparse.Namespace) -> Optional[Tuple[str, Dict[str, An
 RUN_DEFINING_FLAGS = ('model', 'input_size', 'patch_size', 'mask_ratio', 'hog_nbins', 'hog_bias', 'all_stages',
                       'stage_weights', 'batch_size', 'accum_iter', 'epochs', 'warmup_epochs', 'lr', 'blr', 'min_lr',
                       'weight_decay', 'seed', 'world_size', 't_0', 'how_scale', 'not_scale_lr', 'non_layerwise_lr',
-                      'dont_freeze_pe', 'freezeout', 'layer_decay', 'drop_path', 'nb_classes', 'smoothing', 'mixup',
+                      'dont_freeze_pe', 'freezeout', 'freeze_schedule', 'lr_schedule', 'constant_tail',
+                      'stage_weights_end', 'layer_decay', 'drop_path', 'nb_classes', 'smoothing', 'mixup',
                       'cutmix')
 
 

@@ -1,13 +1,16 @@
-"""Learning-rate schedule: per-optimizer-step linear warm-up then half-cosine to ``min_lr`` (MAE/LocalMIM).
+"""Learning-rate schedule: per-optimizer-step linear warm-up, then a half-cosine to ``min_lr`` (MAE/LocalMIM) or a
+constant peak (``--lr_schedule constant``).
 
 Positions are counted in optimizer steps (not micro-batches), so gradient accumulation and world size only change
-how many steps there are, never the shape of the curve. FreezeOut (``freezeout.py``) uses the same function with a
+how many steps there are, never the shape of the curve. FreezeOut (``freezeout.py``) uses the same functions with a
 per-unit end point, which is why ``--t_0 1`` reproduces plain training bit-exactly.
 """
 import math
 from typing import Optional
 
 import torch
+
+LR_SCHEDULES = ('cosine', 'constant')
 
 
 def absolute_lr(args, world_size: int) -> int:
@@ -35,14 +38,34 @@ def warmup_cosine(step: int, peak: float, min_lr: float, warmup_steps: int, end_
     return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class WarmupCosine:
-    """The plain (non-FreezeOut) schedule: every param group follows one curve, times its ``lr_scale`` if present."""
+def warmup_constant(step: int, peak: float, warmup_steps: int) -> float:
+    """``peak * step / warmup_steps`` during warm-up, then ``peak`` for the rest of training."""
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    return peak
 
-    def __init__(self, peak: float, min_lr: float, warmup_steps: int, total_steps: int):
+
+def global_lr(step: int, peak: float, min_lr: float, warmup_steps: int, total_steps: int,
+              shape: str = 'cosine') -> float:
+    """The plain run's LR at ``step`` for ``--lr_schedule`` ``shape`` (``min_lr`` is unused by ``constant``)."""
+    if shape == 'constant':
+        return warmup_constant(step, peak, warmup_steps)
+    return warmup_cosine(step, peak, min_lr, warmup_steps, total_steps)
+
+
+class WarmupCosine:
+    """The plain (non-FreezeOut) schedule: every param group follows one curve, times its ``lr_scale`` if present.
+
+    ``shape='constant'`` holds the peak after warm-up instead of the cosine (``--lr_schedule constant``)."""
+
+    def __init__(self, peak: float, min_lr: float, warmup_steps: int, total_steps: int, shape: str = 'cosine'):
+        if shape not in LR_SCHEDULES:
+            raise ValueError(f'lr schedule {shape!r}: choose one of {LR_SCHEDULES}')
         self.peak, self.min_lr, self.warmup_steps, self.total_steps = peak, min_lr, warmup_steps, total_steps
+        self.shape = shape
 
     def lr_at(self, step: int) -> float:
-        return warmup_cosine(step, self.peak, self.min_lr, self.warmup_steps, self.total_steps)
+        return global_lr(step, self.peak, self.min_lr, self.warmup_steps, self.total_steps, self.shape)
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
         lr = self.lr_at(step)
