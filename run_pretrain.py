@@ -120,21 +120,11 @@ def prepare_args(args: argparse.Namespace) -> None:
     if args.freezeout:
         args.t_0 = 0.8 if args.t_0 is None else args.t_0
         args.how_scale = args.how_scale or 'cubic'
-        if not (0.0 < args.t_0 <= 1.0):
-            raise UserError(f'--t_0 {args.t_0}: must be in (0, 1] (1 = never freeze)')
         if args.compile:
             raise UserError('--compile with FreezeOut is not supported: compiled graphs ignore requires_grad flips '
                             '(pytorch#139476); drop --compile or --t_0/--how_scale')
     elif args.not_scale_lr or args.non_layerwise_lr or args.dont_freeze_pe:
         print('note: --not_scale_lr/--non_layerwise_lr/--dont_freeze_pe only act with FreezeOut (--t_0/--how_scale)')
-    if args.batch_size < 1:
-        raise UserError(f'--batch_size {args.batch_size}: must be >= 1')
-    if args.accum_iter < 1:
-        raise UserError(f'--accum_iter {args.accum_iter}: must be >= 1')
-    if args.epochs < 1:
-        raise UserError(f'--epochs {args.epochs}: must be >= 1')
-    if not 0.0 <= args.mask_ratio < 1.0:
-        raise UserError(f'--mask_ratio {args.mask_ratio}: must be in [0, 1)')
     if args.save_freq is None:
         args.save_freq = 50  # LocalMIM's period; checkpoint-last.pth still covers pre-emption every epoch
 
