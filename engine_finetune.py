@@ -22,7 +22,7 @@ from util.amp import Amp
 from util.checkpoint import save_checkpoint
 from util.datasets import seed_loader_epoch
 from util.errors import UserError
-from util.log import MetricLogger, SmoothedValue, TensorBoard, append_json_log, trim_json_log
+from util.log import MetricLogger, SmoothedValue, TensorBoard, epoch_record, trim_json_log
 from util.signals import NO_STOP, GracefulStop
 from util.lr_sched import WarmupCosine
 
@@ -164,7 +164,7 @@ def fit(model: nn.Module, model_without_ddp: nn.Module, criterion: nn.Module, op
     """
     du.print0(f'Start training for {args.epochs} epochs (from epoch {args.start_epoch})')
     start = time.time()
-    trim_json_log(args.output_dir, args.start_epoch - 1)  # records of epochs trained again (killed before the save)
+    trim_json_log(args.output_dir, args.start_epoch - 1, run_id=getattr(args, 'run_id', None))  # epochs trained again
     stop = GracefulStop().start()
     for epoch in range(args.start_epoch, args.epochs):
         seed_loader_epoch(train_loader, args.seed, epoch, args.rank)
@@ -186,8 +186,8 @@ def fit(model: nn.Module, model_without_ddp: nn.Module, criterion: nn.Module, op
         numbered = epoch % args.save_freq == 0 or epoch + 1 == args.epochs
         log = {**{f'train_{k}': v for k, v in train_stats.items()}, **{f'test_{k}': v for k, v in test_stats.items()},
                'epoch': epoch, 'n_parameters': n_parameters}
-        append_json_log(args.output_dir, log)  # before the checkpoint: a kill in between is undone by trim_json_log
-        save_checkpoint(args.output_dir, epoch, state, args, numbered)
+        with epoch_record(args.output_dir, log, getattr(args, 'run_id', None)):  # a failed save takes it back out
+            save_checkpoint(args.output_dir, epoch, state, args, numbered)
     stop.close()
     total = time.time() - start
     du.print0(f'Training time {time.strftime("%H:%M:%S", time.gmtime(total))}')

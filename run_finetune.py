@@ -33,6 +33,7 @@ from util.datasets import build_dataset, build_loader, check_min_images, finetun
 from util.errors import UserError, check
 from util.knn import ShardSampler
 from util.log import TensorBoard
+from util.rundir import claim_run, lock_output_dir
 from util.lr_sched import WarmupCosine, steps_per_epoch
 
 # Tiny CPU defaults matching run_pretrain.py --demo (input 32, patch 4, width 96, depth 6, 3 heads); the architecture
@@ -159,6 +160,8 @@ def prepare_args(args: argparse.Namespace, demo_defaults: Dict[str, Any]) -> Non
 def init_run(args: argparse.Namespace) -> torch.device:
     """Process group, seeds (seed + rank for torch, numpy, random) and the run header."""
     device = du.init_distributed_mode(args)
+    if not getattr(args, 'eval', False):
+        lock_output_dir(args.output_dir)  # held until exit: one run per folder at a time
     seed = args.seed + du.get_rank()
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -269,6 +272,8 @@ def restore(resume: Tuple[str, Dict[str, Any]], model: nn.Module, optimizer: Opt
 def checkpoints_for(args: argparse.Namespace) -> Tuple[Optional[Tuple[str, Dict[str, Any]]], Optional[Dict]]:
     """(resume, finetune checkpoint): a resumable checkpoint (--resume or auto-resume) makes --finetune moot."""
     resume = resolve_resume(args)
+    if not args.eval:
+        claim_run(args, resume)  # refuses to start over a folder holding another run's checkpoints
     if resume is not None:
         if args.finetune:
             du.print0(f'--finetune {args.finetune} not loaded: resuming from {resume[0]} instead')

@@ -23,11 +23,12 @@ from util import distributed as du
 from util.amp import make_amp
 from util.args import (add_common_args, apply_demo_defaults, check_output_dir, explicit_flags, resolve_device_flag,
                        run_main)
-from util.checkpoint import resolve_resume, restore_rng_state, save_checkpoint, warn_changed_flags
+from util.checkpoint import resolve_resume, restore_rng_state, resume_hint, save_checkpoint, warn_changed_flags
 from util.datasets import (build_dataset, build_loader, check_min_images, eval_transform, pretrain_transform,
                            seed_loader_epoch)
 from util.errors import UserError
-from util.log import TensorBoard, append_json_log, trim_json_log
+from util.log import TensorBoard, epoch_record, trim_json_log
+from util.rundir import claim_run, lock_output_dir
 from util.signals import GracefulStop
 from util.lr_sched import WarmupCosine, steps_per_epoch
 from util.vis import fixed_batch, render_stages
@@ -143,6 +144,7 @@ def main(args: argparse.Namespace) -> None:
     device = du.init_distributed_mode(args)
     if args.output_dir and not args.plan_only:
         check_output_dir(args.output_dir)
+        lock_output_dir(args.output_dir)  # held until exit: one run per folder at a time
     seed = args.seed + du.get_rank()
     torch.manual_seed(seed)
     import numpy as np
@@ -156,6 +158,7 @@ def main(args: argparse.Namespace) -> None:
     loader = build_loader(dataset, args.batch_size, shuffle=True, drop_last=True, num_workers=args.num_workers,
                           pin_mem=args.pin_mem, seed=args.seed, distributed=args.distributed,
                           world_size=du.get_world_size(), rank=du.get_rank())
+    knn = _knn_setup(args, device) if args.knn_eval_freq > 0 and not args.plan_only else None  # data checked now
     spe = steps_per_epoch(len(loader), args.accum_iter, 5 if args.debug else None)
     if spe < 1:
         raise UserError(f'--accum_iter {args.accum_iter}: an epoch has only {len(loader)} batches of '
@@ -208,6 +211,7 @@ def main(args: argparse.Namespace) -> None:
     state = PretrainState(model=model, model_without_ddp=model, optimizer=optimizer, amp=amp,
                           lr_control=lr_control, steps_per_epoch=spe, total_steps=total_steps, rewrap=rewrap)
     resumed = resolve_resume(args)
+    claim_run(args, resumed)  # before anything is written: refuses to mix runs in one folder
     if resumed:
         path, ckpt = resumed
         warn_changed_flags(ckpt.get('args', {}), args)
@@ -239,12 +243,11 @@ def main(args: argparse.Namespace) -> None:
     state.model = rewrap() if args.distributed else state.model
 
     log_writer = TensorBoard(args.log_dir)
-    knn = _knn_setup(args, device) if args.knn_eval_freq > 0 else None
     vis_batch = _vis_batch(args, device) if (log_writer and args.vis_freq > 0) else None
     du.print0(f'Start training for {args.epochs} epochs (from epoch {args.start_epoch})')
     start = time.time()
     saving = {'base_step_time': None, 'time': 0.0, 'steps': 0}
-    trim_json_log(args.output_dir, args.start_epoch - 1)  # records of epochs redone now (written after the checkpoint)
+    trim_json_log(args.output_dir, args.start_epoch - 1, run_id=args.run_id)  # epochs redone now (logged, not saved)
     stop = GracefulStop().start()  # SIGINT/SIGTERM: stop at a micro-batch boundary, keep checkpoint-last as is
     for epoch in range(args.start_epoch, args.epochs):
         seed_loader_epoch(loader, args.seed, epoch, du.get_rank())
@@ -260,13 +263,14 @@ def main(args: argparse.Namespace) -> None:
             for tag, img in render_stages(model, vis_batch, args.mask_ratio, seed=args.seed).items():
                 log_writer.image(tag, img, (epoch + 1) * 1000)
         _log_epoch(log_writer, record, epoch, freezer)
-        append_json_log(args.output_dir, record)
         numbered = (epoch % args.save_freq == 0) or (epoch + 1 == args.epochs)
-        save_checkpoint(args.output_dir, epoch, {
-            'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-            'scaler': amp.scaler.state_dict() if amp.scaler is not None else None, 'step': state.global_step,
-            'freezeout': freezer.state_dict() if freezer is not None else {},
-        }, args, numbered=numbered)
+        _test_poison_weights(model, epoch)
+        with epoch_record(args.output_dir, record, args.run_id):  # a failed save takes its record back out
+            save_checkpoint(args.output_dir, epoch, {
+                'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                'scaler': amp.scaler.state_dict() if amp.scaler is not None else None, 'step': state.global_step,
+                'freezeout': freezer.state_dict() if freezer is not None else {},
+            }, args, numbered=numbered)
         _test_dump_rank_weights(model, optimizer, epoch)
         lrs = [g['lr'] for g in optimizer.param_groups]
         du.print0(f'epoch {epoch}: loss {stats["loss"]:.4f}  lr {min(lrs):.2e}..{max(lrs):.2e}  '
@@ -276,6 +280,15 @@ def main(args: argparse.Namespace) -> None:
     du.print0(f'Training time {time.strftime("%H:%M:%S", time.gmtime(time.time() - start))}')
     stop.close()
     du.cleanup()
+
+
+def _test_poison_weights(model: nn.Module, epoch: int) -> None:
+    """TEST ONLY: with VITFREEZE_TEST_NAN_WEIGHTS_AT_EPOCH=<e>, the last parameter becomes NaN after epoch e's
+    training, before its save (a divergence the loss did not show), to exercise the non-finite-weights check."""
+    at = os.environ.get('VITFREEZE_TEST_NAN_WEIGHTS_AT_EPOCH')
+    if at is not None and int(at) == epoch:
+        with torch.no_grad():
+            list(model.parameters())[-1].fill_(float('nan'))
 
 
 def _test_dump_rank_weights(model: nn.Module, optimizer, epoch: int) -> None:
@@ -360,7 +373,8 @@ def _knn_setup(args, device):
     data_path = args.knn_data_path or args.data_path
     train_loader, val_loader = build_knn_loaders(data_path, args.input_size, args.batch_size, args.num_workers,
                                                  shard=args.distributed, pin_mem=args.pin_mem,
-                                                 bad_images=args.bad_images)
+                                                 bad_images=args.bad_images,
+                                                 flag='--knn_data_path' if args.knn_data_path else '--data_path')
     ks = [k for k in DEFAULT_KS if k <= len(train_loader.dataset)] or [len(train_loader.dataset)]
 
     def run(mim_model) -> dict:
@@ -379,6 +393,6 @@ if __name__ == '__main__':
         try:
             main(args)
         except NonFiniteLoss as e:
-            print(f'error: {e}', file=sys.stderr, flush=True)
+            print(f'error: {e}. {resume_hint(args)}', file=sys.stderr, flush=True)
             sys.exit(3)
     run_main(_main, get_args_parser())

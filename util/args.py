@@ -43,6 +43,10 @@ def add_common_args(parser: argparse.ArgumentParser, *, output_dir: str, num_wor
                    help='resume from the newest loadable checkpoint in --output_dir (default: on)')
     g.add_argument('--no_auto_resume', action='store_false', dest='auto_resume',
                    help='start from scratch even if --output_dir holds checkpoints')
+    g.add_argument('--overwrite', action='store_true',
+                   help='starting from scratch in an --output_dir that holds checkpoints of another run: move them '
+                        '(and log.txt, run.json) into <output_dir>/previous-<UTC time>/ instead of refusing to start '
+                        '(default: off)')
     g.add_argument('--start_epoch', default=0, type=int, metavar='N',
                    help='first epoch (overwritten by the checkpoint when resuming) (default: 0)')
     g.add_argument('--save_freq', default=None, type=int,
@@ -118,6 +122,7 @@ def run_main(main, parser: argparse.ArgumentParser) -> None:
     check_flags(args, parser)
     args.argv = argv
     from util import signals
+    signals.install_default_handlers()
     try:
         main(args)
     except UserError as e:
