@@ -5,7 +5,6 @@ The loop never syncs the host per step: losses stay on the device and are read (
 (``epoch_1000x``). A non-finite loss raises :class:`NonFiniteLoss` before any checkpoint of that epoch is written.
 """
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -19,9 +18,6 @@ from util import distributed as du
 from util.amp import Amp
 from util.log import MetricLogger, SmoothedValue, TensorBoard
 from util.signals import NO_STOP, TrainingStopped
-
-# TEST ONLY: VITFREEZE_TEST_NAN_AT_STEP=<global micro-step> replaces that step's loss with NaN (tests/test_reliability.py).
-_TEST_NAN_AT_STEP = int(os.environ.get('VITFREEZE_TEST_NAN_AT_STEP', '-1') or -1)
 
 
 class NonFiniteLoss(TrainingStopped, RuntimeError):
@@ -94,8 +90,6 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
             with state.amp.autocast():
                 out = model(samples, mask_ratio=args.mask_ratio)
             loss = out['loss']
-            if epoch * n_micro + i == _TEST_NAN_AT_STEP:
-                loss = loss * float('nan')  # TEST ONLY (VITFREEZE_TEST_NAN_AT_STEP)
             scaled = loss / accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if update:

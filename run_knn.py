@@ -17,7 +17,8 @@ import os
 import torch
 
 import models_vit
-from run_finetune import DEMO_ARCH, add_model_args, adopt_checkpoint_arch, build_model, init_run, prepare_args
+from eval_common import add_eval_args, add_model_args, adopt_checkpoint_arch, build_model, demo_defaults, init_run, \
+    prepare_args
 from util import distributed as du
 from util.amp import make_amp
 from util.args import add_common_args, explicit_flags, run_main
@@ -26,7 +27,7 @@ from util.knn import DEFAULT_KS, build_knn_loaders, clipped_ks, format_knn, knn_
 from util.log import TensorBoard, append_json_log
 from util.rundir import new_run_id
 
-DEMO_DEFAULTS = dict(DEMO_ARCH, batch_size=64, num_workers=2, output_dir='./output/demo_knn', device='cpu')
+DEMO_DEFAULTS = demo_defaults('knn', training=False, batch_size=64)
 FEATURE_FILES = ('trainfeat.pth', 'trainlabels.pth', 'testfeat.pth', 'testlabels.pth')  # DINO's names
 
 
@@ -35,24 +36,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--batch_size', default=128, type=int,
                         help='images per GPU/process during feature extraction; does not change the result '
                              '(default: 128)')
-    parser.add_argument('--accum_iter', default=1, type=int,
-                        help='accepted for command-line compatibility with the training scripts; unused')
-    add_model_args(parser, drop_path=None)
-    g = parser.add_argument_group('k-NN')
-    g.add_argument('--finetune', default='', type=str, metavar='CKPT',
-                   help='pre-training (or fine-tuning) checkpoint whose encoder is evaluated; without it a randomly '
-                        'initialised encoder is evaluated (the baseline)')
-    g.add_argument('--global_pool', action='store_true', default=False,
-                   help='use the mean patch token after the final norm instead of the cls token (default: off)')
-    g.add_argument('--cls_token', action='store_false', dest='global_pool', help='use the cls token (default)')
+    parser.add_argument('--accum_iter', default=1, type=int, help=argparse.SUPPRESS)  # accepted, as in the seed
+    add_model_args(parser, drop_path=None, resumes=False)
+    g = add_eval_args(parser, title='k-NN', trains=False,
+                      finetune_help='pre-training (or fine-tuning) checkpoint whose encoder is evaluated; without it '
+                                    'a randomly initialised encoder is evaluated (the baseline)',
+                      global_pool=False,
+                      pool_help='use the mean patch token after the final norm instead of the cls token '
+                                '(default: off)',
+                      cls_help='use the cls token (default)',
+                      dist_eval_help='split feature extraction over processes and all-gather (exact); otherwise '
+                                     'every process extracts everything')
     g.add_argument('--nb_knn', default=list(DEFAULT_KS), type=int, nargs='+', metavar='K',
                    help='numbers of neighbours; each is clipped to the train-set size (default: 10 20 100 200; '
                         'DINO reports k=20)')
     g.add_argument('--temperature', default=0.07, type=float,
                    help='T of the exp(similarity / T) vote weights (default: 0.07)')
-    g.add_argument('--dist_eval', action='store_true',
-                   help='split feature extraction over processes and all-gather (exact); otherwise every process '
-                        'extracts everything')
     g.add_argument('--dump_features', default='', type=str, metavar='DIR',
                    help='save the normalised features and labels to DIR (DINO file names)')
     g.add_argument('--load_features', default='', type=str, metavar='DIR',

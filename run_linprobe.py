@@ -19,56 +19,32 @@ from timm.optim import Lars
 
 import models_vit
 from engine_finetune import evaluate, fit
-from run_finetune import DEMO_ARCH, add_model_args, adopt_checkpoint_arch, build_datasets, build_loaders, \
-    build_model, checkpoints_for, init_run, lr_setup, prepare_args, restore, wrap_ddp
+from eval_common import add_eval_args, add_model_args, adopt_checkpoint_arch, build_datasets, build_loaders, \
+    build_model, checkpoints_for, demo_defaults, init_run, lr_setup, prepare_args, restore, wrap_ddp
 from util import distributed as du
 from util.amp import make_amp
-from util.args import add_common_args, run_main
+from util.args import add_common_args, add_optim_args, run_main
 from util.datasets import linprobe_transform
 from util.errors import check
 from util.log import TensorBoard
 
-DEMO_DEFAULTS = dict(DEMO_ARCH, batch_size=32, epochs=10, warmup_epochs=1, num_workers=2, save_freq=5,
-                     output_dir='./output/demo_linprobe', device='cpu')
+DEMO_DEFAULTS = demo_defaults('linprobe')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('MAE/LocalMIM linear probing for image classification', add_help=False)
-    parser.add_argument('--batch_size', default=512, type=int,
-                        help='images per GPU/process; effective batch = batch_size * accum_iter * world size '
-                             '(default: 512; MAE used 16384 in total)')
-    parser.add_argument('--epochs', default=90, type=int, help='training epochs (default: 90)')
-    parser.add_argument('--accum_iter', default=1, type=int,
-                        help='micro-batches per optimizer step (default: 1)')
+    add_optim_args(parser, title='optimizer (LARS) and schedule', batch_size=512, epochs=90, blr=0.1, min_lr=0.0,
+                   warmup_epochs=10, weight_decay=0.0, weight_decay_help='LARS weight decay on the linear weight',
+                   batch_note='; MAE used 16384 in total')
     add_model_args(parser, drop_path=None)
-
-    g = parser.add_argument_group('optimizer (LARS) and schedule')
-    g.add_argument('--weight_decay', default=0.0, type=float,
-                   help='LARS weight decay on the linear weight (default: 0, as MAE)')
-    g.add_argument('--lr', default=None, type=float, metavar='LR',
-                   help='absolute peak learning rate; overrides --blr (default: None)')
-    g.add_argument('--blr', default=0.1, type=float, metavar='LR',
-                   help='base learning rate: lr = blr * effective batch / 256 (default: 0.1)')
-    g.add_argument('--min_lr', default=0.0, type=float, metavar='LR',
-                   help='final learning rate of the cosine schedule (default: 0)')
-    g.add_argument('--warmup_epochs', default=10, type=int, metavar='N',
-                   help='epochs of linear warm-up from 0 (default: 10)')
-
-    g = parser.add_argument_group('initialisation and evaluation')
-    g.add_argument('--finetune', default='', type=str, metavar='CKPT',
-                   help='pre-training checkpoint whose encoder is probed (without it: a random encoder)')
-    g.add_argument('--global_pool', action='store_true', default=False,
-                   help='probe the mean patch token (fresh fc_norm) instead of the cls token (default: off)')
-    g.add_argument('--cls_token', action='store_false', dest='global_pool',
-                   help='probe the cls token after the final norm (default)')
-    g.add_argument('--nb_classes', default=None, type=int,
-                   help='classifier outputs (default: the number of class folders in train/)')
-    g.add_argument('--eval', action='store_true',
-                   help='only evaluate the probe from --resume / auto-resume and exit')
-    g.add_argument('--dist_eval', action='store_true',
-                   help='split the val set over processes without padding (exact, faster)')
-    add_common_args(parser, output_dir='./output/linprobe', num_workers=10)
-    parser.set_defaults(save_freq=10)
+    add_eval_args(parser, title='initialisation and evaluation',
+                  finetune_help='pre-training checkpoint whose encoder is probed (without it: a random encoder); '
+                                'checkpoints in --output_dir (auto-resume) take precedence',
+                  global_pool=False,
+                  pool_help='probe the mean patch token (fresh fc_norm) instead of the cls token (default: off)',
+                  cls_help='probe the cls token after the final norm (default)',
+                  dist_eval_help='split the val set over processes without padding (exact, faster)')
+    add_common_args(parser, output_dir='./output/linprobe', num_workers=10, save_freq=10)
     return parser
 
 

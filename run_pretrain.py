@@ -7,7 +7,6 @@
 ``python run_pretrain.py --demo`` trains a tiny model on the built-in demo data in a few minutes on a CPU.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,8 +20,8 @@ from engine_pretrain import NonFiniteLoss, PretrainState, train_one_epoch
 from freezeout import FreezeOut, FreezeOutSchedule, format_plan, measure_unit_flops, projected_saving, step_cost
 from util import distributed as du
 from util.amp import make_amp
-from util.args import (add_common_args, apply_demo_defaults, check_output_dir, explicit_flags, resolve_device_flag,
-                       run_main)
+from util.args import (add_arch_args, add_common_args, add_optim_args, apply_demo_defaults, check_output_dir,
+                       explicit_flags, resolve_device_flag, run_main)
 from util.checkpoint import resolve_resume, restore_rng_state, resume_hint, save_checkpoint, warn_changed_flags
 from util.datasets import (build_dataset, build_loader, check_min_images, eval_transform, pretrain_transform,
                            seed_loader_epoch)
@@ -41,32 +40,12 @@ DEMO_DEFAULTS = dict(model='MIM_vit_tiny_patch16', input_size=32, patch_size=4, 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser('LocalMIM pre-training (with optional FreezeOut)', add_help=True)
-    g = p.add_argument_group('optimisation')
-    g.add_argument('--batch_size', default=128, type=int,
-                   help='images per GPU/process per iteration; effective batch = batch_size * accum_iter * '
-                        'world size (default: 128)')
-    g.add_argument('--epochs', default=400, type=int, help='training epochs (default: 400)')
-    g.add_argument('--accum_iter', default=1, type=int,
-                   help='micro-batches accumulated per optimizer step (default: 1)')
-    g.add_argument('--weight_decay', type=float, default=0.05,
-                   help='AdamW weight decay; none on biases, norms and other 1-D params (default: 0.05)')
-    g.add_argument('--lr', type=float, default=None, metavar='LR',
-                   help='absolute peak learning rate; if unset lr = blr * effective batch / 256 (default: None)')
-    g.add_argument('--blr', type=float, default=1e-3, metavar='LR',
-                   help='base learning rate per 256 images (default: 1e-3; LocalMIM ViT-B uses 2e-4)')
-    g.add_argument('--min_lr', type=float, default=1e-6, metavar='LR',
-                   help='final learning rate of the cosine (default: 1e-6)')
-    g.add_argument('--warmup_epochs', type=int, default=40, metavar='N',
-                   help='epochs of linear warm-up, counted in optimizer steps (default: 40)')
+    add_optim_args(p, title='optimisation', batch_size=128, epochs=400, blr=1e-3, min_lr=1e-6, warmup_epochs=40,
+                   weight_decay=0.05, weight_decay_help='AdamW weight decay; none on biases, norms and other 1-D params',
+                   blr_note='; LocalMIM ViT-B uses 2e-4')
     g = p.add_argument_group('model')
-    g.add_argument('--model', default='MIM_vit_base_patch16', type=str, metavar='MODEL',
-                   help=f"model name: {', '.join(models_mim.MODEL_NAMES)} (default: MIM_vit_base_patch16)")
-    g.add_argument('--input_size', default=224, type=int, help='square input size in pixels (default: 224)')
-    g.add_argument('--patch_size', default=None, type=int,
-                   help="patch size in pixels; default: the model's (16, or 14 for ViT-H)")
-    g.add_argument('--embed_dim', default=None, type=int, help="encoder width override (default: the model's)")
-    g.add_argument('--depth', default=None, type=int, help="encoder depth override (default: the model's)")
-    g.add_argument('--num_heads', default=None, type=int, help="attention heads override (default: the model's)")
+    add_arch_args(g, model_default='MIM_vit_base_patch16', source="the model's (patch 16, or 14 for ViT-H)",
+                  model_help=f"model name: {', '.join(models_mim.MODEL_NAMES)} (default: MIM_vit_base_patch16)")
     g.add_argument('--mask_ratio', default=0.75, type=float,
                    help='fraction of patches removed from the encoder input, in [0, 1) (default: 0.75)')
     g.add_argument('--hog_nbins', default=9, type=int, help='HOG orientation bins over 180 degrees (default: 9)')
@@ -102,7 +81,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'prediction of each active stage (0 = off; needs --log_dir) (default: 20; --demo: 5)')
     g.add_argument('--vis_images', default=4, type=int, help='images in the visualisation batch (default: 4)')
     g.add_argument('--compile', action='store_true', help='torch.compile the model (not with FreezeOut)')
-    add_common_args(p, output_dir='./output_dir', num_workers=10)
+    add_common_args(p, output_dir='./output_dir', num_workers=10, save_freq=50)  # LocalMIM's period
     return p
 
 
@@ -126,8 +105,6 @@ def prepare_args(args: argparse.Namespace) -> None:
                             '(pytorch#139476); drop --compile or --t_0/--how_scale')
     elif args.not_scale_lr or args.non_layerwise_lr or args.dont_freeze_pe:
         print('note: --not_scale_lr/--non_layerwise_lr/--dont_freeze_pe only act with FreezeOut (--t_0/--how_scale)')
-    if args.save_freq is None:
-        args.save_freq = 50  # LocalMIM's period; checkpoint-last.pth still covers pre-emption every epoch
 
 
 def build_model(args: argparse.Namespace) -> models_mim.LocalMIM:
@@ -145,12 +122,7 @@ def main(args: argparse.Namespace) -> None:
     if args.output_dir and not args.plan_only:
         check_output_dir(args.output_dir)
         lock_output_dir(args.output_dir)  # held until exit: one run per folder at a time
-    seed = args.seed + du.get_rank()
-    torch.manual_seed(seed)
-    import numpy as np
-    import random
-    np.random.seed(seed)
-    random.seed(seed)
+    du.seed_process(args.seed)
 
     dataset = build_dataset(args.data_path, 'train', pretrain_transform(args.input_size), allow_root=True,
                             bad_images=args.bad_images, seed=args.seed)  # per-sample seeds: same augmentation for any world size
@@ -264,14 +236,12 @@ def main(args: argparse.Namespace) -> None:
                 log_writer.image(tag, img, (epoch + 1) * 1000)
         _log_epoch(log_writer, record, epoch, freezer)
         numbered = (epoch % args.save_freq == 0) or (epoch + 1 == args.epochs)
-        _test_poison_weights(model, epoch)
         with epoch_record(args.output_dir, record, args.run_id):  # a failed save takes its record back out
             save_checkpoint(args.output_dir, epoch, {
                 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                 'scaler': amp.scaler.state_dict() if amp.scaler is not None else None, 'step': state.global_step,
                 'freezeout': freezer.state_dict() if freezer is not None else {},
             }, args, numbered=numbered)
-        _test_dump_rank_weights(model, optimizer, epoch)
         lrs = [g['lr'] for g in optimizer.param_groups]
         du.print0(f'epoch {epoch}: loss {stats["loss"]:.4f}  lr {min(lrs):.2e}..{max(lrs):.2e}  '
                   f'frozen units {freezer.num_frozen if freezer else 0}  {stats["img_per_s"]:.1f} img/s  '
@@ -280,37 +250,6 @@ def main(args: argparse.Namespace) -> None:
     du.print0(f'Training time {time.strftime("%H:%M:%S", time.gmtime(time.time() - start))}')
     stop.close()
     du.cleanup()
-
-
-def _test_poison_weights(model: nn.Module, epoch: int) -> None:
-    """TEST ONLY: with VITFREEZE_TEST_NAN_WEIGHTS_AT_EPOCH=<e>, the last parameter becomes NaN after epoch e's
-    training, before its save (a divergence the loss did not show), to exercise the non-finite-weights check."""
-    at = os.environ.get('VITFREEZE_TEST_NAN_WEIGHTS_AT_EPOCH')
-    if at is not None and int(at) == epoch:
-        with torch.no_grad():
-            list(model.parameters())[-1].fill_(float('nan'))
-
-
-def _test_dump_rank_weights(model: nn.Module, optimizer, epoch: int) -> None:
-    """TEST ONLY: with VITFREEZE_TEST_DUMP_RANK_WEIGHTS=<dir>, every rank writes sha256 digests of its weights and
-    optimizer state after each epoch (only rank 0 writes checkpoints, so this is how tests compare the ranks)."""
-    out = os.environ.get('VITFREEZE_TEST_DUMP_RANK_WEIGHTS')
-    if not out:
-        return
-    import hashlib
-
-    def digest(tensors) -> str:
-        h = hashlib.sha256()
-        for k, t in tensors:
-            h.update(k.encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
-    opt = [(f'{i}.{k}', v) for i, st in sorted(optimizer.state_dict()['state'].items())
-           for k, v in sorted(st.items()) if torch.is_tensor(v)]
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f'rank{du.get_rank()}-epoch{epoch}.json'), 'w') as f:
-        json.dump({'rank': du.get_rank(), 'epoch': epoch, 'model': digest(sorted(model.state_dict().items())),
-                   'optimizer': digest(opt), 'world_size': du.get_world_size()}, f)
 
 
 def _saving_so_far(acc: dict, stats: dict, epoch: int, args, freezer, flops, spe: int) -> dict:

@@ -104,3 +104,8 @@ def run_pretrain():
 
     run.many = many
     return run
+
+
+# ---- reliability tests: the shared reference runs (session-scoped; defined in tests/reliability_common.py) --------
+
+from reliability_common import evaluated, existing, reference  # noqa: E402,F401

@@ -10,7 +10,7 @@ from timm.layers import resample_abs_pos_embed
 import models_mim
 import models_vit
 from util.errors import UserError
-from util.export import export_encoder
+from tools.export import export_encoder
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4)
 MIM_ARGS = dict(model='MIM_vit_tiny_patch16', input_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4)

@@ -3,9 +3,9 @@ SIGHUP and stale temp files, SIGTERM to run_knn, safe data scans, 16-bit PNGs, t
 ``record.sh --output_dir=``.
 
 Tiny configuration (``conftest.TINY_PRETRAIN_FLAGS``: 32 px, patch 4, dim 64, depth 4, batch 8 = 4 iterations per
-epoch on the 32-image demo set), ``--num_workers 0``, one thread. Test-only hooks used: ``VITFREEZE_TEST_PAUSE_IN_SAVE``
-(pause inside a checkpoint save), ``VITFREEZE_TEST_NAN_AT_STEP`` (NaN loss), ``VITFREEZE_TEST_NAN_WEIGHTS_AT_EPOCH``
-(NaN weights before a save).
+epoch on the 32-image demo set), ``--num_workers 0``, one thread. Faults: ``VITFREEZE_TEST_PAUSE_IN_SAVE`` (pause
+inside a checkpoint save, read by util/checkpoint.py), and through ``tests/hooks/sitecustomize.py``
+``VITFREEZE_TEST_NAN_AT_STEP`` (NaN loss) and ``VITFREEZE_TEST_NAN_WEIGHTS_AT_EPOCH`` (NaN weights before a save).
 """
 from __future__ import annotations
 
@@ -29,6 +29,13 @@ import torch
 from conftest import REPO_ROOT, TINY_PRETRAIN_FLAGS, _pretrain_env
 
 PY = sys.executable
+HOOKS = REPO_ROOT / 'tests' / 'hooks'  # sitecustomize.py: the fault-injection hooks (VITFREEZE_TEST_*)
+
+
+def hooked(**env: str) -> Dict[str, str]:
+    """Environment additions that load the test hooks in the started script."""
+    return dict(env, PYTHONPATH=os.pathsep.join([str(HOOKS)] + ([os.environ['PYTHONPATH']]
+                                                                if os.environ.get('PYTHONPATH') else [])))
 
 
 def pre_args(data: Path, out: Path, *more: str, epochs: int = 1) -> List[str]:
@@ -217,7 +224,7 @@ def test_nan_weights_not_saved_nan_message_names_checkpoint_and_write_error_is_o
     set_limit = (f'import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); '
                  f'sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")')
     cmds = [[PY, script, *a['weights']], [PY, script, *a['loss']], [PY, '-c', set_limit, script, *a['write']]]
-    envs = [{'VITFREEZE_TEST_NAN_WEIGHTS_AT_EPOCH': '1'}, {'VITFREEZE_TEST_NAN_AT_STEP': '5'}, {}]
+    envs = [hooked(VITFREEZE_TEST_NAN_WEIGHTS_AT_EPOCH='1'), hooked(VITFREEZE_TEST_NAN_AT_STEP='5'), {}]
     procs = [subprocess.Popen(c, cwd=REPO_ROOT, env=_pretrain_env(e), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for c, e in zip(cmds, envs)]
     res = []

@@ -1,7 +1,9 @@
-"""Flag groups shared by the four scripts (data, output/logging, checkpoint/resume, runtime), plus ``--demo``.
+"""Flag groups shared by the four scripts, each declared once with per-script defaults passed in: optimisation
+(batch, epochs, LR schedule), model shape, data/output/runtime, checkpoint/resume, plus ``--demo``.
 
-Each script keeps its own method flags in its ``get_args_parser()``; these are the ones that mean the same thing
-everywhere. Defaults follow MAE/LocalMIM unless a help string says otherwise.
+Each script keeps its own method flags in its ``get_args_parser()`` and adds only the groups that act there (e.g.
+``run_knn.py`` trains nothing, so it has no checkpoint/resume flags). Defaults follow MAE/LocalMIM unless a help
+string says otherwise.
 """
 import argparse
 import math
@@ -22,13 +24,55 @@ def str2bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f'expected true/false, got {v!r}')
 
 
-def add_common_args(parser: argparse.ArgumentParser, *, output_dir: str, num_workers: int = 10) -> None:
+def add_optim_args(parser: argparse.ArgumentParser, *, title: str, batch_size: int, epochs: int, blr: float,
+                   min_lr: float, warmup_epochs: int, weight_decay: float, weight_decay_help: str,
+                   batch_note: str = '', blr_note: str = '') -> argparse._ArgumentGroup:
+    """Batch, epochs, accumulation, LR schedule and weight decay: the same flags in the three training scripts,
+    each with its own defaults (and optimizer wording for ``--weight_decay``). Returns the group for more flags."""
+    g = parser.add_argument_group(title)
+    g.add_argument('--batch_size', default=batch_size, type=int,
+                   help=f'images per GPU/process per iteration; effective batch = batch_size * accum_iter * world '
+                        f'size (default: {batch_size}{batch_note})')
+    g.add_argument('--epochs', default=epochs, type=int, help=f'training epochs (default: {epochs})')
+    g.add_argument('--accum_iter', default=1, type=int,
+                   help='micro-batches accumulated per optimizer step, to reach a large effective batch on few GPUs '
+                        '(default: 1)')
+    g.add_argument('--weight_decay', default=weight_decay, type=float,
+                   help=f'{weight_decay_help} (default: {weight_decay})')
+    g.add_argument('--lr', default=None, type=float, metavar='LR',
+                   help='absolute peak learning rate; overrides --blr (default: None)')
+    g.add_argument('--blr', default=blr, type=float, metavar='LR',
+                   help=f'base learning rate per 256 images: lr = blr * effective batch / 256 (default: {blr}'
+                        f'{blr_note})')
+    g.add_argument('--min_lr', default=min_lr, type=float, metavar='LR',
+                   help=f'final learning rate of the cosine schedule (default: {min_lr})')
+    g.add_argument('--warmup_epochs', default=warmup_epochs, type=int, metavar='N',
+                   help=f'epochs of linear warm-up from 0, counted in optimizer steps (default: {warmup_epochs})')
+    return g
+
+
+def add_arch_args(g: argparse._ArgumentGroup, *, model_default, model_help: str, source: str) -> None:
+    """--model, --input_size and the shape overrides of the pre-training and evaluation models. ``source`` says
+    where an override's default comes from (e.g. "the model's, or the checkpoint's")."""
+    g.add_argument('--model', default=model_default, type=str, metavar='NAME', help=model_help)
+    g.add_argument('--input_size', default=224, type=int, help='square image side in pixels (default: 224)')
+    g.add_argument('--patch_size', default=None, type=int, help=f'patch side in pixels (default: {source})')
+    g.add_argument('--embed_dim', default=None, type=int, help=f'encoder width (default: {source})')
+    g.add_argument('--depth', default=None, type=int, help=f'encoder blocks (default: {source})')
+    g.add_argument('--num_heads', default=None, type=int, help=f'attention heads (default: {source})')
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, output_dir: str, num_workers: int = 10,
+                    save_freq: Optional[int] = None) -> None:
+    """Data, output and runtime flags of every script; with ``save_freq`` (a script that trains and checkpoints)
+    also the checkpoint/resume flags and --debug."""
     g = parser.add_argument_group('data, output and runtime')
     g.add_argument('--data_path', default='./dataset/ImageNet/', type=str,
                    help='ImageNet-style root holding train/ (and val/) class folders, or (pre-training) a class-'
                         'folder root itself')
+    what = 'checkpoints and log.txt go' if save_freq is not None else 'log.txt goes'
     g.add_argument('--output_dir', default=output_dir, type=str,
-                   help=f"checkpoints and log.txt go here; '' disables saving (default: {output_dir})")
+                   help=f"{what} here; '' disables saving (default: {output_dir})")
     g.add_argument('--log_dir', default=None, type=str,
                    help='TensorBoard event directory; TensorBoard is off if unset (default: None)')
     g.add_argument('--device', default='cuda', type=str,
@@ -38,22 +82,6 @@ def add_common_args(parser: argparse.ArgumentParser, *, output_dir: str, num_wor
                    help='mixed precision: auto = bf16 on CUDA if supported else fp16 with loss scaling; '
                         'CPU runs in fp32 (default: auto)')
     g.add_argument('--seed', default=0, type=int, help='random seed; each rank uses seed + rank (default: 0)')
-    g.add_argument('--resume', default='', type=str, help='checkpoint to resume from (model, optimizer, epoch, ...)')
-    g.add_argument('--auto_resume', action='store_true', default=True,
-                   help='resume from the newest loadable checkpoint in --output_dir (default: on)')
-    g.add_argument('--no_auto_resume', action='store_false', dest='auto_resume',
-                   help='start from scratch even if --output_dir holds checkpoints')
-    g.add_argument('--overwrite', action='store_true',
-                   help='starting from scratch in an --output_dir that holds checkpoints of another run: move them '
-                        '(and log.txt, run.json) into <output_dir>/previous-<UTC time>/ instead of refusing to start '
-                        '(default: off)')
-    g.add_argument('--start_epoch', default=0, type=int, metavar='N',
-                   help='first epoch (overwritten by the checkpoint when resuming) (default: 0)')
-    g.add_argument('--save_freq', default=None, type=int,
-                   help='write checkpoint-N.pth every N epochs and at the last epoch; checkpoint-last.pth is '
-                        'written every epoch for pre-emption (default: per script)')
-    g.add_argument('--keep_last', default=0, type=int,
-                   help='keep only the K newest checkpoint-N.pth files; 0 keeps all (default: 0)')
     g.add_argument('--num_workers', default=num_workers, type=int,
                    help=f'data-loading worker processes per GPU/process (default: {num_workers})')
     g.add_argument('--pin_mem', action='store_true',
@@ -63,12 +91,34 @@ def add_common_args(parser: argparse.ArgumentParser, *, output_dir: str, num_wor
     g.add_argument('--bad_images', default='fail', choices=['fail', 'skip'],
                    help='an unreadable image in the dataset: fail naming the file, or skip it with a warning '
                         '(default: fail)')
-    g.add_argument('--debug', action='store_true',
-                   help='smoke run: a handful of iterations per epoch with per-step logging')
     g.add_argument('--demo', action='store_true',
                    help='use the built-in procedurally generated demo ImageFolder and tiny defaults; flags given '
                         'explicitly still win')
+    if save_freq is not None:
+        add_checkpoint_args(parser, save_freq)
     add_distributed_args(parser)
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser, save_freq: int) -> None:
+    g = parser.add_argument_group('checkpoints and resuming')
+    g.add_argument('--resume', default='', type=str, help='checkpoint to resume from (model, optimizer, epoch, ...)')
+    g.add_argument('--auto_resume', action='store_true', default=True,
+                   help='resume from the newest loadable checkpoint in --output_dir (default: on)')
+    g.add_argument('--no_auto_resume', action='store_false', dest='auto_resume',
+                   help='start from scratch; refused if --output_dir holds checkpoints, unless --overwrite')
+    g.add_argument('--overwrite', action='store_true',
+                   help='starting from scratch in an --output_dir that holds checkpoints of another run: move them '
+                        '(and log.txt, run.json) into <output_dir>/previous-<UTC time>/ instead of refusing to start '
+                        '(default: off)')
+    g.add_argument('--start_epoch', default=0, type=int, metavar='N',
+                   help='first epoch (overwritten by the checkpoint when resuming) (default: 0)')
+    g.add_argument('--save_freq', default=save_freq, type=int,
+                   help=f'write checkpoint-N.pth every N epochs and at the last epoch; checkpoint-last.pth is '
+                        f'written every epoch for pre-emption (default: {save_freq})')
+    g.add_argument('--keep_last', default=0, type=int,
+                   help='keep only the K newest checkpoint-N.pth files; 0 keeps all (default: 0)')
+    g.add_argument('--debug', action='store_true',
+                   help='smoke run: a handful of iterations per epoch with per-step logging')
 
 
 def explicit_flags(argv: Iterable[str]) -> List[str]:

@@ -116,6 +116,17 @@ def print0(*a, **kw) -> None:
         print(*a, **kw, flush=True)
 
 
+def seed_process(seed: int) -> None:
+    """Seed torch, numpy and ``random`` with ``seed + rank`` (each rank its own stream, reproducible per --seed)."""
+    import random
+
+    import numpy as np
+    s = seed + get_rank()
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+
+
 def barrier() -> None:
     if is_dist():
         dist.barrier()

@@ -1,7 +1,7 @@
 """Plot every FreezeOut unit's learning rate over training, with its freeze point (the figure for papers).
 
-    python util/plot_schedule.py --epochs 400 --warmup_epochs 40 --how_scale cubic --t_0 0.8 --out schedule.png
-    python util/plot_schedule.py --how_scale linear --t_0 0.5 --not_scale_lr --dont_freeze_pe --out lin.png
+    python tools/plot_schedule.py --epochs 400 --warmup_epochs 40 --how_scale cubic --t_0 0.8 --out schedule.png
+    python tools/plot_schedule.py --how_scale linear --t_0 0.5 --not_scale_lr --dont_freeze_pe --out lin.png
 
 Takes run_pretrain.py's FreezeOut flags (``--epochs --warmup_epochs --t_0 --how_scale --not_scale_lr
 --non_layerwise_lr --dont_freeze_pe --blr/--lr --min_lr``) plus ``--depth`` (blocks, default 12),
@@ -135,7 +135,7 @@ def main(argv=None) -> str:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        sys.exit('util/plot_schedule.py needs matplotlib: pip install -r requirements-dev.txt')
+        sys.exit('tools/plot_schedule.py needs matplotlib: pip install -r requirements-dev.txt')
     path = plot(args)
     print(path)
     return path

@@ -1,6 +1,6 @@
 """Export an encoder as a plain timm ``VisionTransformer`` state dict plus a JSON recipe to rebuild it.
 
-    python util/export.py --checkpoint OUT/checkpoint-99.pth --output vit_b_localmim.pth
+    python tools/export.py --checkpoint OUT/checkpoint-99.pth --output vit_b_localmim.pth
     # writes vit_b_localmim.pth and vit_b_localmim.pth.json = {"timm_model": "vit_base_patch16_224", "kwargs": {...}}
 
     import json, timm
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 if __package__ in (None, ''):
-    # Run as ``python util/export.py``: make the repo root importable.
+    # Run as ``python tools/export.py``: make the repo root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import timm  # noqa: E402
@@ -146,4 +146,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == '__main__':
-    run_main(main, argparse.ArgumentParser('util/export.py', parents=[get_args_parser()]))
+    run_main(main, argparse.ArgumentParser('tools/export.py', parents=[get_args_parser()]))

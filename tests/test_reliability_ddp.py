@@ -1,0 +1,103 @@
+"""Reliability, several processes: DDP pre-training with FreezeOut under torchrun and the legacy launcher (ranks stay
+identical, only rank 0 writes), SIGTERM stops every rank at the same step, and ``--dist_eval`` over 2 processes
+prints exactly the single-process results.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import pytest
+
+from reliability_common import (EPOCHS, EVAL, PY, REPO, TIMEOUT, Proc, _parallel, env, free_port, load, logged,
+                                pretrain_args)
+
+
+# ---- 6. multi-process DDP on CPU -------------------------------------------------------------------------------
+
+
+DDP_ARGS = ['--batch_size', '4', '--accum_iter', '2']  # per rank: 16 images = 4 iterations = 2 steps; T = 6 steps
+
+
+def _launch(launcher: str, port: int, script_args: Sequence[str]) -> List[str]:
+    mod = 'torch.distributed.run' if launcher == 'torchrun' else 'torch.distributed.launch'
+    return [PY, '-m', mod, '--nproc_per_node=2', f'--master_port={port}', str(REPO / 'run_pretrain.py'),
+            *map(str, script_args)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('launcher', ['torchrun', 'launch'])
+def test_ddp_two_processes_freezeout(launcher: str, demo_root: Path, tmp_path: Path) -> None:
+    out, dumps = tmp_path / 'out', tmp_path / 'dumps'
+    args = pretrain_args(demo_root, out, *DDP_ARGS)
+    r = subprocess.run(_launch(launcher, free_port(), args), cwd=REPO, capture_output=True, text=True,
+                       timeout=TIMEOUT, env=env(VITFREEZE_TEST_DUMP_RANK_WEIGHTS=str(dumps)))
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert 'effective batch size: 16 (4 x 2 x 2 processes)' in r.stdout
+    assert 'actual lr: 6.25e-04' in r.stdout  # blr 1e-2 * 16 / 256
+    assert len(re.findall(r'FreezeOut: step \d+ \(epoch \d\): frozen units', r.stdout)) >= 2
+    assert r.stdout.count('| distributed init (rank') == 2
+    # only rank 0 writes: one log record per epoch, one set of checkpoints, no stray temp files
+    assert sorted(os.listdir(out)) == ['checkpoint-0.pth', 'checkpoint-2.pth', 'checkpoint-last.pth', 'log.txt']
+    recs = logged(out)
+    assert [x['epoch'] for x in recs] == [0, 1, 2] and recs[-1]['frozen_units'] >= 2
+    # every rank holds the same weights and optimizer state after every epoch, and they are what rank 0 saved
+    for epoch in range(EPOCHS):
+        d = [json.loads((dumps / f'rank{k}-epoch{epoch}.json').read_text()) for k in (0, 1)]
+        assert d[0]['world_size'] == 2
+        assert d[0]['model'] == d[1]['model'] and d[0]['optimizer'] == d[1]['optimizer'], epoch
+    h = hashlib.sha256()
+    for k, t in sorted(load(out / 'checkpoint-last.pth')['model'].items()):
+        h.update(k.encode())
+        h.update(t.contiguous().numpy().tobytes())
+    assert h.hexdigest() == json.loads((dumps / f'rank0-epoch{EPOCHS - 1}.json').read_text())['model']
+
+
+@pytest.mark.slow
+def test_ddp_sigterm_stops_all_ranks_at_the_same_step(demo_root: Path, tmp_path: Path) -> None:
+    """SIGTERM to the torchrun agent (which forwards it): ranks agree on the stop, nobody hangs in a collective."""
+    out = tmp_path / 'out'
+    args = pretrain_args(demo_root, out, *DDP_ARGS, epochs=20)
+    p = Proc(_launch('torchrun', free_port(), args))
+    p.wait_for(r'Epoch: \[1\]')
+    p.send(signal.SIGTERM)
+    rc = p.wait(timeout=60)
+    assert rc != 0
+    assert re.search(r'interrupted by SIGTERM at epoch \d+ iteration \d; last checkpoint: .*checkpoint-last\.pth '
+                     r'\(epoch \d+\)', p.output), p.output
+    ck = load(out / 'checkpoint-last.pth')
+    assert len(logged(out)) == ck['epoch'] + 1
+
+
+
+RESULT_LINES = re.compile(r'^(\* Acc@1 .*|k-NN k=\d+: .*)$', re.M)
+
+
+@pytest.mark.slow
+def test_dist_eval_two_processes_equal_one(evaluated: Dict[str, Path], demo_root: Path, tmp_path: Path) -> None:
+    """Fine-tune / linear-probe (--eval of the trained checkpoints) and k-NN: `--dist_eval` over 2 gloo processes
+    prints exactly the accuracies and loss of one process (batch 3: uneven shards and batches)."""
+    common = [*EVAL, '--batch_size', '3', '--data_path', str(demo_root), '--dist_eval']
+    jobs = {'finetune': ('run_finetune.py', ['--eval', '--no_auto_resume', '--resume',
+                                             evaluated['ft'] / 'checkpoint-last.pth']),
+            'linprobe': ('run_linprobe.py', ['--eval', '--no_auto_resume', '--resume',
+                                             evaluated['lp'] / 'checkpoint-last.pth']),
+            'knn': ('run_knn.py', ['--finetune', evaluated['pre']])}
+    single = _parallel({k: (s, [*common, *a, '--output_dir', tmp_path / f'{k}1']) for k, (s, a) in jobs.items()})
+    for k, (script, a) in jobs.items():
+        cmd = [PY, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
+               str(REPO / script), *map(str, common), *map(str, a), '--output_dir', str(tmp_path / f'{k}2')]
+        r2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT, env=env())
+        r1 = single[k]
+        assert r1.returncode == 0 and r2.returncode == 0, (k, r1.stderr[-2000:], r2.stdout[-2000:], r2.stderr[-2000:])
+        assert r2.stdout.count('| distributed init (rank') == 2
+        lines1, lines2 = RESULT_LINES.findall(r1.stdout), RESULT_LINES.findall(r2.stdout)
+        assert lines1 and lines1 == lines2, (k, lines1, lines2)
+
+
