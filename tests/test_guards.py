@@ -115,7 +115,7 @@ def copy_of(trained: Path, tmp: Path) -> Path:
 # ---- one run per folder: run id, refusal, --overwrite, same-run auto-resume, log trimming ------------------------
 
 
-def test_run_id_everywhere_refuse_overwrite_and_resume_only_the_same_run(trained: Path, demo_root: Path,
+def test_run_id_refuse_overwrite_checksum_and_resume_only_the_same_run(trained: Path, demo_root: Path,
                                                                         run_pretrain, tmp_path: Path) -> None:
     from util.checkpoint import load_checkpoint, state_digest
     out = copy_of(trained, tmp_path)
@@ -137,28 +137,39 @@ def test_run_id_everywhere_refuse_overwrite_and_resume_only_the_same_run(trained
     assert r.returncode == 0, r.stderr[-3000:]
     prev = [p for p in out.iterdir() if p.name.startswith('previous-')]
     assert len(prev) == 1 and snapshot(prev[0]) == before  # the old run, moved aside intact
+    assert f'--overwrite: the files of the previous run in {out} are moved aside before the first write' in r.stdout
     assert f'--overwrite: moved the files of the previous run into {prev[0]}' in r.stdout
     rid2 = json.loads((out / 'run.json').read_text())['run_id']
     assert rid2 != rid and [x['run_id'] for x in records(out)] == [rid2]
 
-    # another run's newer-named checkpoint, a note, non-UTF-8 bytes, another run's record, a stale record of ours
+    # another run's newer-named checkpoint, 4 KB of damaged tensor bytes in our checkpoint-last.pth, a note,
+    # non-UTF-8 bytes, another run's record, a stale record of ours
     shutil.copy(prev[0] / 'checkpoint-0.pth', out / 'checkpoint-5.pth')
+    last = out / 'checkpoint-last.pth'
+    b = bytearray(last.read_bytes())
+    b[len(b) // 2:len(b) // 2 + 4096] = bytes(4096)  # the zip still opens: only the checksum can tell
+    last.write_bytes(bytes(b))
     with open(out / 'log.txt', 'ab') as f:
         f.write(b'# note: lr looked high here\n\xff\xfe latin-1 \xe9\n')
         f.write((json.dumps({'epoch': 3, 'run_id': rid}) + '\n').encode())
         f.write((json.dumps({'epoch': 3, 'run_id': rid2}) + '\n').encode())
-    r = run_pretrain(pre_args(demo_root, out, epochs=2))
+    r, r2 = run_pretrain.many([pre_args(demo_root, out), pre_args(demo_root, tmp_path / 'o2', '--resume', last)])
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f'auto-resume: skipping {last}: --auto_resume {last}: checksum mismatch: the file was damaged' in r.stdout
     assert f'auto-resume: skipping {out / "checkpoint-5.pth"}: it belongs to run {rid}, not to run {rid2}' in r.stdout
-    assert f'Auto resume checkpoint: {out / "checkpoint-last.pth"}' in r.stdout
+    assert f'Auto resume checkpoint: {out / "checkpoint-0.pth"}' in r.stdout
     raw = (out / 'log.txt').read_bytes()
     assert b'# note: lr looked high here\n\xff\xfe latin-1 \xe9\n' in raw  # lines it does not understand: kept
-    assert [(x['epoch'], x['run_id']) for x in records(out)] == [(0, rid2), (3, rid), (1, rid2)]
+    assert [(x['epoch'], x['run_id']) for x in records(out)] == [(0, rid2), (3, rid)]  # our stale epoch 3: dropped
+    assert r2.returncode == 2
+    assert one_error_line(r2).startswith(f'error: --resume {last}: checksum mismatch: the file was damaged')
+    assert not (tmp_path / 'o2').exists() or not any((tmp_path / 'o2').iterdir())
 
 
 # ---- the lock, a stale lock, stale temp files, SIGHUP --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_lock_stale_lock_stale_temp_and_sighup(demo_root: Path, run_pretrain, tmp_path: Path) -> None:
     out = tmp_path / 'out'
     args = pre_args(demo_root, out)
@@ -190,30 +201,10 @@ def test_lock_stale_lock_stale_temp_and_sighup(demo_root: Path, run_pretrain, tm
     assert sorted(os.listdir(out)) == ['checkpoint-0.pth', 'checkpoint-last.pth', 'log.txt', 'run.json']
 
 
-# ---- checksums ----------------------------------------------------------------------------------------------
-
-
-def test_damaged_checkpoint_is_detected_and_auto_resume_falls_back(trained: Path, demo_root: Path, run_pretrain,
-                                                                  tmp_path: Path) -> None:
-    out = copy_of(trained, tmp_path)
-    last = out / 'checkpoint-last.pth'
-    b = bytearray(last.read_bytes())
-    mid = len(b) // 2
-    b[mid:mid + 4096] = bytes(4096)  # 4 KB of tensor bytes overwritten: the zip still opens
-    last.write_bytes(bytes(b))
-    res = run_pretrain.many([pre_args(demo_root, out), pre_args(demo_root, tmp_path / 'o2', '--resume', last)])
-    r, r2 = res
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f'auto-resume: skipping {last}: --auto_resume {last}: checksum mismatch: the file was damaged' in r.stdout
-    assert f'Auto resume checkpoint: {out / "checkpoint-0.pth"}' in r.stdout
-    assert r2.returncode == 2
-    assert one_error_line(r2).startswith(f'error: --resume {last}: checksum mismatch: the file was damaged')
-    assert not (tmp_path / 'o2').exists() or not any((tmp_path / 'o2').iterdir())
-
-
 # ---- non-finite weights, NaN message, write errors ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_nan_weights_not_saved_nan_message_names_checkpoint_and_write_error_is_one_line(
         trained: Path, demo_root: Path, run_pretrain, tmp_path: Path) -> None:
     outs = {k: copy_of(trained, tmp_path / k) for k in ('weights', 'loss', 'write')}

@@ -44,7 +44,8 @@ def test_ddp_two_processes_freezeout(launcher: str, demo_root: Path, tmp_path: P
     assert len(re.findall(r'FreezeOut: step \d+ \(epoch \d\): frozen units', r.stdout)) >= 2
     assert r.stdout.count('| distributed init (rank') == 2
     # only rank 0 writes: one log record per epoch, one set of checkpoints, no stray temp files
-    assert sorted(os.listdir(out)) == ['checkpoint-0.pth', 'checkpoint-2.pth', 'checkpoint-last.pth', 'log.txt']
+    assert sorted(os.listdir(out)) == ['checkpoint-0.pth', 'checkpoint-2.pth', 'checkpoint-last.pth', 'log.txt',
+                                       'run.json']
     recs = logged(out)
     assert [x['epoch'] for x in recs] == [0, 1, 2] and recs[-1]['frozen_units'] >= 2
     # every rank holds the same weights and optimizer state after every epoch, and they are what rank 0 saved

@@ -7,7 +7,7 @@
   removed, with a note.
 * :func:`claim_run` decides the run id after the resume decision: a resumed run keeps the id of its checkpoint; a
   run starting from scratch in a folder that holds checkpoints stops with one line unless ``--overwrite``, which
-  moves the old run's files into ``<output_dir>/previous-<UTC time>/``. The id is written to
+  moves the old run's files into ``<output_dir>/previous-<UTC time>/`` just before the new run's first write. The id is written to
   ``<output_dir>/run.json`` (with the run's first log record), into every checkpoint (``run_id``) and every ``log.txt`` record, so auto-resume and
   log trimming only ever touch the files of the same run.
 """
@@ -29,6 +29,7 @@ RUN_FILE = 'run.json'
 _TMP = re.compile(r'^\.?(?:checkpoint-(?:\d+|last)\.pth|log\.txt|run\.json)\.tmp-(\d+)$')
 _CKPT = re.compile(r'^checkpoint-(?:\d+|last)\.pth$')
 _held: Dict[str, int] = {}  # realpath of a locked folder -> open descriptor (kept for the process's lifetime)
+_move_pending: Dict[str, str] = {}  # output_dir -> whose files --overwrite moves aside at the first write
 
 
 def is_rank0() -> bool:
@@ -163,8 +164,15 @@ def checkpoint_files(output_dir: str) -> List[str]:
 
 
 def ensure_run_file(output_dir: str, run_id: Optional[str]) -> None:
-    """Record ``run_id`` as the folder's run in ``run.json`` (rank 0, atomically) unless it already is."""
-    if output_dir and run_id and is_rank0() and folder_run_id(output_dir) != run_id:
+    """Before the run's first write: move the old run aside if ``--overwrite`` asked for it, then record ``run_id``
+    as the folder's run in ``run.json`` (rank 0, atomically) unless it already is. Deferred to this point so that a
+    run failing at start-up (a bad flag found late, a checkpoint that does not fit) changes nothing."""
+    if not output_dir or not run_id or not is_rank0():
+        return
+    what = _move_pending.pop(output_dir, None)
+    if what:
+        du.print0(f'--overwrite: moved the files of {what} into {move_aside(output_dir)}')
+    if folder_run_id(output_dir) != run_id:
         _write_run_file(output_dir, run_id)
 
 
@@ -206,8 +214,9 @@ def claim_run(args: argparse.Namespace, resumed: Optional[Tuple[str, Dict[str, A
             raise UserError(f'--resume {path} is run {ckpt["run_id"]} but --output_dir {out} holds the checkpoints '
                             f'of run {folder_run} ({", ".join(existing)}); resume into another --output_dir, or '
                             f'pass --overwrite to move them aside')
-        if foreign and is_rank0():
-            du.print0(f'--overwrite: moved the files of run {folder_run} into {move_aside(out)}')
+        if foreign:
+            _move_pending[out] = f'run {folder_run}'
+            du.print0(f'--overwrite: the files of run {folder_run} in {out} are moved aside before the first write')
     elif existing:
         if not getattr(args, 'overwrite', False):
             why = ('none of them can be resumed (see the skipped files above)' if getattr(args, 'auto_resume', False)
@@ -216,8 +225,8 @@ def claim_run(args: argparse.Namespace, resumed: Optional[Tuple[str, Dict[str, A
                             f'{why}; nothing was changed. Use a new --output_dir, or pass --overwrite to move them '
                             f'(and log.txt) into {out}/previous-<time>/')
         run_id = new_run_id()
-        if is_rank0():
-            du.print0(f'--overwrite: moved the files of the previous run into {move_aside(out)}')
+        _move_pending[out] = 'the previous run'
+        du.print0(f'--overwrite: the files of the previous run in {out} are moved aside before the first write')
     else:
         run_id = folder_run or new_run_id()  # a run that never finished an epoch here restarts under its own id
     args.run_id = run_id  # run.json follows with the first record (ensure_run_file): a failed start writes nothing
