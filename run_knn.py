@@ -24,6 +24,7 @@ from util.amp import make_amp
 from util.args import add_common_args, explicit_flags, run_main
 from util.errors import UserError, check
 from util.knn import DEFAULT_KS, build_knn_loaders, clipped_ks, format_knn, knn_evaluate, knn_from_features
+from util.checkpoint import save_atomic
 from util.log import TensorBoard, append_json_log
 from util.rundir import new_run_id
 
@@ -127,7 +128,7 @@ def main(args: argparse.Namespace) -> None:
         if dump is not None and du.is_main_process():
             os.makedirs(args.dump_features, exist_ok=True)
             for name, key in zip(FEATURE_FILES, ('train_f', 'train_y', 'val_f', 'val_y')):
-                torch.save(dump[key], os.path.join(args.dump_features, name))
+                save_atomic(dump[key], os.path.join(args.dump_features, name))
             du.print0(f'features written to {args.dump_features}')
     for line in clipped_ks(ks, n_train) + format_knn(results, ks):
         du.print0(line)

@@ -215,3 +215,21 @@ def test_real_process_one_line(script: str, argv: List[str], expected: str, tmp_
                        timeout=120, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert (r.returncode, r.stderr.strip(), r.stdout) == (2, expected, '')
     assert list(tmp_path.iterdir()) == []
+
+
+def print_walk_table(tmp: Path) -> None:
+    """Markdown rows of the flag-domain walk: every out-of-domain value of every flag of every script, with the
+    exact message (used by ``python tests/test_reliability.py --table``)."""
+    paths = prepare_paths(tmp / 'walk_paths')
+    jobs = {s: walk_cases(s, paths) for s in SCRIPTS}
+    results = run_walk(jobs, tmp / 'walk_scratch')
+    print('\n| script | flags | exit | message (files written) |\n|---|---|---|---|')
+    for s, cases in jobs.items():
+        for (flag, argv), r in zip(cases, results[s.name]):
+            lines = [l for l in r['stderr'].splitlines() if l.strip()]
+            msg = lines[-1] if lines else (r['traceback'] or '').strip().splitlines()[-1:] or ['(nothing)']
+            msg = msg if isinstance(msg, str) else msg[0]
+            words = ' '.join(argv).replace(str(tmp), '<tmp>')
+            verdict = 'none' if not r['written'] and not problems(flag, r) else 'CHECK: ' + '; '.join(problems(flag, r))
+            print(f"| {s.relative_to(REPO)} | `{words}` | {r['rc']} | `{msg.replace(str(tmp), '<tmp>')}` ({verdict}) |",
+                  flush=True)

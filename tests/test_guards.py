@@ -311,7 +311,8 @@ def test_sigterm_to_run_knn_is_one_line(demo_root: Path, tmp_path: Path) -> None
     p.p.send_signal(signal.SIGTERM)
     assert p.wait() == 128 + signal.SIGTERM, p.output
     last = [l for l in p.output.splitlines() if l.strip()][-1]
-    assert last == 'interrupted by SIGTERM; no checkpoint was written by this run; rerun the same command to start again'
+    assert last == ('interrupted by SIGTERM; no checkpoint was written by this run; rerun the same command to start '
+                    'again')
     assert 'Traceback' not in p.output
     assert not (tmp_path / 'out' / 'log.txt').exists()
 

@@ -7,9 +7,9 @@
   removed, with a note.
 * :func:`claim_run` decides the run id after the resume decision: a resumed run keeps the id of its checkpoint; a
   run starting from scratch in a folder that holds checkpoints stops with one line unless ``--overwrite``, which
-  moves the old run's files into ``<output_dir>/previous-<UTC time>/`` just before the new run's first write. The id is written to
-  ``<output_dir>/run.json`` (with the run's first log record), into every checkpoint (``run_id``) and every ``log.txt`` record, so auto-resume and
-  log trimming only ever touch the files of the same run.
+  moves the old run's files into ``<output_dir>/previous-<UTC time>/`` just before the new run's first write. The id
+  is written to ``<output_dir>/run.json`` (with the run's first log record), into every checkpoint (``run_id``) and
+  every ``log.txt`` record, so auto-resume and log trimming only ever touch the files of the same run.
 """
 import argparse
 import json
