@@ -219,11 +219,11 @@ def build_knn_loaders(data_path: str, input_size: int, batch_size: int, num_work
     tf = knn_transform(input_size)
     train = build_dataset(data_path, 'train', tf, bad_images=bad_images, with_index=True)
     val = build_dataset(data_path, 'val', tf, bad_images=bad_images, with_index=True)
-    check(train.classes == val.classes,
-          f'{flag} {data_path}: val/ class folders differ from train/; labels are folder indices')
     check(len(val) >= len(train.classes),
           f'{flag} {data_path}: val/ has {len(val)} images but train/ has {len(train.classes)} classes; '
           f'k-NN accuracy needs at least one val image per class')
+    check(train.classes == val.classes,
+          f'{flag} {data_path}: val/ class folders differ from train/; labels are folder indices')
 
     def make(ds: Dataset) -> DataLoader:
         sampler = ShardSampler(len(ds)) if shard else SequentialSampler(ds)
