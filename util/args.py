@@ -169,7 +169,7 @@ def run_main(main, parser: argparse.ArgumentParser) -> None:
         sys.exit(2)
     parser.error = _one_line_error
     args = parser.parse_args(argv)
-    check_flags(args, parser)
+    check_flags(args, parser, argv)
     args.argv = argv
     from util import signals
     signals.install_default_handlers()
@@ -335,8 +335,14 @@ def numeric_actions(parser: argparse.ArgumentParser) -> List[argparse.Action]:
     return [a for a in parser._actions if a.option_strings and a.type in (int, float)]
 
 
-def domain_errors(args: argparse.Namespace, parser: argparse.ArgumentParser) -> List[str]:
-    """Every violated domain or cross-flag rule, as one message each (naming flag, value and valid range)."""
+def domain_errors(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                  argv: Optional[List[str]] = None) -> List[str]:
+    """Every violated domain or cross-flag rule, as one message each (naming flag, value and valid range).
+
+    A cross-flag rule is checked when the flag it names was typed (``argv``; None: always): a default that only
+    disagrees with another flag (``--epochs 1`` against the default 40 warm-up epochs, ``--demo`` values applied
+    later) is the script's business, not a user error.
+    """
     errors = []
     for a in parser._actions:
         if not a.option_strings or not hasattr(args, a.dest):
@@ -357,22 +363,20 @@ def domain_errors(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             msg = STRING_DOMAINS[a.dest](flag, value)
             if msg:
                 errors.append(msg)
-    errors += _relation_errors(args)
+    errors += _relation_errors(args, None if argv is None else set(explicit_flags(argv)))
     return errors
 
 
-def _given(args: argparse.Namespace, *names: str) -> bool:
-    return all(getattr(args, n, None) is not None for n in names)
-
-
-def _relation_errors(args: argparse.Namespace) -> List[str]:
-    """Rules between flags (each side already in its domain)."""
+def _relation_errors(args: argparse.Namespace, typed: Optional[set] = None) -> List[str]:
+    """Rules between flags (each side already in its domain), for the flags in ``typed`` (None: all)."""
+    def _given(*names: str) -> bool:
+        return (typed is None or names[0] in typed) and all(getattr(args, n, None) is not None for n in names)
     out = []
-    if _given(args, 'warmup_epochs', 'epochs') and args.warmup_epochs > args.epochs:
+    if _given('warmup_epochs', 'epochs') and args.warmup_epochs > args.epochs:
         out.append(f'--warmup_epochs {args.warmup_epochs}: must be in [0, --epochs {args.epochs}]')
-    if _given(args, 'start_epoch', 'epochs') and args.start_epoch >= args.epochs:
+    if _given('start_epoch', 'epochs') and args.start_epoch >= args.epochs:
         out.append(f'--start_epoch {args.start_epoch}: must be in [0, --epochs {args.epochs}) (epochs are 0-based)')
-    if _given(args, 'embed_dim', 'num_heads') and args.embed_dim % args.num_heads:
+    if _given('num_heads', 'embed_dim') and args.embed_dim % args.num_heads:
         out.append(f'--num_heads {args.num_heads}: must divide --embed_dim {args.embed_dim}')
     mm = getattr(args, 'cutmix_minmax', None)
     if mm is not None and (len(mm) != 2 or not mm[0] < mm[1]):
@@ -420,9 +424,9 @@ def path_errors(args: argparse.Namespace) -> List[str]:
     return out
 
 
-def check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> None:
     """Domains, cross-flag rules and paths, before ``main`` runs: the first problem as one ``error:`` line, exit 2."""
-    problems = domain_errors(args, parser) + path_errors(args)
+    problems = domain_errors(args, parser, argv) + path_errors(args)
     if problems:
         print(f'error: {problems[0]}', file=sys.stderr, flush=True)
         sys.exit(2)
