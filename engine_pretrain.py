@@ -67,11 +67,13 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
     opt.zero_grad(set_to_none=True)
     pending: List[Dict[str, Any]] = []
     epoch_start, compute_time, images = time.time(), 0.0, 0
+    data_wait, ready = 0.0, epoch_start  # host time blocked in the loader, between iterations
 
     for i, (samples, _) in enumerate(metric_logger.log_every(islice(loader, n_micro), print_freq, header,
                                                              remaining_after=remaining, total=n_micro)):
-        stop.check(epoch, i)
         t0 = time.time()
+        data_wait += t0 - ready
+        stop.check(epoch, i)
         if i % accum == 0:
             if set_lr(state, state.global_step):
                 model = state.model = state.rewrap()
@@ -107,6 +109,7 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
         if i % print_freq == 0 or i == n_micro - 1:
             _flush(pending, metric_logger, epoch, n_micro, log_writer)
             pending = []
+        ready = time.time()
 
     metric_logger.synchronize_between_processes()
     epoch_time = time.time() - epoch_start
@@ -118,7 +121,7 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
         import resource
         max_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
     stats.update(epoch_time=epoch_time, compute_time=compute_time, data_time=max(0.0, epoch_time - compute_time),
-                 max_mem_mb=max_mem,
+                 data_wait_time=data_wait, data_wait_share=data_wait / max(1e-9, epoch_time), max_mem_mb=max_mem,
                  step_time=compute_time / max(1, state.steps_per_epoch),
                  img_per_s=world * images / max(1e-9, epoch_time))
     du.print0(f'Averaged stats: {metric_logger}  compute time {compute_time:.1f}s  '

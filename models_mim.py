@@ -249,8 +249,75 @@ def scale_head(in_dim: int, out_dim: int, scale: float) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def block_rows(blk: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``blk(x)`` at the sequence positions ``rows`` [B, M] only: [B, N, D] -> [B, M, D].
+
+    Every token still supplies keys and values; the query projection, attention rows, output projection, MLP and
+    residuals run on the M selected tokens. Row r of a transformer block depends on the other rows only through
+    K and V, so this equals ``blk(x).gather(rows)`` up to float reassociation (the GEMMs see other row blocks).
+    Mirrors timm's ``Block``/``Attention`` forward (qk-norm, scale-norm, gate, layer scale, drop-path included).
+    """
+    a = blk.attn
+    b, n, d = x.shape
+    m = rows.shape[1]
+    h = blk.norm1(x)
+    take = rows.unsqueeze(-1).expand(-1, -1, d)
+    x_r, h_r = torch.gather(x, 1, take), torch.gather(h, 1, take)
+    dim = a.attn_dim
+    w, bias = a.qkv.weight, a.qkv.bias
+    q = F.linear(h_r, w[:dim], None if bias is None else bias[:dim])
+    kv = F.linear(h, w[dim:], None if bias is None else bias[dim:])
+    q = q.view(b, m, a.num_heads, a.head_dim).transpose(1, 2)
+    k, v = kv.view(b, n, 2, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = a.q_norm(q), a.k_norm(k)
+    if a.fused_attn:
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=a.attn_drop.p if a.training else 0.)
+    else:
+        att = (q * a.scale) @ k.transpose(-2, -1)
+        o = a.attn_drop(att.softmax(dim=-1)) @ v
+    o = a.norm(o.transpose(1, 2).reshape(b, m, dim))
+    if getattr(a, 'gate', None) is not None:
+        o = o * a.gate(h_r).sigmoid()
+    x_r = x_r + blk.drop_path1(blk.ls1(a.proj_drop(a.proj(o))))
+    return x_r + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x_r))))
+
+
+def head_per_token(head: nn.Sequential, x: torch.Tensor, scale: int) -> torch.Tensor:
+    """A scale >= 1 :func:`scale_head` applied to tokens one by one: [N, D] -> [N, s·s, out].
+
+    The heads only use 2×2-stride-2 transposed convs (each input pixel owns its own 2×2 output block), per-pixel
+    LayerNorm/GELU and 1×1 convs, so every token's s×s output cells depend on that token alone. Computed
+    channel-last with the same weights as ``head`` (GEMMs instead of convs: equal up to float reassociation).
+    Cells come out row-major within the token's s×s block.
+    """
+    y = x[:, None, None, :]  # [N, h, w, C], channel-last
+    for mod in head:
+        if isinstance(mod, nn.ConvTranspose2d):
+            n, hh, ww, _ = y.shape
+            co = mod.out_channels
+            wt = mod.weight.permute(2, 3, 1, 0).reshape(4 * co, -1)  # rows (i, j, c_out)
+            y = F.linear(y, wt, None if mod.bias is None else mod.bias.repeat(4))
+            y = y.view(n, hh, ww, 2, 2, co).permute(0, 1, 3, 2, 4, 5).reshape(n, 2 * hh, 2 * ww, co)
+        elif isinstance(mod, LayerNorm2d):
+            y = F.layer_norm(y, mod.normalized_shape, mod.weight, mod.bias, mod.eps)
+        elif isinstance(mod, nn.Conv2d) and mod.kernel_size == (1, 1):
+            y = F.linear(y, mod.weight.flatten(1), mod.bias)
+        elif isinstance(mod, nn.GELU):
+            y = mod(y)
+        else:
+            raise TypeError(f'head_per_token: {type(mod).__name__} is not a per-token layer')
+    return y.reshape(y.shape[0], scale * scale, y.shape[-1])
+
+
 class StageDecoder(nn.Module):
-    """One LocalMIM decoder: latent [B,1+keep,D] + ids_restore [B,L] -> prediction [B,(g·s)², out_dim]."""
+    """One LocalMIM decoder: latent [B,1+keep,D] + ids_restore [B,L] -> prediction.
+
+    ``forward(x, ids_restore)``: every cell, [B,(g·s)², out_dim] (visualisation, reference semantics).
+    ``forward(x, ids_restore, rows)`` with ``rows`` [B,M] = masked token positions (scale >= 1 only): the cells of
+    those tokens only, [B, M, s·s, out_dim] (token-major, row-major inside each token's s×s block). The last
+    decoder block runs its per-token part on those rows only (:func:`block_rows`) and the head per token
+    (:func:`head_per_token`); visible tokens and the cls token still provide keys and values.
+    """
 
     def __init__(self, in_dim: int, grid: int, out_dim: int, scale: float, embed_dim: int = 256, depth: int = 1,
                  num_heads: int = 8, mlp_ratio: float = 4.0):
@@ -267,13 +334,24 @@ class StageDecoder(nn.Module):
         for m in [self.embed, self.blocks, self.norm]:
             m.apply(_init_linear_ln)
 
-    def forward(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+    @property
+    def per_token(self) -> bool:
+        """True when the head is per token (scale >= 1), i.e. the masked-only path applies."""
+        return self.scale >= 1
+
+    def forward(self, x: torch.Tensor, ids_restore: torch.Tensor, rows: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
         x = self.embed(x)
         b, n_vis, d = x.shape
         n_mask = ids_restore.shape[1] + 1 - n_vis
         patches = torch.cat([x[:, 1:], self.mask_token.expand(b, n_mask, d)], dim=1)
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d))
         x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed
+        if rows is not None:
+            for blk in self.blocks[:-1]:
+                x = blk(x)
+            x = self.norm(block_rows(self.blocks[-1], x, rows + 1))  # +1: position 0 is the cls token
+            return head_per_token(self.pred, x.flatten(0, 1), int(self.scale)).unflatten(0, (b, rows.shape[1]))
         for blk in self.blocks:
             x = blk(x)
         x = self.norm(x)[:, 1:]
@@ -416,6 +494,31 @@ class LocalMIM(nn.Module):
     def active_stages(self) -> List[int]:
         return [k for k, b in enumerate(self.stage_blocks) if b >= self.num_frozen_blocks]
 
+    def compile_regions(self, hog: bool = False, **opts) -> int:
+        """``nn.Module.compile(**opts)`` on every encoder block and every stage decoder (and the HOG targets with
+        ``hog=True``), in place; returns the per-function variant limit it set.
+
+        Regions, not the whole model: the Python loop over blocks stays eager, so a FreezeOut event only changes
+        which blocks run inside ``torch.no_grad()`` (grad mode, the blocks' train/eval flag and requires_grad are
+        dynamo guards, i.e. graph-visible) and never invalidates a graph. Identical blocks share one compiled code
+        object. Expected variants per function: encoder blocks 4 (trainable with/without an input that requires
+        grad, frozen under no_grad, frozen with grad for ``--dont_freeze_pe``), decoders 1 per head shape (masked
+        or full decode), times grad/no_grad where a caller runs without grad. The limit set here is 8 plus 2 per
+        decoder, and a hit raises instead of dynamo's silent fall-back to eager (util.compile.allow_variants).
+        State-dict keys are unchanged (no ``_orig_mod.`` prefix), so checkpoints load either way.
+        """
+        from util.compile import allow_variants
+        opts.setdefault('fullgraph', True)  # a graph break is an error, not a silent eager island
+        limit = 8 + 2 * len(self.decoder)
+        allow_variants(limit)
+        for blk in self.blocks:
+            blk.compile(**opts)
+        for dec in self.decoder:
+            dec.compile(**opts)
+        if hog:
+            self.hog.compile(**{**opts, 'fullgraph': False})  # its cell-index cache is Python state
+        return limit
+
     # ---- forward ----------------------------------------------------------------------------------------------
 
     def random_masking(self, x: torch.Tensor, mask_ratio: float
@@ -472,20 +575,59 @@ class LocalMIM(nn.Module):
         per_cell = (pred.float() - target).pow(2).mean(dim=-1)
         return (per_cell * weight).sum() / weight.sum().clamp_min(1e-12)
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, return_vis: bool = False) -> Dict[str, object]:
+    def token_cells(self, cells: torch.Tensor, scale: int, rows: torch.Tensor) -> torch.Tensor:
+        """[B,(g·s)²,F] row-major cells -> [B,M,s·s,F]: the s×s cells of each token in ``rows`` [B,M]."""
+        b, _, f = cells.shape
+        g, s = self.grid, scale
+        per_tok = cells.view(b, g, s, g, s, f).permute(0, 1, 3, 2, 4, 5).reshape(b, g * g, s * s, f)
+        return torch.gather(per_tok, 1, rows[:, :, None, None].expand(-1, -1, s * s, f))
+
+    def masked_rows(self, ids_restore: torch.Tensor, mask_ratio: float) -> torch.Tensor:
+        """[B, M] positions of the masked tokens (any order: the loss is a sum over them)."""
+        keep = int(ids_restore.shape[1] * (1 - mask_ratio))
+        return torch.argsort(ids_restore, dim=1)[:, keep:]  # ids_shuffle[:, keep:], as random_masking drew it
+
+    def decode(self, latents: Dict[int, torch.Tensor], mask: torch.Tensor, ids_restore: torch.Tensor,
+               targets: Dict[int, torch.Tensor], mask_ratio: float, full: bool = False
+               ) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]:
+        """Per active stage: (losses, predictions). ``full=False`` (training): stages with scale >= 1 predict and
+        are scored on masked tokens only (same loss and gradients as the full path, up to float rounding: the
+        visible cells have weight 0); the 0.5-scale stage pools 2×2 tokens, so nearly every pooled cell holds a
+        masked token (1 - 0.25^4 = 99.6% at ratio 0.75) and it runs in full. ``full=True``: every stage predicts
+        every cell (visualisation, and the reference semantics the test compares against)."""
+        losses: Dict[int, torch.Tensor] = {}
+        preds: Dict[int, torch.Tensor] = {}
+        rows = None
+        for k in latents:
+            dec = self.decoder[k]
+            if full or not dec.per_token:
+                preds[k] = dec(latents[k], ids_restore)
+                losses[k] = self.stage_loss(preds[k], targets[k], self.stage_mask(mask, self.stage_scales[k]))
+                continue
+            if rows is None:
+                rows = self.masked_rows(ids_restore, mask_ratio)
+            s = int(self.stage_scales[k])
+            preds[k] = dec(latents[k], ids_restore, rows)
+            per_cell = (preds[k].float() - self.token_cells(targets[k], s, rows)).pow(2).mean(dim=-1)
+            losses[k] = per_cell.sum() / max(1, per_cell.numel())  # = masked mean: every selected cell has weight 1
+        return losses, preds
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, return_vis: bool = False,
+                full_decode: Optional[bool] = None) -> Dict[str, object]:
         """imgs [B,3,H,W] (normalised) -> dict with
         ``loss`` (weighted sum over active stages), ``stage_losses`` ({stage: scalar}, graph kept),
-        and with ``return_vis``: ``pred``/``target`` ({stage: [B,cells,3·nb]}) and ``mask`` [B,L]."""
+        and with ``return_vis``: ``pred``/``target`` ({stage: [B,cells,3·nb]}, every cell) and ``mask`` [B,L].
+        ``full_decode`` (default: ``return_vis``) predicts every cell of every stage instead of only the masked
+        ones; the loss is the same up to float rounding, the work is not."""
         if not 0.0 <= mask_ratio < 1.0:
             raise UserError(f'--mask_ratio {mask_ratio}: must be in [0, 1)')
+        full = return_vis if full_decode is None else full_decode
         active = self.active_stages()
+        # HOG maps for every cell: the 0.5-scale stage reads (nearly) all of them, and the finer stages are pooled
+        # from the same full-resolution pass, so restricting the pixel work to masked cells would not save work
         targets = self.hog(imgs, active)
         latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio)
-        stage_losses: Dict[int, torch.Tensor] = {}
-        preds: Dict[int, torch.Tensor] = {}
-        for k in active:
-            preds[k] = self.decoder[k](latents[k], ids_restore)
-            stage_losses[k] = self.stage_loss(preds[k], targets[k], self.stage_mask(mask, self.stage_scales[k]))
+        stage_losses, preds = self.decode(latents, mask, ids_restore, targets, mask_ratio, full)
         if stage_losses:
             loss = sum(self.stage_weights[k] * stage_losses[k] for k in active)
         else:

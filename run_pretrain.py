@@ -19,10 +19,11 @@ import models_mim
 from engine_pretrain import NonFiniteLoss, PretrainState, train_one_epoch
 from freezeout import FreezeOut, FreezeOutSchedule, format_plan, measure_unit_flops, projected_saving, step_cost
 from util import distributed as du
-from util.amp import make_amp
+from util.amp import fused_attention_report, make_amp, set_cuda_speed_flags
 from util.args import (add_arch_args, add_common_args, add_optim_args, apply_demo_defaults, check_output_dir,
                        explicit_flags, resolve_device_flag, run_main)
 from util.checkpoint import resolve_resume, restore_rng_state, resume_hint, save_checkpoint, warn_changed_flags
+from util.compile import check_toolchain, eager as compile_eager, stats as compile_stats
 from util.datasets import (build_dataset, build_loader, check_min_images, eval_transform, pretrain_transform,
                            seed_loader_epoch)
 from util.errors import UserError
@@ -80,7 +81,28 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='every N epochs write TensorBoard images of a fixed batch: input, mask, and HOG target vs '
                         'prediction of each active stage (0 = off; needs --log_dir) (default: 20; --demo: 5)')
     g.add_argument('--vis_images', default=4, type=int, help='images in the visualisation batch (default: 4)')
-    g.add_argument('--compile', action='store_true', help='torch.compile the model (not with FreezeOut)')
+    g = p.add_argument_group('speed')
+    g.add_argument('--compile', action='store_true',
+                   help='torch.compile each encoder block and stage decoder (LocalMIM.compile_regions; works with '
+                        'FreezeOut: freeze events only switch blocks to no_grad, no recompiles). Checked before '
+                        'training: fails in one line without a working compiler toolchain (default: off)')
+    g.add_argument('--compile_backend', default='inductor', choices=['inductor', 'aot_eager', 'eager'],
+                   help="torch.compile backend; 'aot_eager' traces graphs and autograd without generating kernels "
+                        '(debugging, no C++ compiler needed) (default: inductor)')
+    g.add_argument('--tf32', action='store_true', default=True,
+                   help='CUDA: TF32 tensor cores for fp32 matmuls/convs on Ampere+ (set_float32_matmul_precision '
+                        '"high") (default: on; --no_tf32 for full fp32)')
+    g.add_argument('--no_tf32', action='store_false', dest='tf32', help='CUDA: full-precision fp32 matmuls')
+    g.add_argument('--cudnn_benchmark', action='store_true', default=True,
+                   help='CUDA: cudnn.benchmark picks the fastest conv algorithm per (fixed) shape (default: on)')
+    g.add_argument('--no_cudnn_benchmark', action='store_false', dest='cudnn_benchmark',
+                   help='CUDA: keep cuDNN heuristics (no autotuning)')
+    g.add_argument('--prefetch_factor', default=None, type=int,
+                   help="batches each loader worker prepares ahead (default: None = torch's 2; needs "
+                        '--num_workers > 0)')
+    g.add_argument('--compile_mode', default=None, choices=['default', 'reduce-overhead', 'max-autotune',
+                                                            'max-autotune-no-cudagraphs'],
+                   help="torch.compile mode for the inductor backend (default: None = torch's 'default')")
     add_common_args(p, output_dir='./output_dir', num_workers=10, save_freq=50)  # LocalMIM's period
     return p
 
@@ -100,11 +122,10 @@ def prepare_args(args: argparse.Namespace) -> None:
     if args.freezeout:
         args.t_0 = 0.8 if args.t_0 is None else args.t_0
         args.how_scale = args.how_scale or 'cubic'
-        if args.compile:
-            raise UserError('--compile with FreezeOut is not supported: compiled graphs ignore requires_grad flips '
-                            '(pytorch#139476); drop --compile or --t_0/--how_scale')
     elif args.not_scale_lr or args.non_layerwise_lr or args.dont_freeze_pe:
         print('note: --not_scale_lr/--non_layerwise_lr/--dont_freeze_pe only act with FreezeOut (--t_0/--how_scale)')
+    if args.prefetch_factor is not None and (args.prefetch_factor < 1 or args.num_workers < 1):
+        raise UserError(f'--prefetch_factor {args.prefetch_factor}: needs a value >= 1 and --num_workers >= 1')
 
 
 def build_model(args: argparse.Namespace) -> models_mim.LocalMIM:
@@ -122,6 +143,9 @@ def main(args: argparse.Namespace) -> None:
     if args.output_dir and not args.plan_only:
         check_output_dir(args.output_dir)
         lock_output_dir(args.output_dir)  # held until exit: one run per folder at a time
+    cuda_flags = set_cuda_speed_flags(device, args.tf32, args.cudnn_benchmark)
+    if args.compile and not args.plan_only:
+        check_toolchain(args.compile_backend, device)  # one line now, not a traceback after the first batch
     du.seed_process(args.seed)
 
     dataset = build_dataset(args.data_path, 'train', pretrain_transform(args.input_size), allow_root=True,
@@ -129,7 +153,7 @@ def main(args: argparse.Namespace) -> None:
     check_min_images(dataset, args.batch_size * du.get_world_size(), '--batch_size')
     loader = build_loader(dataset, args.batch_size, shuffle=True, drop_last=True, num_workers=args.num_workers,
                           pin_mem=args.pin_mem, seed=args.seed, distributed=args.distributed,
-                          world_size=du.get_world_size(), rank=du.get_rank())
+                          world_size=du.get_world_size(), rank=du.get_rank(), prefetch_factor=args.prefetch_factor)
     knn = _knn_setup(args, device) if args.knn_eval_freq > 0 and not args.plan_only else None  # data checked now
     spe = steps_per_epoch(len(loader), args.accum_iter, 5 if args.debug else None)
     if spe < 1:
@@ -148,6 +172,11 @@ def main(args: argparse.Namespace) -> None:
     du.print0(f'model {args.model}: {args.input_size}px, patch {model.patch_size}, {model.depth} blocks, stages '
               f'(block, scale, cell px): {list(zip(model.stage_blocks, model.stage_scales, model.cell_sizes))}, '
               f'stage weights {model.stage_weights}')
+    if cuda_flags:
+        du.print0(f'CUDA: {cuda_flags}, fused AdamW, pinned memory {args.pin_mem} + non_blocking copies')
+    note = fused_attention_report(model)
+    if note:
+        du.print0(note)
 
     freezer, flops = None, None
     if args.freezeout:
@@ -211,7 +240,12 @@ def main(args: argparse.Namespace) -> None:
         restore_rng_state(ckpt.get('rng'))
         du.print0(f'Resumed from {path}: epoch {ckpt["epoch"]} done, optimizer step {state.global_step}')
     if args.compile:
-        state.model = torch.compile(model)
+        opts = {'backend': args.compile_backend}
+        if args.compile_mode and args.compile_backend == 'inductor':
+            opts['mode'] = args.compile_mode
+        limit = model.compile_regions(**opts)
+        du.print0(f'compile: {model.depth} encoder blocks and {len(model.decoder)} stage decoders compiled '
+                  f'({args.compile_backend}); at most {limit} variants per region, a hit is an error')
     state.model = rewrap() if args.distributed else state.model
 
     log_writer = TensorBoard(args.log_dir)
@@ -220,6 +254,7 @@ def main(args: argparse.Namespace) -> None:
     start = time.time()
     saving = {'base_step_time': None, 'time': 0.0, 'steps': 0}
     trim_json_log(args.output_dir, args.start_epoch - 1, run_id=args.run_id)  # epochs redone now (logged, not saved)
+    warned_data_bound = False  # the data-bound note is printed once per run
     stop = GracefulStop().start()  # SIGINT/SIGTERM: stop at a micro-batch boundary, keep checkpoint-last as is
     for epoch in range(args.start_epoch, args.epochs):
         seed_loader_epoch(loader, args.seed, epoch, du.get_rank())
@@ -229,12 +264,20 @@ def main(args: argparse.Namespace) -> None:
             record.update(frozen_units=freezer.num_frozen, active_stages=model.active_stages(),
                           unit_lr=freezer.lr_by_unit(state.global_step))
             record.update(_saving_so_far(saving, stats, epoch, args, freezer, flops, spe))
+        if args.compile:
+            record.update({f'compile_{k}': v for k, v in compile_stats().items()})
         if knn is not None and ((epoch + 1) % args.knn_eval_freq == 0 or epoch + 1 == args.epochs):
             record.update(knn(model))
         if vis_batch is not None and ((epoch + 1) % args.vis_freq == 0 or epoch + 1 == args.epochs):
-            for tag, img in render_stages(model, vis_batch, args.mask_ratio, seed=args.seed).items():
+            with compile_eager():  # another batch size and the full decode: not worth compiled variants
+                pics = render_stages(model, vis_batch, args.mask_ratio, seed=args.seed)
+            for tag, img in pics.items():
                 log_writer.image(tag, img, (epoch + 1) * 1000)
         _log_epoch(log_writer, record, epoch, freezer)
+        note = data_bound_note(stats, epoch, args) if (epoch > args.start_epoch and not warned_data_bound) else None
+        if note:
+            du.print0(note)
+            warned_data_bound = True
         numbered = (epoch % args.save_freq == 0) or (epoch + 1 == args.epochs)
         with epoch_record(args.output_dir, record, args.run_id):  # a failed save takes its record back out
             save_checkpoint(args.output_dir, epoch, {
@@ -271,6 +314,22 @@ def _saving_so_far(acc: dict, stats: dict, epoch: int, args, freezer, flops, spe
     return out
 
 
+DATA_BOUND_SHARE = 0.10
+
+
+def data_bound_note(stats: dict, epoch: int, args) -> str:
+    """One line when the epoch spent more than 10% of its wall time waiting for data ('' otherwise). Call after
+    the first epoch of a process (worker start-up and compilation make the first one unrepresentative)."""
+    share = stats.get('data_wait_share', 0.0)
+    if share <= DATA_BOUND_SHARE:
+        return ''
+    return (f'note: data-bound: epoch {epoch} waited for data {100 * share:.0f}% of its wall time (> '
+            f'{100 * DATA_BOUND_SHARE:.0f}%); steps wait for the loader, so faster steps (FreezeOut freezing '
+            f'layers, --compile) save less wall time than planned. Raise --num_workers (now {args.num_workers}; '
+            f'see bench/data_pipeline.py), read from faster local storage, or pre-resize the images '
+            f'(e.g. shorter side 256-320 px)')
+
+
 def _eta(start: float, done: int, left: int) -> str:
     per = (time.time() - start) / max(1, done)
     return time.strftime('%H:%M:%S', time.gmtime(per * left))
@@ -280,7 +339,8 @@ def _log_epoch(tb: TensorBoard, record: dict, epoch: int, freezer) -> None:
     if not tb:
         return
     x = (epoch + 1) * 1000
-    for k in ('train_img_per_s', 'train_step_time', 'train_epoch_time', 'train_data_time', 'train_max_mem_mb'):
+    for k in ('train_img_per_s', 'train_step_time', 'train_epoch_time', 'train_data_time', 'train_data_wait_share',
+              'train_max_mem_mb'):
         if k in record:
             tb.scalar(f'perf/{k[6:]}', record[k], x)
     if freezer is not None:

@@ -8,7 +8,8 @@ One step = what ``engine_pretrain.train_one_epoch`` does per iteration, split in
     data     copy of a pre-made CPU batch to the device (a no-op on CPU, pinned + non_blocking on CUDA)
     hog      ``model.hog(imgs, active_stages)``            (targets, fp32, no grad)
     encoder  ``model.forward_encoder(imgs, mask_ratio)``   (patch embed, masking, blocks, stage norms)
-    decoders the active stage decoders + masked MSE per stage + weighted sum
+    decoders ``model.decode`` (the active stage decoders, masked tokens only where exact) + masked MSE per stage
+             + weighted sum
     backward ``loss.backward()``
     optim    ``AdamW.step()`` + ``zero_grad(set_to_none=True)`` (timm param_groups_weight_decay, betas 0.9/0.95)
 
@@ -230,7 +231,7 @@ def make_optimizer(model: nn.Module, lr: float = 1.5e-4, weight_decay: float = 0
 
 
 def phased_forward(model: models_mim.LocalMIM, imgs: torch.Tensor, mask_ratio: float, amp,
-                   clock: Optional[Callable[[str], None]] = None) -> torch.Tensor:
+                   clock: Optional[Callable[[str], None]] = None, full_decode: bool = False) -> torch.Tensor:
     """``LocalMIM.forward`` split into hog / encoder / decoders (same ops, same order, same RNG use)."""
     tick = clock or (lambda name: None)
     active = model.active_stages()
@@ -241,16 +242,14 @@ def phased_forward(model: models_mim.LocalMIM, imgs: torch.Tensor, mask_ratio: f
         latents, mask, ids_restore = model.forward_encoder(imgs, mask_ratio)
     tick('encoder')
     with amp.autocast():
-        losses = {}
-        for k in active:
-            pred = model.decoder[k](latents[k], ids_restore)
-            losses[k] = model.stage_loss(pred, targets[k], model.stage_mask(mask, model.stage_scales[k]))
+        losses, _ = model.decode(latents, mask, ids_restore, targets, mask_ratio, full_decode)
         loss = sum(model.stage_weights[k] * losses[k] for k in active) if losses else imgs.new_zeros(())
     tick('decoders')
     return loss
 
 
-def timed_step(model, optimizer, cpu_batch, device, amp, mask_ratio, sync) -> Dict[str, float]:
+def timed_step(model, optimizer, cpu_batch, device, amp, mask_ratio, sync, full_decode: bool = False
+               ) -> Dict[str, float]:
     times: Dict[str, float] = {}
     last = [time.perf_counter()]
     last_cpu = [time.process_time()]
@@ -268,7 +267,7 @@ def timed_step(model, optimizer, cpu_batch, device, amp, mask_ratio, sync) -> Di
     start = last[0] = time.perf_counter()
     imgs = cpu_batch.to(device, non_blocking=True)
     tick('data')
-    loss = phased_forward(model, imgs, mask_ratio, amp, tick)
+    loss = phased_forward(model, imgs, mask_ratio, amp, tick, full_decode)
     if amp.scaler is not None:
         amp.scaler.scale(loss).backward()
     else:
@@ -288,16 +287,16 @@ def timed_step(model, optimizer, cpu_batch, device, amp, mask_ratio, sync) -> Di
     return times
 
 
-def check_decomposition(model, imgs, mask_ratio, amp) -> float:
+def check_decomposition(model, imgs, mask_ratio, amp, full_decode: bool = False) -> float:
     """|loss(phased) - loss(model.forward)| for the same RNG state (must be 0)."""
     with torch.no_grad():
         with torch.random.fork_rng(devices=[imgs.device] if imgs.device.type == 'cuda' else []):
             torch.manual_seed(1234)
-            a = phased_forward(model, imgs, mask_ratio, amp)
+            a = phased_forward(model, imgs, mask_ratio, amp, full_decode=full_decode)
         with torch.random.fork_rng(devices=[imgs.device] if imgs.device.type == 'cuda' else []):
             torch.manual_seed(1234)
             with amp.autocast():
-                b = model(imgs, mask_ratio=mask_ratio)['loss']
+                b = model(imgs, mask_ratio=mask_ratio, full_decode=full_decode)['loss']
     return float((a.float() - b.float()).abs())
 
 
@@ -353,20 +352,37 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     amp = make_amp(device, args.amp)
     cpu_batch = make_batch(args, device)
     rss_model_mb = peak_rss_mb()
-    decomposition_err = check_decomposition(model, cpu_batch.to(device), args.mask_ratio, amp)
+    decomposition_err = check_decomposition(model, cpu_batch.to(device), args.mask_ratio, amp, args.full_decode)
+    compile_info: Dict[str, object] = {}
+    if args.compile or args.compile_hog:
+        from util import compile as uc
+        uc.check_toolchain(args.compile_backend, device)
+        before = uc.stats()
+        if args.compile:
+            model.compile_regions(backend=args.compile_backend, hog=args.compile_hog)
+        else:
+            model.hog.compile(backend=args.compile_backend)
+        t = time.perf_counter()
+        timed_step(model, optimizer, cpu_batch, device, amp, args.mask_ratio, sync, args.full_decode)
+        after = uc.stats()
+        compile_info = {'compile_first_step_s': time.perf_counter() - t,
+                        'compile_graphs': after['graphs'] - before['graphs'],
+                        'compile_dynamo_s': after['seconds'] - before['seconds']}
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     samples: List[Dict[str, float]] = []
     for i in range(args.warmup + args.steps):
-        t = timed_step(model, optimizer, cpu_batch, device, amp, args.mask_ratio, sync)
+        t = timed_step(model, optimizer, cpu_batch, device, amp, args.mask_ratio, sync, args.full_decode)
         if i >= args.warmup:
             samples.append(t)
     res: Dict[str, object] = {
-        'hog_impl': args.hog_impl, 'adamw': args.adamw, 'model': args.model, 'input_size': args.input_size, 'patch_size': model.patch_size, 'depth': model.depth,
+        'hog_impl': args.hog_impl, 'adamw': args.adamw, 'full_decode': args.full_decode, 'model': args.model, 'input_size': args.input_size, 'patch_size': model.patch_size, 'depth': model.depth,
         'embed_dim': model.embed_dim, 'batch_size': args.batch_size, 'threads': args.threads,
         'steps': args.steps, 'warmup': args.warmup, 'amp': amp.name, 'mask_ratio': args.mask_ratio,
         'hog_cells': model.hog.cell_sizes, 'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
-        'machine': machine_info(device, args.threads), 'decomposition_abs_err': decomposition_err}
+        'machine': machine_info(device, args.threads), 'decomposition_abs_err': decomposition_err,
+        'compile': args.compile, 'compile_hog': args.compile_hog, 'compile_backend': args.compile_backend,
+        **compile_info}
     for ph in PHASES + ['step', 'cpu', 'minflt'] + [f'cpu_{x}' for x in PHASES]:
         res[f'{ph}_ms'] = median([s[ph] for s in samples])
         res[f'{ph}_all_ms'] = [s[ph] for s in samples]
@@ -390,7 +406,8 @@ def print_table(r: Dict[str, object]) -> None:
     m = r['machine']
     print(f"{r['model']} {r['input_size']}px patch {r['patch_size']} depth {r['depth']}  batch {r['batch_size']}  "
           f"{r['threads']} threads  {r['amp']}  on {m['device']} ({m['cpu']}, {m['cpu_count']} cores)  "
-          f"median of {r['steps']} steps after {r['warmup']} warm-up")
+          f"median of {r['steps']} steps after {r['warmup']} warm-up; decode "
+          f"{'full (every cell)' if r.get('full_decode') else 'masked tokens only'}")
     print(f"{'phase':<10} {'wall ms':>10} {'share':>7} {'CPU ms':>10} {'share':>7}")
     for ph in PHASES:
         print(f"{ph:<10} {r[ph + '_ms']:>10.1f} {100 * r[ph + '_ms'] / r['step_ms']:>6.1f}% "
@@ -401,6 +418,10 @@ def print_table(r: Dict[str, object]) -> None:
     print(f"peak memory: {r['peak_mem_mb']:.0f} MiB ({r['peak_mem_kind']}); load average at start/end "
           f"{m.get('loadavg_at_start')} / {r.get('loadavg_at_end')} on {m['cpu_count']} cores")
     print(f"decomposition check |loss(phased) - loss(forward)| = {r['decomposition_abs_err']:.3g}")
+    if 'compile_graphs' in r:
+        what = 'blocks + decoders' + (' + HOG' if r['compile_hog'] else '') if r['compile'] else 'HOG only'
+        print(f"compiled ({r['compile_backend']}, {what}): first step {r['compile_first_step_s']:.1f} s, "
+              f"{r['compile_graphs']} graphs, dynamo {r['compile_dynamo_s']:.1f} s")
     if 'hog_ref_ms' in r:
         print(f"HOG targets, all {len(r['hog_stages'])} stages (cells {r['hog_cells']} px), batch {r['batch_size']}:")
         print(f"  reference-style design : {r['hog_ref_ms']:>9.1f} ms")
@@ -429,13 +450,28 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--hog_profile', action='store_true', help="print torch.profiler's top ops of model.hog")
     p.add_argument('--adamw', default='default', choices=['default', 'foreach', 'fused'],
                    help="torch AdamW implementation (default: torch's default, as run_pretrain.py)")
+    p.add_argument('--compile', action='store_true',
+                   help='LocalMIM.compile_regions (every block and decoder) before timing; the first step (with '
+                        'the compilation) is reported apart as compile_first_step_s (default: off)')
+    p.add_argument('--compile_hog', action='store_true',
+                   help='also compile the HOG targets (alone without --compile), to measure whether they gain')
+    p.add_argument('--compile_backend', default='inductor', choices=['inductor', 'aot_eager', 'eager'],
+                   help='torch.compile backend (default: inductor)')
+    p.add_argument('--full_decode', action='store_true',
+                   help='decode every cell of every stage (the pre-masked-only path, what main 775680a and the '
+                        'reference do) instead of the training path (default: off = masked tokens only)')
     p.add_argument('--json', default=None, help='write the results here')
     return p
 
 
 def main(argv=None) -> Dict[str, object]:
     args = get_parser().parse_args(argv)
-    res = run(args)
+    from util.errors import UserError
+    try:
+        res = run(args)
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
     print_table(res)
     if args.json:
         with open(args.json, 'w') as f:

@@ -39,3 +39,31 @@ def make_amp(device: torch.device, mode: str = 'auto') -> Amp:
     if mode == 'bf16' or (mode == 'auto' and torch.cuda.is_bf16_supported()):
         return Amp('cuda', torch.bfloat16, None)
     return Amp('cuda', torch.float16, torch.amp.GradScaler('cuda'))
+
+
+def set_cuda_speed_flags(device: torch.device, tf32: bool = True, cudnn_benchmark: bool = True) -> dict:
+    """What a careful CUDA user sets; a no-op on other devices. Returns what was set (for the log).
+
+    ``tf32``: fp32 matmuls and convolutions (the parts autocast leaves in fp32, all of ``--amp none``) use TF32
+    tensor cores on Ampere and newer (10-bit mantissa inputs, fp32 accumulation). ``cudnn_benchmark``: cuDNN times
+    its algorithms once per shape and keeps the fastest: every shape here is fixed (drop_last batches, fixed
+    decoder heads), so the search is paid once per freeze state. Both trade bit-reproducibility across runs for
+    speed; CPU runs (the bit-exact-resume guarantee) are untouched.
+    """
+    if device.type != 'cuda':
+        return {}
+    torch.set_float32_matmul_precision('high' if tf32 else 'highest')
+    torch.backends.cudnn.allow_tf32 = bool(tf32)
+    torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
+    return {'tf32': bool(tf32), 'cudnn_benchmark': bool(cudnn_benchmark)}
+
+
+def fused_attention_report(model: torch.nn.Module) -> str:
+    """'' when every timm attention module uses fused scaled_dot_product_attention, else one note line naming how
+    many do not (timm reads ``TIMM_FUSED_ATTN``; 0 turns the fused kernel off)."""
+    mods = [m for m in model.modules() if hasattr(m, 'fused_attn')]
+    slow = [m for m in mods if not m.fused_attn]
+    if not slow:
+        return ''
+    return (f'note: {len(slow)}/{len(mods)} attention modules run unfused attention (explicit softmax(QK^T)V, '
+            f'more memory, slower); unset TIMM_FUSED_ATTN=0 to use scaled_dot_product_attention')

@@ -282,7 +282,7 @@ FLAG_DOMAINS: Dict[str, Domain] = {
     'temperature': _real(0.0, lo_open=True),
     # runtime, checkpoints, distributed (numpy seeds are 32-bit and each rank uses seed + rank)
     'seed': _int(0, 2 ** 31 - 1), 'save_freq': _int(1), 'keep_last': _int(0), 'num_workers': _int(0, 1024),
-    'world_size': _int(1), 'local_rank': _int(-1),
+    'world_size': _int(1), 'local_rank': _int(-1), 'prefetch_factor': _int(1),
 }
 
 _DEVICE = re.compile(r'^(cpu|cuda(:\d+)?|mps)$')

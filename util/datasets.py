@@ -589,7 +589,8 @@ def knn_transform(input_size: int) -> T.Compose:
 
 
 def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, num_workers: int,
-                 pin_mem: bool, seed: int, distributed: bool, world_size: int = 1, rank: int = 0) -> DataLoader:
+                 pin_mem: bool, seed: int, distributed: bool, world_size: int = 1, rank: int = 0,
+                 prefetch_factor: Optional[int] = None) -> DataLoader:
     """DataLoader whose order and worker RNG are functions of ``(seed, epoch)`` (and rank, worker).
 
     Always uses a ``DistributedSampler(seed=seed, shuffle=shuffle)`` (MAE style), with ``num_replicas=world_size``
@@ -609,6 +610,7 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bo
         distributed: Shard the data over ``world_size`` ranks.
         world_size: Number of ranks.
         rank: This process's rank.
+        prefetch_factor: Batches each worker prepares ahead (None: torch's default, 2; workers only).
 
     Returns:
         The loader; its ``sampler`` and ``generator`` are the ones :func:`seed_loader_epoch` drives.
@@ -630,6 +632,7 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bo
         drop_last=drop_last,
         generator=generator,
         persistent_workers=False,  # persistent workers would keep the previous epoch's dataset copy and seeds
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
     )
 
 
