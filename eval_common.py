@@ -22,7 +22,7 @@ from util.checkpoint import resolve_resume, restore_rng_state, warn_changed_flag
 from util.datasets import build_dataset, build_loader, check_min_images
 from util.errors import UserError, check
 from util.knn import ShardSampler
-from util.lr_sched import WarmupCosine, steps_per_epoch
+from util.lr_sched import WarmupCosine, absolute_lr, steps_per_epoch
 from util.rundir import claim_run, lock_output_dir
 
 # Tiny CPU defaults matching run_pretrain.py --demo (input 32, patch 4, width 96, depth 6, 3 heads); the architecture
@@ -47,7 +47,8 @@ def demo_defaults(name: str, training: bool = True, **over: Any) -> Dict[str, An
 def add_model_args(parser: argparse.ArgumentParser, drop_path: Optional[float], resumes: bool = True) -> None:
     """--model, --input_size and the architecture overrides of the evaluation model (+ --drop_path if it trains)."""
     g = parser.add_argument_group('model')
-    add_arch_args(g, model_default=None, source="the model's, or the checkpoint's",
+    add_arch_args(g, model_default=None, source="the checkpoint's, else the model's",
+                  input_source="the checkpoint's (its args, else its position-embedding grid), else 224",
                   model_help=f"{', '.join(models_vit.MODEL_NAMES)} (default: the architecture recorded in the "
                              f"{'--finetune/--resume' if resumes else '--finetune'} checkpoint, else "
                              f"{DEFAULT_MODEL})")
@@ -111,21 +112,21 @@ def init_run(args: argparse.Namespace) -> torch.device:
 # Model from a checkpoint
 
 
-def adopt_checkpoint_arch(args: argparse.Namespace, ckpt: Optional[Dict[str, Any]]) -> None:
-    """Fill --model/--patch_size/--embed_dim/--depth/--num_heads that were not typed from the checkpoint's args."""
-    typed = set(explicit_flags(args.argv))
-    arch = models_vit.arch_from_checkpoint(ckpt) if ckpt else {}
-    if arch and 'model' in typed and models_vit.vit_name(args.model) != arch['model']:
-        arch = {}  # another model family was asked for explicitly: keep its own defaults (mismatch is reported)
-    taken = []
-    for k in ('model',) + models_vit.ARCH_KEYS:
-        if k not in typed and arch.get(k) is not None and getattr(args, k) != arch[k]:
-            setattr(args, k, arch[k])
-            taken.append(f'--{k} {arch[k]}')
-    if taken:
-        du.print0(f"architecture from the checkpoint's args: {' '.join(taken)}")
-    if args.model is None:
-        args.model = DEFAULT_MODEL
+def adopt_checkpoint_arch(args: argparse.Namespace, ckpt: Optional[Dict[str, Any]], where: str = '',
+                          path: Optional[str] = None) -> None:
+    """Set --model, the shape flags and --input_size that were not typed from the checkpoint (its tensors, args or
+    export recipe), else from the model preset, and print where each number came from.
+
+    ``where`` (e.g. ``'--finetune PATH'``) prefixes the one-line error when the head count cannot be known.
+    """
+    typed_names = set(explicit_flags(args.argv))
+    typed = {k: getattr(args, k) for k in models_vit.ARCH_FLAGS if k in typed_names}
+    current = {k: getattr(args, k) for k in models_vit.ARCH_FLAGS if k not in typed_names}
+    found = models_vit.checkpoint_arch(ckpt, path) if ckpt else {}
+    values, sources = models_vit.resolve_arch(found, typed, current, where or 'checkpoint', DEFAULT_MODEL)
+    for k, v in values.items():
+        setattr(args, k, v)
+    du.print0(models_vit.describe_arch(values, sources))
 
 
 def build_model(args: argparse.Namespace, num_classes: int, global_pool: str,
@@ -174,9 +175,7 @@ def build_loaders(args: argparse.Namespace, train: Any, val: Any) -> Tuple[DataL
 
 def lr_setup(args: argparse.Namespace, loader_len: int) -> Tuple[WarmupCosine, int]:
     """Absolute LR from --blr (printed with the effective batch) and the per-step warm-up + cosine schedule."""
-    eff = args.batch_size * args.accum_iter * du.get_world_size()
-    if args.lr is None:
-        args.lr = args.blr * eff / 256
+    eff = absolute_lr(args, du.get_world_size())
     du.print0(f'base lr: {args.lr * 256 / eff:.2e}')
     du.print0(f'actual lr: {args.lr:.2e}')
     du.print0(f'accumulate grad iterations: {args.accum_iter}')
@@ -217,12 +216,54 @@ def restore(resume: Tuple[str, Dict[str, Any]], model: nn.Module, optimizer: Opt
 
 
 def checkpoints_for(args: argparse.Namespace) -> Tuple[Optional[Tuple[str, Dict[str, Any]]], Optional[Dict]]:
-    """(resume, finetune checkpoint): a resumable checkpoint (--resume or auto-resume) makes --finetune moot."""
+    """``(resume, finetune checkpoint)``, with the architecture flags adopted from whichever will be loaded.
+
+    A resumable checkpoint (``--resume``, or auto-resume in ``--output_dir``) makes ``--finetune`` moot; but
+    auto-resume never silently replaces what the command asks for: a run in ``--output_dir`` that was started from
+    another ``--finetune`` or with other typed architecture flags stops with one line.
+    """
     resume = resolve_resume(args)
     if not args.eval:
         claim_run(args, resume)  # refuses to start over a folder holding another run's checkpoints
     if resume is not None:
+        if not args.resume:
+            _check_same_run(args, *resume)
         if args.finetune:
             du.print0(f'--finetune {args.finetune} not loaded: resuming from {resume[0]} instead')
+        adopt_checkpoint_arch(args, resume[1], f'--resume {resume[0]}', resume[0])
         return resume, None
-    return None, (models_vit.read_checkpoint(args.finetune) if args.finetune else None)
+    pre = models_vit.read_checkpoint(args.finetune) if args.finetune else None
+    adopt_checkpoint_arch(args, pre, f'--finetune {args.finetune}', args.finetune or None)
+    return None, pre
+
+
+def _same_file(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_same_run(args: argparse.Namespace, path: str, ckpt: Dict[str, Any]) -> None:
+    saved = ckpt.get('args')
+    if not isinstance(saved, dict):
+        return
+    typed = set(explicit_flags(args.argv)) | ({'global_pool'} if 'cls_token' in explicit_flags(args.argv) else set())
+    differ = []
+    if args.finetune and not _same_file(args.finetune, str(saved.get('finetune') or '')):
+        differ.append(('finetune', args.finetune, saved.get('finetune') or "'' (random init)"))
+    for k in models_vit.ARCH_FLAGS + ('global_pool',):
+        if k in typed and k in saved and saved[k] is not None:
+            now, then = getattr(args, k), saved[k]
+            same = models_vit.vit_name(now) == models_vit.vit_name(then) if k == 'model' else now == then
+            if not same:
+                differ.append((k, now, then))
+    if differ:
+        asked = ' '.join(f'--{k} {now}' for k, now, _ in differ)
+        had = ' '.join(f'--{k} {then}' for k, _, then in differ)
+        raise UserError(f'--output_dir {args.output_dir} holds a run started with {had} ({path}, epoch '
+                        f'{ckpt.get("epoch")}), but this command asks for {asked}; to continue that run pass '
+                        f'--resume {path}, to start this one pass a new --output_dir (or --no_auto_resume --overwrite, which '
+                        f'moves that run aside)')

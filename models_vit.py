@@ -20,8 +20,11 @@ Public API:
     encoder_features(model, x, pool)                     [B,3,H,W] -> [B,D] features for k-NN / probes
     layer_decay_param_groups(model, wd, layer_decay)     MAE's layer-wise lr decay groups via timm
     arch_from_args(ckpt_args)                            architecture flags recorded in a checkpoint
+    checkpoint_arch(ckpt, path) / resolve_arch(...)      architecture of a checkpoint, with where each number came
+                                                         from, and the architecture to build (typed flags win)
 """
 import argparse
+import json
 import math
 import os
 import re
@@ -42,8 +45,8 @@ from util.errors import UserError
 __all__ = ['VIT_CONFIGS', 'MODEL_NAMES', 'create_model', 'vit_tiny_patch16', 'vit_small_patch16', 'vit_base_patch16',
            'vit_large_patch16', 'vit_huge_patch14', 'load_pretrained', 'load_encoder_state', 'read_checkpoint',
            'state_dict_from_checkpoint', 'encoder_from_mim_state', 'encoder_from_mim_model', 'encoder_features',
-           'layer_decay_param_groups', 'mae_layer_id', 'arch_from_args', 'arch_from_checkpoint', 'arch_from_state',
-           'checkpoint_args', 'model_arch', 'vit_name', 'LoadReport']
+           'layer_decay_param_groups', 'mae_layer_id', 'arch_from_args', 'arch_from_state', 'checkpoint_arch',
+           'resolve_arch', 'describe_arch', 'ARCH_FLAGS', 'checkpoint_args', 'model_arch', 'vit_name', 'LoadReport']
 
 VIT_CONFIGS: Dict[str, Dict[str, int]] = {
     'vit_tiny_patch16': dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
@@ -105,9 +108,12 @@ def vit_huge_patch14(**kwargs: Any) -> VisionTransformer:
     return _build('vit_huge_patch14', **kwargs)
 
 
-def vit_name(name: str) -> Optional[str]:
-    """Evaluation model name for ``name`` (``MIM_vit_base_patch16`` → ``vit_base_patch16``), or None."""
-    base = name[4:] if name.startswith('MIM_') else name
+def vit_name(name: Optional[str]) -> Optional[str]:
+    """Evaluation model name for a pre-training (``MIM_vit_base_patch16``, MAE's ``mae_vit_base_patch16``) or timm
+    (``vit_base_patch16_224``) name, or None."""
+    if not isinstance(name, str):
+        return None
+    base = re.sub(r'_\d+$', '', re.sub(r'^(MIM_|mae_)', '', name))
     return base if base in VIT_CONFIGS else None
 
 
@@ -202,9 +208,18 @@ def read_checkpoint(path: str, flag: str = '--finetune') -> Dict[str, Any]:
         raise
 
 
+def fold_probe_head(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A linear probe's BN(affine=False, eps 1e-6, eval statistics) + Linear as one exact Linear: W/σ, b − W·μ/σ."""
+    mean, var = sd['head.0.running_mean'].double(), sd['head.0.running_var'].double()
+    w, b = sd['head.1.weight'].double(), sd['head.1.bias'].double()
+    inv = (var + 1e-6).rsqrt()
+    return {'head.weight': (w * inv).float(), 'head.bias': (b - (w * inv) @ mean).float()}
+
+
 def state_dict_from_checkpoint(ckpt: Dict[str, Any], where: str) -> Dict[str, torch.Tensor]:
     """The model tensors of a checkpoint: ``ckpt['model']``, ``ckpt['state_dict']`` or a raw state dict, with the
-    ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes stripped."""
+    ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes stripped; a linear-probe checkpoint's
+    ``encoder.*`` becomes the encoder and its BN + Linear head one folded ``head``."""
     sd: Any = None
     for key in ('model', 'state_dict', 'module'):
         if isinstance(ckpt.get(key), dict):
@@ -223,6 +238,11 @@ def state_dict_from_checkpoint(ckpt: Dict[str, Any], where: str) -> Dict[str, to
             while k.startswith(prefix):
                 k = k[len(prefix):]
         out[k] = v
+    if any(k.startswith('encoder.blocks.') for k in out):  # run_linprobe.py: encoder.* + BN(affine=False)/Linear head
+        probe = out
+        out = OrderedDict((k[len('encoder.'):], v) for k, v in probe.items() if k.startswith('encoder.'))
+        if all(f'head.{k}' in probe for k in ('0.running_mean', '0.running_var', '1.weight', '1.bias')):
+            out.update(fold_probe_head(probe))
     if not any(k.startswith('blocks.') for k in out) or 'patch_embed.proj.weight' not in out:
         raise UserError(f'{where}: not a ViT checkpoint (no patch_embed/blocks weights); pass a pre-training or '
                         f'fine-tuning checkpoint of this project, MAE or LocalMIM')
@@ -314,8 +334,11 @@ def _resample_pos_embed(sd: Dict[str, torch.Tensor], model: VisionTransformer, w
         raise UserError(f'{where}: pos_embed {tuple(pe.shape)} is not a square grid of width {target.shape[2]}; '
                         f'cannot adapt it to {tuple(target.shape)}')
     new = tuple(int(g) for g in model.patch_embed.grid_size)
-    sd['pos_embed'] = resample_abs_pos_embed(pe, new_size=list(new), old_size=[old, old], num_prefix_tokens=prefix)
-    report.notes.append(f'pos_embed resampled from a {old}x{old} to a {new[0]}x{new[1]} patch grid (bicubic)')
+    # MAE's interpolate_pos_embed: bicubic, align_corners=False, no antialiasing. timm's default antialias=True is
+    # PIL-style antialiased bicubic, another filter even when enlarging (up to 5e-2 off on a random 8x8 -> 12x12)
+    sd['pos_embed'] = resample_abs_pos_embed(pe, new_size=list(new), old_size=[old, old], num_prefix_tokens=prefix,
+                                             interpolation='bicubic', antialias=False)
+    report.notes.append(f'pos_embed resampled from a {old}x{old} to a {new[0]}x{new[1]} patch grid (bicubic, as MAE)')
 
 
 def load_encoder_state(model: VisionTransformer, state_dict: Dict[str, torch.Tensor], where: str = 'checkpoint',
@@ -384,26 +407,116 @@ def checkpoint_args(ckpt: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     return a if isinstance(a, dict) else None
 
 
-def arch_from_checkpoint(ckpt: Dict[str, Any]) -> Dict[str, Any]:
-    """Architecture of a checkpoint: the model name from its args, width/depth/patch from the tensors (they win
-    over the args), num_heads when recorded or implied by an un-overridden named config."""
-    cargs = checkpoint_args(ckpt)
-    arch = arch_from_args(cargs)
+ARCH_FLAGS = ('model',) + ARCH_KEYS + ('input_size',)
+_WIDTH_PRESETS = {cfg['embed_dim']: name for name, cfg in VIT_CONFIGS.items()}  # every preset width is unique
+
+
+def _recipe_args(path: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The ``PATH.json`` recipe that ``tools/export.py`` writes next to an export, as checkpoint-style args."""
+    if not path or not os.path.isfile(path + '.json'):
+        return None
+    try:
+        with open(path + '.json') as f:
+            spec = json.load(f)
+        kw = dict(spec.get('kwargs', {}))
+        out = dict(model=str(spec['timm_model']))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    base = vit_name(out['model'])
+    if base is None:
+        return None
+    cfg = VIT_CONFIGS[base]
+    out.update({k: int(kw.get(k, cfg[k])) for k in ARCH_KEYS})
+    if 'img_size' in kw:
+        out['input_size'] = int(kw['img_size'])
+    return out
+
+
+def checkpoint_arch(ckpt: Dict[str, Any], path: Optional[str] = None) -> Dict[str, Tuple[Any, str]]:
+    """What a checkpoint says about its architecture: ``{flag: (value, source)}`` for the flags it reveals.
+
+    Sources: ``tensor shapes`` (embed_dim, depth, patch_size, and input_size = pos_embed grid x patch: they win over
+    anything recorded), ``checkpoint args`` (ours: a dict; MAE/LocalMIM: a pickled Namespace), ``export recipe``
+    (the ``PATH.json`` of ``tools/export.py``), and for num_heads, which no shape shows, the named model's preset
+    when width and depth are that preset's, else the standard ViT of that width (192 → 3, 384 → 6, 768 → 12,
+    1024 / 1280 → 16). A width no standard ViT has leaves num_heads out.
+    """
+    cargs, label = checkpoint_args(ckpt), 'checkpoint args'
+    if cargs is None:
+        cargs, label = _recipe_args(path), 'export recipe'
+    cargs = cargs or {}
+    out: Dict[str, Tuple[Any, str]] = {}
+    name = vit_name(cargs['model']) if isinstance(cargs.get('model'), str) else None
+    if name:
+        out['model'] = (name, label)
+    for k in ARCH_KEYS + ('input_size',):
+        if isinstance(cargs.get(k), int) and not isinstance(cargs.get(k), bool):
+            out[k] = (int(cargs[k]), label)
     try:
         have = arch_from_state(state_dict_from_checkpoint(ckpt, 'checkpoint'))
     except UserError:
-        return arch
-    arch.update({k: have[k] for k in ('embed_dim', 'depth', 'patch_size') if k in have})
-    if 'model' not in arch:  # e.g. a raw MAE state dict: name the standard config with these shapes, if any
-        for name, cfg in VIT_CONFIGS.items():
-            if all(have.get(k) == cfg[k] for k in ('embed_dim', 'depth', 'patch_size')):
-                return dict(model=name, **cfg)
-        return arch
-    arch.pop('num_heads', None)
-    heads = _heads_hint(cargs, have)
-    if heads is not None:
-        arch['num_heads'] = heads
-    return arch
+        have = {}
+    for k in ('embed_dim', 'depth', 'patch_size'):
+        if k in have:
+            out[k] = (have[k], 'tensor shapes')
+    if 'grid' in have and 'patch_size' in have and 'input_size' not in out:
+        out['input_size'] = (have['grid'] * have['patch_size'], 'tensor shapes')
+    width, depth = have.get('embed_dim'), have.get('depth')
+    if 'num_heads' not in out:
+        cfg = VIT_CONFIGS.get(name or '')
+        if cfg and (width, depth) == (cfg['embed_dim'], cfg['depth']):
+            out['num_heads'] = (cfg['num_heads'], f'{label}: {name} preset')
+        elif width in _WIDTH_PRESETS:
+            out['num_heads'] = (VIT_CONFIGS[_WIDTH_PRESETS[width]]['num_heads'],
+                                f'width {width} = {_WIDTH_PRESETS[width]}')
+    if 'model' not in out and width is not None:
+        same = [n for n, c in VIT_CONFIGS.items() if (c['embed_dim'], c['depth']) == (width, depth)]
+        if same or width in _WIDTH_PRESETS:
+            out['model'] = (same[0] if same else _WIDTH_PRESETS[width], 'tensor shapes')
+    return out
+
+
+def resolve_arch(found: Dict[str, Tuple[Any, str]], typed: Dict[str, Any], current: Dict[str, Any], where: str,
+                 default_model: str) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    """The architecture to build: ``(values, sources)`` for :data:`ARCH_FLAGS`.
+
+    ``typed`` are the flags on the command line (they win), ``found`` is :func:`checkpoint_arch` of the checkpoint
+    (``{}`` without one), ``current`` the values the others have now (defaults, ``--demo``). A typed ``--model`` of
+    another family than the checkpoint's keeps that model's own shapes, so the load reports the mismatch. A shape
+    nobody gave is the model preset's; but heads are never guessed for a width that is not the preset's: that
+    is a UserError asking for ``--num_heads``.
+    """
+    values: Dict[str, Any] = {}
+    sources: Dict[str, str] = {}
+    for k, v in typed.items():
+        values[k], sources[k] = v, 'typed'
+    model_found = found.get('model', (None, ''))[0]
+    other_family = 'model' in typed and model_found is not None and vit_name(typed['model']) != model_found
+    for k, (v, src) in found.items():
+        if k in values or (other_family and k != 'input_size'):
+            continue
+        values[k], sources[k] = v, src
+    if values.get('model') is None:
+        values['model'], sources['model'] = current.get('model') or default_model, 'default'
+    name = vit_name(values['model']) or values['model']
+    preset = VIT_CONFIGS.get(name, {})
+    for k in ARCH_KEYS + ('input_size',):
+        if k in values:
+            continue
+        if current.get(k) is not None:
+            values[k], sources[k] = current[k], 'default'
+        elif k == 'num_heads' and values.get('embed_dim', preset.get('embed_dim')) != preset.get('embed_dim'):
+            raise UserError(f"{where}: the number of attention heads is not recorded and width "
+                            f"{values['embed_dim']} is no standard ViT's ({', '.join(map(str, sorted(_WIDTH_PRESETS)))})"
+                            f"; pass --num_heads")
+        elif k in preset:
+            values[k], sources[k] = preset[k], f'{name} preset'
+    return values, sources
+
+
+def describe_arch(values: Dict[str, Any], sources: Dict[str, str]) -> str:
+    """``architecture: model vit_tiny_patch16 (typed), patch_size 4 (tensor shapes), ...``"""
+    return 'architecture: ' + ', '.join(f'{k} {values[k]} ({sources[k]})' for k in ARCH_FLAGS if k in values)
 
 
 def load_pretrained(model: VisionTransformer, path: str, flag: str = '--finetune',

@@ -18,7 +18,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import models_vit
 from engine_finetune import evaluate, fit
-from eval_common import add_eval_args, add_model_args, adopt_checkpoint_arch, build_datasets, build_loaders, \
+from eval_common import add_eval_args, add_model_args, build_datasets, build_loaders, \
     build_model, checkpoints_for, demo_defaults, init_run, lr_setup, prepare_args, restore, wrap_ddp
 from util import distributed as du
 from util.amp import make_amp
@@ -84,10 +84,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     prepare_args(args, DEMO_DEFAULTS)
     device = init_run(args)
+    resume, pre = checkpoints_for(args)  # first: the checkpoint may set --input_size
     train_set, val_set, nb_classes = build_datasets(args, finetune_transform(True, args),
                                                     finetune_transform(False, args))
-    resume, pre = checkpoints_for(args)
-    adopt_checkpoint_arch(args, resume[1] if resume else pre)
     model = build_model(args, nb_classes, 'avg' if args.global_pool else 'token', args.drop_path)
     if pre is not None:
         models_vit.load_pretrained(model, args.finetune, head_init_std=2e-5, ckpt=pre)

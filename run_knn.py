@@ -85,7 +85,7 @@ def load_features(path: str):
 def encoder_for(args: argparse.Namespace):
     """(encoder, description, checkpoint epoch) — from --finetune, else random init."""
     ckpt = models_vit.read_checkpoint(args.finetune) if args.finetune else None
-    adopt_checkpoint_arch(args, ckpt)
+    adopt_checkpoint_arch(args, ckpt, f'--finetune {args.finetune}', args.finetune or None)
     model = build_model(args, 0, 'token')
     if ckpt is None:
         du.print0(f'no --finetune: evaluating a randomly initialised {args.model} (seed {args.seed}), the baseline '
@@ -107,10 +107,10 @@ def main(args: argparse.Namespace) -> None:
         results = knn_from_features(train_f.to(device), train_y.to(device), val_f.to(device), val_y.to(device), ks,
                                     args.temperature)
     else:
+        model, source, epoch = encoder_for(args)  # first: the checkpoint may set --input_size
         shard = args.distributed and args.dist_eval
         train_l, val_l = build_knn_loaders(args.data_path, args.input_size, args.batch_size, args.num_workers, shard,
                                            args.pin_mem, args.bad_images)
-        model, source, epoch = encoder_for(args)
         model.to(device).eval()
         amp = make_amp(device, args.amp if 'amp' in explicit_flags(args.argv) else 'none')
         pool = 'avg' if args.global_pool else 'token'

@@ -19,7 +19,7 @@ from timm.optim import Lars
 
 import models_vit
 from engine_finetune import evaluate, fit
-from eval_common import add_eval_args, add_model_args, adopt_checkpoint_arch, build_datasets, build_loaders, \
+from eval_common import add_eval_args, add_model_args, build_datasets, build_loaders, \
     build_model, checkpoints_for, demo_defaults, init_run, lr_setup, prepare_args, restore, wrap_ddp
 from util import distributed as du
 from util.amp import make_amp
@@ -93,10 +93,9 @@ def lars_optimizer(probe: LinearProbe, weight_decay: float) -> Lars:
 def main(args: argparse.Namespace) -> None:
     prepare_args(args, DEMO_DEFAULTS)
     device = init_run(args)
+    resume, pre = checkpoints_for(args)  # first: the checkpoint may set --input_size
     train_set, val_set, nb_classes = build_datasets(args, linprobe_transform(True, args.input_size),
                                                     linprobe_transform(False, args.input_size))
-    resume, pre = checkpoints_for(args)
-    adopt_checkpoint_arch(args, resume[1] if resume else pre)
     encoder = build_model(args, 0, 'avg' if args.global_pool else 'token')
     if pre is not None:
         models_vit.load_pretrained(encoder, args.finetune, head_init_std=None, ckpt=pre)

@@ -30,7 +30,7 @@ from util.errors import UserError
 from util.log import TensorBoard, epoch_record, trim_json_log
 from util.rundir import claim_run, lock_output_dir
 from util.signals import GracefulStop
-from util.lr_sched import WarmupCosine, steps_per_epoch
+from util.lr_sched import WarmupCosine, absolute_lr, steps_per_epoch
 from util.vis import fixed_batch, render_stages
 
 DEMO_DEFAULTS = dict(model='MIM_vit_tiny_patch16', input_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3,
@@ -162,9 +162,7 @@ def main(args: argparse.Namespace) -> None:
     total_steps, warmup_steps = spe * args.epochs, spe * args.warmup_epochs
 
     model.to(device)
-    eff_batch = args.batch_size * args.accum_iter * du.get_world_size()
-    if args.lr is None:
-        args.lr = args.blr * eff_batch / 256
+    eff_batch = absolute_lr(args, du.get_world_size())
     du.print0(f'{dataset.root}: {len(dataset)} images, {len(loader)} iterations/epoch, {spe} optimizer steps/epoch')
     du.print0(f'base lr: {args.lr * 256 / eff_batch:.2e}  actual lr: {args.lr:.2e}  accumulate grad iterations: '
               f'{args.accum_iter}  effective batch size: {eff_batch} ({args.batch_size} x {args.accum_iter} x '

@@ -102,7 +102,9 @@ def test_finetune_cli_and_resume(pretrain_ckpt, demo_root, tmp_path, capsys):
     p = run('run_finetune.py', *seed, '--finetune', pretrain_ckpt, '--epochs', '1')
     accuracies(p.stdout)
     assert 'Max accuracy' in p.stdout and 'effective batch size: 8' in p.stdout
-    assert "architecture from the checkpoint's args" in p.stdout  # width 64 / depth 4 / 4 heads adopted
+    # width 64 / depth 4 from the tensors, 4 heads from the checkpoint's args (no --embed_dim/--depth/--num_heads)
+    assert ('architecture: model vit_tiny_patch16 (typed), patch_size 4 (tensor shapes), embed_dim 64 (tensor '
+            'shapes), depth 4 (tensor shapes), num_heads 4 (checkpoint args), input_size 32 (typed)') in p.stdout
     capsys.readouterr()
     in_process(run_finetune, '--resume', str(out / 'checkpoint-0.pth'), *seed, '--epochs', '2')
     stdout = capsys.readouterr().out

@@ -81,17 +81,63 @@ def test_raw_and_ddp_prefixed_state_dicts(tmp_path):
     assert torch.equal(model.norm.weight, mim.norm[3].weight)
 
 
-def test_pos_embed_resampled_32_to_48(tmp_path):
+def _mae_interpolate_pos_embed(pos_embed: torch.Tensor, new_grid: int, extra_tokens: int = 1) -> torch.Tensor:
+    """MAE's interpolate_pos_embed written out: keep the extra (cls) rows, bicubic-resize the square patch grid
+    with align_corners=False and no antialiasing, flatten row-major."""
+    extra, grid_tokens = pos_embed[:, :extra_tokens], pos_embed[:, extra_tokens:]
+    old, dim = int(round(grid_tokens.shape[1] ** 0.5)), grid_tokens.shape[2]
+    grid_tokens = grid_tokens.reshape(1, old, old, dim).permute(0, 3, 1, 2)
+    grid_tokens = torch.nn.functional.interpolate(grid_tokens, size=(new_grid, new_grid), mode='bicubic',
+                                                  align_corners=False)
+    return torch.cat([extra, grid_tokens.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+
+@pytest.mark.parametrize('img_size,grid', [(48, 12), (24, 6)])  # 8x8 grid up to 12x12 and down to 6x6
+def test_pos_embed_resampled_as_mae(tmp_path, img_size, grid):
     mim = _mim()
-    model = _vit('avg', img_size=48)
+    with torch.no_grad():  # a learned-looking table: the fixed sin-cos one is too smooth to tell kernels apart
+        mim.pos_embed.copy_(torch.randn_like(mim.pos_embed))
+    model = _vit('avg', img_size=img_size)
     report, _ = models_vit.load_pretrained(model, _save(tmp_path, mim), verbose=False)
-    assert any('8x8 to a 12x12' in n for n in report.notes)
-    assert model.pos_embed.shape == (1, 1 + 12 * 12, 64)
-    expected = resample_abs_pos_embed(mim.pos_embed.detach(), new_size=[12, 12], old_size=[8, 8],
-                                      num_prefix_tokens=1)
-    torch.testing.assert_close(model.pos_embed.detach(), expected)
+    assert any(f'8x8 to a {grid}x{grid}' in n for n in report.notes)
+    assert model.pos_embed.shape == (1, 1 + grid * grid, 64)
+    mae = _mae_interpolate_pos_embed(mim.pos_embed.detach(), grid)
+    assert (model.pos_embed.detach() - mae).abs().max().item() <= 1e-6
+    # timm's default (antialias=True) is another kernel: the comparison above can tell them apart
+    timm_default = resample_abs_pos_embed(mim.pos_embed.detach(), new_size=[grid, grid], old_size=[8, 8],
+                                          num_prefix_tokens=1)
+    assert (timm_default - mae).abs().max().item() > 1e-3
     assert torch.equal(model.pos_embed[0, 0], mim.pos_embed[0, 0])  # cls row untouched
-    assert model(torch.randn(1, 3, 48, 48)).shape == (1, 5)
+    assert model(torch.randn(1, 3, img_size, img_size)).shape == (1, 5)
+
+
+def _shapes_only(width: int, depth: int, patch: int = 16, grid: int = 2) -> dict:
+    """A state dict with the shapes that reveal an architecture, and nothing that records the head count."""
+    sd = {'patch_embed.proj.weight': torch.zeros(width, 3, patch, patch), 'cls_token': torch.zeros(1, 1, width),
+          'pos_embed': torch.zeros(1, 1 + grid * grid, width)}
+    sd.update({f'blocks.{i}.norm1.weight': torch.zeros(width) for i in range(depth)})
+    return {'model': sd}
+
+
+@pytest.mark.parametrize('width,heads,model', [(192, 3, 'vit_tiny_patch16'), (384, 6, 'vit_small_patch16'),
+                                               (768, 12, 'vit_base_patch16'), (1024, 16, 'vit_large_patch16')])
+def test_heads_without_args_come_from_the_width_preset(width, heads, model):
+    """No args, depth 2: never ViT-L's 16 heads by default, but the standard ViT of that width."""
+    found = models_vit.checkpoint_arch(_shapes_only(width, 2))
+    assert found['num_heads'] == (heads, f'width {width} = {model}')
+    values, sources = models_vit.resolve_arch(found, {}, dict(input_size=224), '--finetune x.pth', 'vit_large_patch16')
+    assert (values['num_heads'], values['embed_dim'], values['depth'], values['model']) == (heads, width, 2, model)
+    assert (values['input_size'], sources['input_size']) == (32, 'tensor shapes')  # 2x2 grid of 16 px patches
+
+
+def test_heads_of_a_non_standard_width_are_asked_for():
+    found = models_vit.checkpoint_arch(_shapes_only(100, 2, patch=4))
+    assert 'num_heads' not in found and 'model' not in found
+    with pytest.raises(UserError, match=r'^--finetune x\.pth: the number of attention heads is not recorded and width '
+                                        r'100 is no standard ViT.*; pass --num_heads$'):
+        models_vit.resolve_arch(found, {}, {}, '--finetune x.pth', 'vit_large_patch16')
+    values, sources = models_vit.resolve_arch(found, {'num_heads': 5}, {}, '--finetune x.pth', 'vit_large_patch16')
+    assert (values['num_heads'], sources['num_heads'], values['embed_dim']) == (5, 'typed', 100)
 
 
 @pytest.mark.parametrize('kw,what', [(dict(depth=6), 'depth=6'), (dict(embed_dim=32, num_heads=4), 'embed_dim=32'),

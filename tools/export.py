@@ -12,7 +12,9 @@ Accepted checkpoints: pre-training (LocalMIM, FreezeOut, MAE ``{'model': ...}``)
 kept) and linear probing (the BN(affine=False) + Linear head is folded into one exact Linear head). A pre-trained
 encoder is exported without a head (``num_classes=0``) and with the last stage norm as timm's final ``norm``:
 ``--pool token`` (default) gives the cls token, ``--pool avg`` the mean patch token after that norm
-(``global_pool='avg', fc_norm=False``). The file is verified by loading it strictly with ``timm.create_model``.
+(``global_pool='avg', fc_norm=False``). The export is verified by a strict load into ``timm.create_model``'s model
+before anything is written; both files are written atomically, never over ``--checkpoint`` (also through a
+symlink or hard link) and never over an existing file without ``--overwrite``.
 """
 import argparse
 import json
@@ -30,7 +32,8 @@ import torch  # noqa: E402
 
 import models_vit  # noqa: E402
 from util.args import run_main  # noqa: E402
-from util.errors import check  # noqa: E402
+from util.checkpoint import save_atomic  # noqa: E402
+from util.errors import UserError, check  # noqa: E402
 
 # timm registry names of the standard configurations: (patch, width, depth, heads) -> name.
 TIMM_NAMES: Dict[Tuple[int, int, int, int], str] = {
@@ -69,33 +72,57 @@ def timm_recipe(arch: Dict[str, int], num_classes: int, global_pool: str, fc_nor
     return name, kwargs
 
 
-def _fold_probe_head(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """BN(affine=False, eps 1e-6, eval statistics) followed by Linear == one Linear: W/σ, b − W·μ/σ."""
-    mean, var = sd['head.0.running_mean'].double(), sd['head.0.running_var'].double()
-    w, b = sd['head.1.weight'].double(), sd['head.1.bias'].double()
-    inv = (var + 1e-6).rsqrt()
-    return {'head.weight': (w * inv).float(), 'head.bias': (b - (w * inv) @ mean).float()}
+def _check_output(checkpoint: str, output: str, overwrite: bool) -> None:
+    """Nothing is written over the input, nor over an existing file unless --overwrite says so."""
+    for path in (output, output + '.json'):
+        if os.path.isdir(path):
+            raise UserError(f'--output {output}: {path} is a directory; pass a file name for the exported state dict')
+        if os.path.exists(path) and os.path.exists(checkpoint) and os.path.samefile(path, checkpoint):
+            raise UserError(f'--output {output}: {path} is the --checkpoint itself (same file, or a link to it); '
+                            f'exporting over it would destroy the checkpoint; choose another --output')
+    existing = [p for p in (output, output + '.json') if os.path.lexists(p)]
+    if existing and not overwrite:
+        raise UserError(f"--output {output}: {' and '.join(existing)} already exist(s); pass --overwrite to replace "
+                        f"them, or choose another --output")
+    for p in existing:
+        print(f'note: --overwrite: replacing {p}', flush=True)
+
+
+def _write_json_atomic(obj: Any, path: str) -> None:
+    """Temp file in the same folder, fsync, rename: a crash leaves the old file or the new one, never half."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f'.{os.path.basename(path)}.tmp-{os.getpid()}')
+    try:
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=1)
+            f.write('\n')
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def export_encoder(checkpoint: str, output: str, pool: str = 'token', num_heads: Optional[int] = None,
-                   verify: bool = True) -> Tuple[str, Dict[str, Any]]:
-    """Write ``output`` (timm state dict) and ``output.json``; returns ``(timm name, kwargs)``."""
+                   model_name: Optional[str] = None, overwrite: bool = False) -> Tuple[str, Dict[str, Any]]:
+    """Write ``output`` (timm state dict) and ``output.json``; returns ``(timm name, kwargs)``.
+
+    ``model_name``/``num_heads`` are what the user typed (the rest of the architecture comes from the checkpoint,
+    see :func:`models_vit.checkpoint_arch`). The export is checked by a strict load into the timm model before
+    anything is written, and both files are written atomically.
+    """
     ckpt = models_vit.read_checkpoint(checkpoint, '--checkpoint')
+    _check_output(checkpoint, output, overwrite)
     where = f'--checkpoint {checkpoint}'
-    raw = ckpt.get('model') if isinstance(ckpt.get('model'), dict) else None
-    extra: Dict[str, torch.Tensor] = {}
-    if raw is not None and any(k.startswith('encoder.blocks.') for k in raw):  # a run_linprobe.py checkpoint
-        extra = _fold_probe_head(raw)
-        ckpt = dict(ckpt, model={k[len('encoder.'):]: v for k, v in raw.items() if k.startswith('encoder.')})
     sd = models_vit.state_dict_from_checkpoint(ckpt, where)
-    sd.update(extra)
-    arch = models_vit.arch_from_checkpoint(ckpt)
-    if num_heads is not None:
-        arch['num_heads'] = num_heads
-    check('num_heads' in arch, f'{where}: the number of attention heads is not recorded; pass --num_heads')
+    typed = {k: v for k, v in (('model', model_name), ('num_heads', num_heads)) if v is not None}
+    arch, sources = models_vit.resolve_arch(models_vit.checkpoint_arch(ckpt, checkpoint), typed, {}, where,
+                                            'vit_base_patch16')
     grid = models_vit.arch_from_state(sd).get('grid')
     check(grid is not None, f'{where}: pos_embed is not a square patch grid')
-    arch['img_size'] = grid * arch['patch_size']
+    arch['img_size'] = arch['input_size'] = grid * arch['patch_size']
+    sources['input_size'] = 'tensor shapes'
+    print(models_vit.describe_arch(arch, sources), flush=True)
     fine_tuned = 'head.weight' in sd
     num_classes = int(sd['head.weight'].shape[0]) if fine_tuned else 0
     if 'fc_norm.weight' in sd:
@@ -106,40 +133,54 @@ def export_encoder(checkpoint: str, output: str, pool: str = 'token', num_heads:
         global_pool, fc_norm = 'avg', False
     if fine_tuned and pool != 'token':
         print(f'note: {where} has a trained head; its own pooling ({global_pool}) is kept, --pool ignored')
-    model = models_vit.create_model(arch.get('model', 'vit_base_patch16'), img_size=arch['img_size'],
-                                    patch_size=arch['patch_size'], embed_dim=arch['embed_dim'],
-                                    depth=arch['depth'], num_heads=arch['num_heads'], num_classes=num_classes,
-                                    global_pool=global_pool, **({} if fc_norm is None else dict(fc_norm=fc_norm)))
+    model = models_vit.create_model(arch['model'], img_size=arch['img_size'], patch_size=arch['patch_size'],
+                                    embed_dim=arch['embed_dim'], depth=arch['depth'], num_heads=arch['num_heads'],
+                                    num_classes=num_classes, global_pool=global_pool,
+                                    **({} if fc_norm is None else dict(fc_norm=fc_norm)))
     report = models_vit.load_encoder_state(model, sd, where, models_vit.checkpoint_args(ckpt), head_init_std=None)
     check(not report.missing, f'{where}: tensors missing for a complete encoder: {report.missing}')
     name, kwargs = timm_recipe(arch, num_classes, global_pool, fc_norm)
-    out_dir = os.path.dirname(os.path.abspath(output))
-    os.makedirs(out_dir, exist_ok=True)
-    torch.save(model.state_dict(), output)
-    with open(output + '.json', 'w') as f:
-        json.dump({'timm_model': name, 'kwargs': kwargs}, f, indent=1)
-        f.write('\n')
-    if verify:  # strict load: every tensor of the timm model must come from the file
-        timm.create_model(name, pretrained=False, checkpoint_path=output, **kwargs)
+    state = model.state_dict()
+    # strict: every tensor of the timm model must come from the export (checked before anything is written)
+    timm.create_model(name, pretrained=False, **kwargs).load_state_dict(state, strict=True)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        save_atomic(state, output)
+        _write_json_atomic({'timm_model': name, 'kwargs': kwargs}, output + '.json')
+    except (OSError, RuntimeError) as e:  # disk full, file-size limit, permissions: temp file gone, old files kept
+        # torch.save reports a failed write as RuntimeError('... unexpected pos ...') with the OSError as context
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise UserError(f'--output {output}: cannot write the export ({cause.strerror or cause}); any previous file '
+                        f'there is unchanged') from None
     return name, kwargs
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('Export an encoder as a timm VisionTransformer', add_help=False)
     parser.add_argument('--checkpoint', required=True, type=str,
-                        help='pre-training, fine-tuning or linear-probe checkpoint')
+                        help='pre-training, fine-tuning or linear-probe checkpoint (ours, MAE, LocalMIM)')
     parser.add_argument('--output', required=True, type=str,
-                        help='state dict to write; the timm recipe goes to OUTPUT.json')
+                        help='state dict to write; the timm recipe goes to OUTPUT.json. Never the --checkpoint '
+                             'itself; an existing file only with --overwrite')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace an existing OUTPUT / OUTPUT.json (default: refuse)')
     parser.add_argument('--pool', default='token', choices=['token', 'avg'],
                         help='features of an exported pre-trained encoder: cls token, or mean patch token after the '
                              'final norm (default: token)')
+    parser.add_argument('--model', default=None, type=str, metavar='NAME',
+                        help=f"{', '.join(models_vit.MODEL_NAMES)}: the family of a checkpoint that records none "
+                             f"(default: from its args, else the standard ViT of its width)")
     parser.add_argument('--num_heads', default=None, type=int,
-                        help='attention heads, if the checkpoint does not record them (default: from its args)')
+                        help='attention heads, if the checkpoint does not record them (default: from its args, else '
+                             'the standard ViT of its width)')
     return parser
 
 
 def main(args: argparse.Namespace) -> None:
-    name, kwargs = export_encoder(args.checkpoint, args.output, args.pool, args.num_heads)
+    name, kwargs = export_encoder(args.checkpoint, args.output, args.pool, args.num_heads, args.model,
+                                  args.overwrite)
     print(f'wrote {args.output} and {args.output}.json')
     print(f"timm.create_model({name!r}, pretrained=False, checkpoint_path={args.output!r}, "
           f"**{json.dumps(kwargs)})")

@@ -51,11 +51,12 @@ def add_optim_args(parser: argparse.ArgumentParser, *, title: str, batch_size: i
     return g
 
 
-def add_arch_args(g: argparse._ArgumentGroup, *, model_default, model_help: str, source: str) -> None:
+def add_arch_args(g: argparse._ArgumentGroup, *, model_default, model_help: str, source: str,
+                  input_source: str = '224') -> None:
     """--model, --input_size and the shape overrides of the pre-training and evaluation models. ``source`` says
     where an override's default comes from (e.g. "the model's, or the checkpoint's")."""
     g.add_argument('--model', default=model_default, type=str, metavar='NAME', help=model_help)
-    g.add_argument('--input_size', default=224, type=int, help='square image side in pixels (default: 224)')
+    g.add_argument('--input_size', default=224, type=int, help=f'square image side in pixels (default: {input_source})')
     g.add_argument('--patch_size', default=None, type=int, help=f'patch side in pixels (default: {source})')
     g.add_argument('--embed_dim', default=None, type=int, help=f'encoder width (default: {source})')
     g.add_argument('--depth', default=None, type=int, help=f'encoder blocks (default: {source})')

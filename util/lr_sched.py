@@ -10,6 +10,15 @@ from typing import Optional
 import torch
 
 
+def absolute_lr(args, world_size: int) -> int:
+    """Set ``args.lr`` from ``--blr`` (MAE: lr = blr * effective batch / 256) unless ``--lr`` was given; returns the
+    effective batch, ``batch_size * accum_iter * world_size``."""
+    eff = args.batch_size * args.accum_iter * world_size
+    if args.lr is None:
+        args.lr = args.blr * eff / 256
+    return eff
+
+
 def warmup_cosine(step: int, peak: float, min_lr: float, warmup_steps: int, end_step: int) -> float:
     """LR at optimizer step ``step``.
 
