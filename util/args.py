@@ -173,7 +173,19 @@ def run_main(main, parser: argparse.ArgumentParser) -> None:
     check_flags(args, parser, argv)
     args.argv = argv
     from util import signals
-    signals.install_default_handlers()
+    old_handlers = signals.install_default_handlers()
+    try:
+        _run_guarded(main, args)
+    finally:  # in-process callers (tests) get their signal handlers back and the output folder unlocked
+        import signal as _signal
+        from util import rundir
+        rundir.release_all()
+        for s, h in old_handlers.items():
+            _signal.signal(s, h)
+
+
+def _run_guarded(main, args: argparse.Namespace) -> None:
+    from util import signals
     try:
         main(args)
     except UserError as e:

@@ -1,7 +1,7 @@
 """One run per output folder: an exclusive lock for the run's lifetime, a run id, and start-up housekeeping.
 
 * :func:`lock_output_dir` takes an exclusive ``flock`` on ``<output_dir>/.vitfreeze.lock`` (rank 0), held until the
-  process ends (the kernel releases it even after SIGKILL). A second run on the same folder stops with one line
+  run ends (``run_main`` returns, or the process dies: the kernel releases it even after SIGKILL). A second run on the same folder stops with one line
   naming the holder. A lock file left by a process that died is detected (its lock is free), reported and reused.
   Under the lock, temp files left by dead processes (``.checkpoint-N.pth.tmp-<pid>``, ``log.txt.tmp-<pid>``) are
   removed, with a note.
@@ -95,8 +95,15 @@ def lock_output_dir(output_dir: str, flag: str = '--output_dir') -> None:
     os.pwrite(fd, (json.dumps(info) + '\n').encode(), 0)
     _held[real] = fd
     import atexit
-    atexit.register(_release, real, path)
+    atexit.register(_release, real, os.path.join(real, LOCK_NAME))
     clean_stale_temp_files(output_dir)
+
+
+def release_all() -> None:
+    """Release every folder lock this process holds (the end of ``run_main``; also registered with atexit)."""
+    for real in list(_held):
+        _release(real, os.path.join(real, LOCK_NAME))
+    _move_pending.clear()  # an --overwrite that never reached a write moves nothing later
 
 
 def _read_info(fd: int) -> Dict[str, Any]:

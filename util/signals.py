@@ -168,7 +168,7 @@ class GracefulStop:
             raise Interrupted(s, epoch, iteration)
 
 
-def install_default_handlers() -> None:
+def install_default_handlers() -> Dict[int, Any]:
     """Outside a :class:`GracefulStop` (start-up, evaluation, k-NN): SIGTERM/SIGHUP raise :class:`Interrupted` in
     the main process, as SIGINT raises KeyboardInterrupt, so ``run_main`` reports them in one line. Nothing is being
     written at those points except atomically. Forked loader workers ignore them (the main process ends them)."""
@@ -178,8 +178,7 @@ def install_default_handlers() -> None:
         if os.getpid() != pid:
             return
         raise Interrupted(signum)
-    for s in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, handler)
+    return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}  # the old ones, to restore
 
 
 class _NoStop:
