@@ -25,7 +25,7 @@ def _log(path):
 def _numbers(rec):
     """The deterministic part of a log record: drops wall-clock timings, throughput, memory and the "saving so far"
     figures (documented as covering this process's epochs only, so a resumed process reports its own)."""
-    return {k: v for k, v in rec.items() if not any(w in k for w in ('time', 'img_per_s', 'mem', 'so_far'))}
+    return {k: v for k, v in rec.items() if not any(w in k for w in ('time', 'wait', 'img_per_s', 'mem', 'so_far'))}
 
 
 def _load(path):
