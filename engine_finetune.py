@@ -17,12 +17,14 @@ import torch
 import torch.nn as nn
 from timm.utils import accuracy
 
+from freezeout import format_decision
 from util import distributed as du
 from util.amp import Amp
 from util.checkpoint import save_checkpoint
 from util.datasets import seed_loader_epoch
 from util.errors import UserError
-from util.log import MetricLogger, SmoothedValue, TensorBoard, epoch_record, trim_json_log
+from util.log import MetricLogger, SmoothedValue, TensorBoard, trim_json_log
+from util.log import epoch_record as log_epoch_record
 from util.signals import NO_STOP, GracefulStop
 from util.lr_sched import WarmupCosine
 
@@ -63,13 +65,16 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                     device: torch.device, epoch: int, amp: Amp, lr_schedule: WarmupCosine, steps_per_epoch: int,
                     accum_iter: int = 1, clip_grad: Optional[float] = None, mixup_fn: Optional[Callable] = None,
                     tb: Optional[TensorBoard] = None, print_freq: int = 50,
-                    remaining_after: Optional[int] = None, stop=NO_STOP) -> Dict[str, float]:
+                    remaining_after: Optional[int] = None, stop=NO_STOP,
+                    rewrap: Optional[Callable[[], nn.Module]] = None) -> Dict[str, float]:
     """One epoch of ``steps_per_epoch`` optimizer steps of ``accum_iter`` micro-batches each.
 
     Args:
         model: the (possibly DDP-wrapped) model; images [B,3,H,W] → logits [B,C].
         criterion: loss on (logits, targets); targets are soft [B,C] after Mixup, else class indices [B].
-        lr_schedule: sets every group's LR (× ``lr_scale``) at optimizer step ``epoch·steps_per_epoch + s``.
+        lr_schedule: sets every group's LR (× ``lr_scale``) at optimizer step ``epoch·steps_per_epoch + s``:
+            ``apply(optimizer, step)`` (plain), or ``step(optimizer, step) -> changed`` (FreezeOut: freezes what is
+            due; ``rewrap()`` then returns the re-wrapped DDP model, which trains from this step on).
         clip_grad: max gradient norm (None: no clipping).
         remaining_after: micro-batches of the run after this epoch, for the whole-run ETA.
 
@@ -81,13 +86,31 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     logger = MetricLogger()
     logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
     n_micro = steps_per_epoch * accum_iter  # a trailing partial accumulation window is never stepped: skip it
+    freezing = hasattr(lr_schedule, 'step')
+    drain = getattr(lr_schedule, 'drain_events', None)
     for it, (samples, targets) in enumerate(logger.log_every(itertools.islice(data_loader, n_micro), print_freq,
                                                              f'Epoch: [{epoch}]', remaining_after, total=n_micro)):
         stop.check(epoch, it)  # SIGINT/SIGTERM (util/signals.py): stop between micro-batches, write nothing
         step = epoch * steps_per_epoch + it // accum_iter
         update = (it + 1) % accum_iter == 0
         if it % accum_iter == 0:
-            lr_schedule.apply(optimizer, step)
+            if freezing:
+                if lr_schedule.step(optimizer, step) and rewrap is not None:
+                    model = rewrap()
+                    model.train(True)
+                    du.print0(f'FreezeOut: step {step} (epoch {epoch}): frozen units '
+                              f"{lr_schedule.state_dict()['frozen_units']}")
+                if drain is not None:
+                    for ev in drain():
+                        x = int((it / n_micro + epoch) * 1000)
+                        if ev['kind'] == 'decision':
+                            du.print0(format_decision(ev, epoch))
+                            if tb:
+                                tb.scalar('freezeout/decided_unit', ev['index'], x)
+                        elif tb and ev['plasticity']:
+                            tb.scalars('freezeout/plasticity', ev['plasticity'], x)
+            else:
+                lr_schedule.apply(optimizer, step)
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
@@ -155,23 +178,36 @@ def evaluate(model: nn.Module, data_loader: Iterable, device: torch.device, amp:
 def fit(model: nn.Module, model_without_ddp: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
         amp: Amp, lr_schedule: WarmupCosine, steps_per_epoch: int, train_loader: Any, val_loader: Any,
         device: torch.device, args: Any, tb: TensorBoard, mixup_fn: Optional[Callable] = None,
-        max_accuracy: float = 0.0, n_parameters: int = 0) -> float:
+        max_accuracy: float = 0.0, n_parameters: int = 0, rewrap: Optional[Callable[[], nn.Module]] = None,
+        epoch_record: Optional[Callable[[int], Dict[str, Any]]] = None) -> float:
     """Epochs ``args.start_epoch .. args.epochs-1``: train, evaluate, checkpoint, log. Returns the best Acc@1.
 
     Uses ``args``: epochs, start_epoch, accum_iter, clip_grad (optional), seed, rank, save_freq, output_dir.
     ``checkpoint-N.pth`` is written when ``N % save_freq == 0`` and at the last epoch, ``checkpoint-last.pth``
     every epoch; ``log.txt`` gets one JSON line per epoch.
+
+    FreezeOut (``lr_schedule`` with ``step``): ``rewrap()`` re-wraps DDP after a freeze event, the freezer's
+    ``state_dict()`` goes into the checkpoint as ``freezeout``, and ``epoch_record(epoch)`` adds its fields
+    (frozen units, saving so far, decisions) to the epoch's log record.
     """
     du.print0(f'Start training for {args.epochs} epochs (from epoch {args.start_epoch})')
     start = time.time()
     trim_json_log(args.output_dir, args.start_epoch - 1, run_id=getattr(args, 'run_id', None))  # epochs trained again
     stop = GracefulStop().start()
+    current = {'model': model}
+
+    def _rewrap() -> nn.Module:
+        current['model'] = rewrap()
+        return current['model']
     for epoch in range(args.start_epoch, args.epochs):
         seed_loader_epoch(train_loader, args.seed, epoch, args.rank)
         remaining = (args.epochs - epoch - 1) * steps_per_epoch * args.accum_iter
-        train_stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, amp, lr_schedule,
-                                      steps_per_epoch, args.accum_iter, getattr(args, 'clip_grad', None), mixup_fn,
-                                      tb, remaining_after=remaining, stop=stop)
+        t_epoch = time.time()
+        train_stats = train_one_epoch(current['model'], criterion, train_loader, optimizer, device, epoch, amp,
+                                      lr_schedule, steps_per_epoch, args.accum_iter, getattr(args, 'clip_grad', None),
+                                      mixup_fn, tb, remaining_after=remaining, stop=stop,
+                                      rewrap=_rewrap if rewrap is not None else None)
+        train_stats['epoch_time'] = time.time() - t_epoch
         test_stats = evaluate(model_without_ddp, val_loader, device, amp)
         du.print0(f"Accuracy of the network on the {len(val_loader.dataset)} test images: {test_stats['acc1']:.1f}%")
         max_accuracy = max(max_accuracy, test_stats['acc1'])
@@ -183,10 +219,15 @@ def fit(model: nn.Module, model_without_ddp: nn.Module, criterion: nn.Module, op
                      max_accuracy=max_accuracy, step=(epoch + 1) * steps_per_epoch)
         if amp.scaler is not None:
             state['scaler'] = amp.scaler.state_dict()
+        if hasattr(lr_schedule, 'step'):
+            state['freezeout'] = lr_schedule.state_dict()
         numbered = epoch % args.save_freq == 0 or epoch + 1 == args.epochs
         log = {**{f'train_{k}': v for k, v in train_stats.items()}, **{f'test_{k}': v for k, v in test_stats.items()},
-               'epoch': epoch, 'n_parameters': n_parameters}
-        with epoch_record(args.output_dir, log, getattr(args, 'run_id', None)):  # a failed save takes it back out
+               'epoch': epoch, 'n_parameters': n_parameters, **(epoch_record(epoch) if epoch_record else {})}
+        for k in ('frozen_units', 'planned_saving_so_far', 'decided_saving_so_far'):
+            if k in log:
+                tb.scalar(f'freezeout/{k}', log[k], epoch)
+        with log_epoch_record(args.output_dir, log, getattr(args, 'run_id', None)):  # a failed save: no record
             save_checkpoint(args.output_dir, epoch, state, args, numbered)
     stop.close()
     total = time.time() - start

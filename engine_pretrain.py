@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from freezeout import format_decision
 from util import distributed as du
 from util.amp import Amp
 from util.log import MetricLogger, SmoothedValue, TensorBoard
@@ -66,6 +67,7 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
     opt, scaler = state.optimizer, state.amp.scaler
     opt.zero_grad(set_to_none=True)
     pending: List[Dict[str, Any]] = []
+    drain = getattr(state.lr_control, 'drain_events', None)  # adaptive policy: its evaluations and decisions
     epoch_start, compute_time, images = time.time(), 0.0, 0
     data_wait, ready = 0.0, epoch_start  # host time blocked in the loader, between iterations
 
@@ -75,10 +77,15 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
         data_wait += t0 - ready
         stop.check(epoch, i)
         if i % accum == 0:
-            if set_lr(state, state.global_step):
+            changed = set_lr(state, state.global_step)
+            if drain is not None:
+                _policy_events(drain(), epoch, i / n_micro, log_writer)
+            if changed:
                 model = state.model = state.rewrap()
                 model.train(True)
-                ev = {'step': state.global_step, 'epoch': epoch, **state.lr_control.state_dict(),
+                fo_state = state.lr_control.state_dict()  # (the adaptive policy's also holds its snapshot)
+                ev = {'step': state.global_step, 'epoch': epoch, 'num_frozen': fo_state['num_frozen'],
+                      'frozen_units': fo_state['frozen_units'],
                       'active_stages': state.model_without_ddp.active_stages()}
                 state.freeze_events.append(ev)
                 du.print0(f'FreezeOut: step {state.global_step} (epoch {epoch}): frozen units '
@@ -127,6 +134,18 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
     du.print0(f'Averaged stats: {metric_logger}  compute time {compute_time:.1f}s  '
               f'{stats["img_per_s"]:.1f} img/s')
     return stats
+
+
+def _policy_events(events: List[Dict[str, Any]], epoch: int, frac: float, log_writer: Optional[TensorBoard]) -> None:
+    """One line per decision of the adaptive policy; signals and decisions to TensorBoard (x = epoch_1000x)."""
+    x = int((frac + epoch) * 1000)
+    for ev in events:
+        if ev['kind'] == 'decision':
+            du.print0(format_decision(ev, epoch))
+            if log_writer:
+                log_writer.scalar('freezeout/decided_unit', ev['index'], x)
+        elif log_writer and ev['kind'] == 'signal' and ev['plasticity']:
+            log_writer.scalars('freezeout/plasticity', ev['plasticity'], x)
 
 
 def _flush(pending: List[Dict[str, Any]], metric_logger: MetricLogger, epoch: int, n_micro: int,

@@ -24,7 +24,7 @@ caller re-wraps DDP so frozen parameters are no longer all-reduced.
 """
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -168,8 +168,15 @@ class FreezeOut:
             self.apply_frozen(optimizer, due)
         for g in optimizer.param_groups:
             u = g['unit']
-            g['lr'] = self.schedule.global_lr_at(step) if u < 0 else self.schedule.lr_at(u, step)
+            lr = self.schedule.global_lr_at(step) if u < 0 else self.schedule.lr_at(u, step)
+            g['lr'] = lr * g.get('lr_scale', 1.0)  # layer decay (fine-tuning); x 1.0 is exact
         return changed
+
+    def num_frozen_at(self, step: int) -> int:
+        return self.schedule.num_frozen_at(step)
+
+    def state_boundaries(self) -> List[int]:
+        return self.schedule.state_boundaries()
 
     def apply_frozen(self, optimizer: Optional[torch.optim.Optimizer], count: int) -> None:
         """Freeze the first ``count`` scheduled units (idempotent; used at freeze events and when resuming)."""
@@ -192,7 +199,29 @@ class FreezeOut:
 
     def load_state_dict(self, state: Dict[str, Any], optimizer: Optional[torch.optim.Optimizer]) -> None:
         """Re-apply the saved frozen set; call BEFORE ``optimizer.load_state_dict`` so the group layouts match."""
+        if state.get('policy') == 'adaptive':
+            raise UserError('--resume: the checkpoint was written with --freeze_policy adaptive; resume with it')
         self.apply_frozen(optimizer, int(state.get('num_frozen', 0)))
+
+
+def tag_param_groups(groups: Sequence[Dict[str, Any]], units: Sequence[Any],
+                     dont_freeze_pe: bool = False) -> List[Dict[str, Any]]:
+    """Split optimizer param groups built elsewhere (e.g. layer-decay groups with ``lr_scale``) by FreezeOut unit.
+
+    Every resulting group keeps its source group's settings and gets ``unit`` (index among the scheduled units) and
+    ``name``; parameters in no scheduled unit get ``unit = -1`` (never frozen, global schedule). The LR a
+    :class:`FreezeOut` step sets is the unit's LR times the group's ``lr_scale``.
+    """
+    sched = list(units[1:] if dont_freeze_pe else units)
+    owner = {id(p): (i, u.name) for i, u in enumerate(sched) for p in u.params.values()}
+    out = []
+    for g in groups:
+        split: Dict[Any, List[torch.Tensor]] = {}
+        for p in g['params']:
+            split.setdefault(owner.get(id(p), (-1, 'rest')), []).append(p)
+        for (i, name), params in split.items():
+            out.append({**{k: v for k, v in g.items() if k != 'params'}, 'params': params, 'unit': i, 'name': name})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -200,7 +229,9 @@ class FreezeOut:
 
 
 def measure_unit_flops(model: nn.Module, input_size: int, mask_ratio: float, device: torch.device,
-                       dont_freeze_pe: bool = False, time_targets: bool = True) -> Dict[str, Any]:
+                       dont_freeze_pe: bool = False, time_targets: bool = True,
+                       forward: Optional[Callable[[torch.Tensor], Any]] = None,
+                       units: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
     """Forward FLOPs of one image, per unit, measured on the actual model with torch's FlopCounterMode.
 
     Each unit counts its block plus the norms/decoders of the stages it feeds; attention matmuls are added
@@ -209,6 +240,9 @@ def measure_unit_flops(model: nn.Module, input_size: int, mask_ratio: float, dev
     scatter, which FLOP counters do not see, so with ``time_targets`` it is timed against the rest of the forward on
     ``device`` and added to ``shared`` as FLOP-equivalents (``hog_fwd``). The model's RNG use is isolated
     (fork_rng) so measuring does not change the run.
+
+    Other models: ``forward(x)`` runs one image (default ``model(x, mask_ratio=...)``) and ``units`` are their
+    FreezeOut units (default ``model.units()``); parameters outside every unit (a classifier head) count as shared.
     """
     from torch.utils.flop_counter import FlopCounterMode
     from timm.models.vision_transformer import Attention
@@ -227,7 +261,7 @@ def measure_unit_flops(model: nn.Module, input_size: int, mask_ratio: float, dev
         with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []), torch.no_grad():
             x = torch.randn(1, 3, input_size, input_size, device=device)
             with FlopCounterMode(display=False) as fc:
-                model(x, mask_ratio=mask_ratio)
+                model(x, mask_ratio=mask_ratio) if forward is None else forward(x)
     finally:
         for h in hooks:
             h.remove()
@@ -240,7 +274,7 @@ def measure_unit_flops(model: nn.Module, input_size: int, mask_ratio: float, dev
         total += sum(v for k, v in attn_extra.items() if k == prefix or k.startswith(prefix + '.'))
         return total
 
-    units = model.units()
+    units = model.units() if units is None else units
     per_unit, per_unit_enc = [], []
     for u in units:
         mods = sorted({'.'.join(n.split('.')[:2]) if n.split('.')[0] in ('blocks', 'norm', 'decoder')
@@ -336,3 +370,364 @@ def format_plan(schedule: FreezeOutSchedule, steps_per_epoch: int, flops: Option
         lines.append(f'projected saving of training FLOPs (FLOP model, backward = 2x forward, decoders and targets '
                      f'included): {100 * projected_saving(s, flops, dont_freeze_pe):.1f}%')
     return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Adaptive freezing (--freeze_policy adaptive)
+
+SIGNALS = ('weight', 'output')
+
+
+@dataclass
+class AdaptiveBounds:
+    """Bounds of the adaptive policy, all in optimizer steps except ``earliest`` (a fraction of T)."""
+    earliest: float     # nothing freezes before step ceil(earliest · T)
+    window: int         # K: the signal is evaluated every K steps, as the change over the last K steps
+    threshold: float    # a unit is stalled when its plasticity (rate / its peak rate) is below this
+    patience: int       # consecutive stalled evaluations before the decision
+    tail: int           # steps of LR anneal between the decision and the freeze
+
+
+def auto_window(total_steps: int) -> int:
+    """Default K: 2% of the run (50 evaluations), at least 1 step."""
+    return max(1, total_steps // 50)
+
+
+class AdaptiveFreezeOut(FreezeOut):
+    """Freezes unit i once its training has stalled, judged by a per-unit signal, instead of at a planned t_i.
+
+    Same optimizer-side interface as :class:`FreezeOut` (``param_groups``, ``step(optimizer, step)`` once per
+    optimizer step, ``apply_frozen``, ``state_dict``). Every ``K = bounds.window`` steps after warm-up it measures,
+    for every unit still training, ``rate`` = the relative change over the last K steps (‖ΔW‖/‖W‖, or the same of
+    the unit's output); ``plasticity = rate / peak rate`` (its own peak since warm-up; a unit that has never moved
+    has plasticity 0). With ``per_lr`` the rate is divided by the LR summed over the window (AdamW moves every
+    weight by ~LR, so this isolates how *consistently* a unit moves from how far its LR lets it) — but on the demo
+    data that ratio *rises* as the cosine decays (weights stop bouncing across the valley at low LR), so nothing
+    ever stalls under a cosine schedule; it is an option, not the default. Signals:
+
+    * ``weight``: change of the unit's parameters. Computed from the weights, which DDP keeps bit-identical on every
+      rank, so every rank takes the same decisions with no communication.
+    * ``output``: change of the unit's output on a fixed probe batch (Egeria-style); ``probe()`` (supplied by the
+      caller) returns one feature tensor per model unit. ``sync`` (e.g. a broadcast from rank 0) makes the numbers
+      identical on every rank even if kernels differ in the last bit.
+
+    A unit whose plasticity stays below ``threshold`` for ``patience`` evaluations is *decided*: its LR is
+    multiplied by ½(1 + cos(π·(j − j_d)/tail)) for ``tail`` steps, then it freezes (at an optimizer-step boundary).
+    Decisions follow prefix order (unit i only once unit i−1 is decided), the last unit is never frozen, nothing
+    freezes before ``earliest · T``, and no decision is taken whose freeze would fall at or after T. Every other
+    unit follows ``base_lr(step)`` (the run's global schedule) times its group's ``lr_scale``; with no decision the
+    run is plain training, number for number.
+    """
+
+    def __init__(self, model: nn.Module, total_steps: int, warmup_steps: int, base_lr: Callable[[int], float],
+                 bounds: AdaptiveBounds, signal: str = 'weight',
+                 probe: Optional[Callable[[], List[torch.Tensor]]] = None,
+                 sync: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, dont_freeze_pe: bool = False,
+                 per_lr: bool = False):
+        if signal not in SIGNALS:
+            raise UserError(f"--freeze_signal {signal!r}: choose {' or '.join(SIGNALS)}")
+        if signal == 'output' and probe is None:
+            raise ValueError('the output signal needs a probe() returning one feature tensor per unit')
+        units = model.units()
+        self.model, self.dont_freeze_pe, self.schedule = model, dont_freeze_pe, None
+        self.embed_unit = units[0]
+        self.sched_units = units[1:] if dont_freeze_pe else units
+        self.num_frozen = 0
+        self.total_steps, self.warmup_steps = int(total_steps), int(warmup_steps)
+        self.base_lr, self.bounds, self.signal, self.probe, self.sync = base_lr, bounds, signal, probe, sync
+        self.per_lr = per_lr
+        self.earliest_step = math.ceil(round(bounds.earliest * self.total_steps, 6))
+        n = len(self.sched_units)
+        self.peak: List[float] = [0.0] * n
+        self.below: List[int] = [0] * n
+        self.plasticity: Dict[str, float] = {}
+        self.tails: Dict[int, List[int]] = {}           # unit -> [decision step, freeze step]
+        self.decisions: List[Dict[str, Any]] = []       # every decision so far (also the saving's frozen history)
+        self.snapshot: Dict[int, List[torch.Tensor]] = {}
+        self.snapshot_step: Optional[int] = None
+        self._events: List[Dict[str, Any]] = []
+
+    # ---- the policy --------------------------------------------------------------------------------------------
+
+    def is_eval_step(self, step: int) -> bool:
+        return step >= self.warmup_steps and (step - self.warmup_steps) % self.bounds.window == 0
+
+    def _candidates(self) -> List[int]:
+        """Units still measured: not frozen, not decided, not the last (never frozen)."""
+        return [i for i in range(self.num_frozen, len(self.sched_units) - 1) if i not in self.tails]
+
+    def _current(self, units: Sequence[int]) -> Dict[int, List[torch.Tensor]]:
+        if self.signal == 'weight':
+            return {i: [p.detach() for p in self.sched_units[i].params.values()] for i in units}
+        feats = self.probe()
+        offset = 1 if self.dont_freeze_pe else 0
+        return {i: [feats[i + offset].detach().float()] for i in units}
+
+    def _evaluate(self, step: int) -> None:
+        units = self._candidates()
+        now = self._current(units)
+        prev, prev_step = self.snapshot, self.snapshot_step
+        measured = [i for i in units if prev_step is not None and i in prev]
+        if measured:
+            # one device vector, one host read per evaluation: [delta_0, ref_0, delta_1, ref_1, ...]
+            parts = []
+            for i in measured:
+                d = torch.stack([torch.linalg.vector_norm(a.float() - b.float()) for a, b in zip(now[i], prev[i])])
+                r = torch.stack([torch.linalg.vector_norm(b.float()) for b in prev[i]])
+                parts += [d.pow(2).sum().sqrt(), r.pow(2).sum().sqrt()]
+            vec = torch.stack(parts)
+            if self.sync is not None:
+                vec = self.sync(vec)
+            vals = vec.tolist()
+            lr_dist = sum(self.base_lr(j) for j in range(prev_step, step)) if self.per_lr else 1.0
+            plast = {}
+            for k, i in enumerate(measured):
+                delta, ref = vals[2 * k], vals[2 * k + 1]
+                rate = delta / max(ref, 1e-30) / lr_dist if lr_dist > 0 else 0.0
+                self.peak[i] = max(self.peak[i], rate)
+                p = rate / self.peak[i] if self.peak[i] > 0 else 0.0
+                self.below[i] = self.below[i] + 1 if p < self.bounds.threshold else 0
+                plast[self.sched_units[i].name] = p
+            self.plasticity = plast
+            self._events.append({'kind': 'signal', 'step': step, 'plasticity': dict(plast)})
+            self._decide(step)
+        keep = self._candidates()
+        self.snapshot = {i: [t.clone() for t in now[i]] for i in keep if i in now}
+        self.snapshot_step = step
+
+    def _decide(self, step: int) -> None:
+        b = self.bounds
+        if step + b.tail < self.earliest_step or step + b.tail >= self.total_steps:
+            return  # too early (the freeze would precede the earliest step), or it would never take effect
+        i = self.num_frozen + len(self.tails)   # tails are contiguous after the frozen prefix
+        while i < len(self.sched_units) - 1 and self.below[i] >= b.patience:
+            self.tails[i] = [step, step + b.tail]
+            d = {'step': step, 'unit': self.sched_units[i].name, 'index': i, 'freeze_step': step + b.tail,
+                 'plasticity': self.plasticity.get(self.sched_units[i].name, 0.0), 'threshold': b.threshold,
+                 'patience': b.patience}
+            self.decisions.append(d)
+            self._events.append({'kind': 'decision', **d})
+            i += 1
+
+    def _factor(self, unit: int, step: int) -> float:
+        tail = self.tails.get(unit)
+        if tail is None:
+            return 1.0
+        start, end = tail
+        return 0.5 * (1.0 + math.cos(math.pi * (step - start) / max(1, end - start)))
+
+    def step(self, optimizer: torch.optim.Optimizer, step: int) -> bool:
+        """At optimizer step ``step``: evaluate the signal (every K steps), freeze what is due, set LRs."""
+        if self.is_eval_step(step) and step != self.snapshot_step:
+            self._evaluate(step)
+        due = self.num_frozen
+        while due in self.tails and self.tails[due][1] <= step:
+            due += 1
+        changed = due > self.num_frozen
+        if changed:
+            for i in range(self.num_frozen, due):
+                del self.tails[i]
+            self.apply_frozen(optimizer, due)
+            for i in list(self.snapshot):
+                if i < due:
+                    del self.snapshot[i]
+        base = self.base_lr(step)
+        for g in optimizer.param_groups:
+            u = g['unit']
+            g['lr'] = base * (1.0 if u < 0 else self._factor(u, step)) * g.get('lr_scale', 1.0)
+        return changed
+
+    def drain_events(self) -> List[Dict[str, Any]]:
+        """Signal evaluations and decisions since the last call (for the log lines and TensorBoard)."""
+        ev, self._events = self._events, []
+        return ev
+
+    def lr_by_unit(self, step: int) -> Dict[str, float]:
+        out = {}
+        if self.dont_freeze_pe:
+            out[self.embed_unit.name] = self.base_lr(step)
+        for i, u in enumerate(self.sched_units):
+            if i >= self.num_frozen:
+                out[u.name] = self.base_lr(step) * self._factor(i, step)
+        return out
+
+    # ---- what the decisions cost (the FLOP model's "saving of the decisions so far") ---------------------------
+
+    def num_frozen_at(self, step: int) -> int:
+        return sum(1 for d in self.decisions if step >= d['freeze_step'])
+
+    def state_boundaries(self) -> List[int]:
+        return sorted({d['freeze_step'] for d in self.decisions})
+
+    # ---- checkpoint --------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {'policy': 'adaptive', 'signal': self.signal, 'num_frozen': self.num_frozen,
+                'frozen_units': [u.name for u in self.sched_units[:self.num_frozen]],
+                'peak': list(self.peak), 'below': list(self.below), 'plasticity': dict(self.plasticity),
+                'tails': {str(k): list(v) for k, v in self.tails.items()},
+                'decisions': [dict(d) for d in self.decisions],
+                'snapshot': {str(k): list(v) for k, v in self.snapshot.items()}, 'snapshot_step': self.snapshot_step}
+
+    def load_state_dict(self, state: Dict[str, Any], optimizer: Optional[torch.optim.Optimizer]) -> None:
+        """Re-apply the frozen set and restore the policy; call BEFORE ``optimizer.load_state_dict``."""
+        if state and state.get('policy') != 'adaptive':
+            raise UserError('--resume: the checkpoint was written with --freeze_policy schedule; resume with it')
+        if state and state.get('signal', self.signal) != self.signal:
+            raise UserError(f"--resume: the checkpoint's adaptive policy used --freeze_signal {state['signal']}; "
+                            f"resume with it")
+        self.apply_frozen(optimizer, int(state.get('num_frozen', 0)))
+        n = len(self.sched_units)
+        self.peak = [float(x) for x in state.get('peak', [0.0] * n)]
+        self.below = [int(x) for x in state.get('below', [0] * n)]
+        self.plasticity = dict(state.get('plasticity', {}))
+        self.tails = {int(k): [int(a) for a in v] for k, v in state.get('tails', {}).items()}
+        self.decisions = [dict(d) for d in state.get('decisions', [])]
+        dev = next(iter(self.sched_units[-1].params.values())).device
+        self.snapshot = {int(k): [t.to(dev) for t in v] for k, v in state.get('snapshot', {}).items()}
+        self.snapshot_step = state.get('snapshot_step')
+
+
+def decided_saving(freezer: Any, flops: Dict[str, Any], done: int, dont_freeze_pe: bool) -> float:
+    """FLOP-model saving over optimizer steps [0, done) for the frozen counts ``freezer.num_frozen_at`` gives
+    (a schedule's plan, or an adaptive policy's decisions so far)."""
+    bounds = [0] + [b for b in freezer.state_boundaries() if b < done] + [done]
+    run = sum((hi - lo) * step_cost(flops, freezer.num_frozen_at(lo), dont_freeze_pe)
+              for lo, hi in zip(bounds[:-1], bounds[1:]))
+    return 1.0 - run / (step_cost(flops, 0, dont_freeze_pe) * done)
+
+
+def format_adaptive_plan(freezer: AdaptiveFreezeOut, steps_per_epoch: int,
+                         flops: Optional[Dict[str, Any]] = None) -> str:
+    """--plan_only for the adaptive policy: the policy, its bounds in steps and epochs, and the FLOP bound."""
+    f, b = freezer, freezer.bounds
+    spe = max(1, steps_per_epoch)
+    evals = max(0, (f.total_steps - 1 - f.warmup_steps) // b.window + 1) if f.total_steps > f.warmup_steps else 0
+    change = 'change per unit LR' if f.per_lr else 'relative change'
+    lines = [f'FreezeOut policy: adaptive, signal={f.signal} (plasticity = {change} over the window / its '
+             f'peak since warm-up), T={f.total_steps} optimizer steps ({steps_per_epoch}/epoch), warm-up '
+             f'W={f.warmup_steps}',
+             f'  earliest freeze: {b.earliest:g} of training = step {f.earliest_step} '
+             f'(epoch {f.earliest_step / spe:.2f})',
+             f'  window: every {b.window} steps ({b.window / spe:.2f} epochs) from step {f.warmup_steps}: {evals} '
+             f'evaluations',
+             f'  threshold: plasticity < {b.threshold:g} for {b.patience} consecutive evaluations',
+             f'  tail: LR x 1/2(1 + cos) over {b.tail} steps ({b.tail / spe:.2f} epochs) before each freeze',
+             f'  order: prefix ({", ".join(u.name for u in f.sched_units[:-1])}); {f.sched_units[-1].name} never '
+             f'freezes' + ('; embed never freezes (--dont_freeze_pe)' if f.dont_freeze_pe else ''),
+             '  LR: the global warm-up + cosine for every unit (no per-unit t_i, so no 1/t_i scaling)']
+    if flops is not None:
+        n = len(f.sched_units) - 1
+        rest = f.total_steps - f.earliest_step
+        c0, cn = step_cost(flops, 0, f.dont_freeze_pe), step_cost(flops, n, f.dont_freeze_pe)
+        best = 1.0 - (f.earliest_step * c0 + rest * cn) / (c0 * f.total_steps) if rest > 0 else 0.0
+        lines.append(f'FLOP model: at most {100 * best:.1f}% saving of training FLOPs (every unit but the last frozen '
+                     f'at the earliest step); the run logs the saving of its decisions so far')
+    return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Flags of the freeze policy (shared by run_pretrain.py and run_finetune.py)
+
+SCHEDULE_FLAGS = ('t_0', 'how_scale', 'not_scale_lr', 'non_layerwise_lr')
+
+
+def add_schedule_args(g, embed: str = 'patch embedding and cls token') -> None:
+    """The scheduled FreezeOut's flags (run_pretrain.py, run_finetune.py), in the argument group ``g``."""
+    g.add_argument('--t_0', default=None, type=float,
+                   help='freeze point of the first unit before scaling, in (0, 1]; 1 = never freeze (default when '
+                        'FreezeOut is on: 0.8)')
+    g.add_argument('--how_scale', default=None, choices=['linear', 'squared', 'cubic'],
+                   help='t_i = s(t_0 + (1 - t_0) i / N) with s = identity/square/cube (default when on: cubic)')
+    g.add_argument('--not_scale_lr', action='store_true',
+                   help='initial LR of every unit = lr, instead of lr / t_i (default: scaled)')
+    g.add_argument('--non_layerwise_lr', action='store_true',
+                   help='all units follow the global warm-up + cosine; units are still frozen at t_i')
+    g.add_argument('--dont_freeze_pe', action='store_true',
+                   help=f'never freeze the {embed} (they follow the global schedule); blocks become units 0..N-1')
+
+
+def resolve_freeze_args(args, argv: Sequence[str]) -> None:
+    """``args.freezeout`` (on with --t_0/--how_scale or --freeze_policy adaptive), the schedule's defaults
+    (cubic, t_0 0.8), and one-line errors for bad or contradictory values."""
+    check_policy_args(args, argv, SCHEDULE_FLAGS)
+    args.freezeout = args.t_0 is not None or args.how_scale is not None or args.freeze_policy == 'adaptive'
+    if args.freezeout and args.freeze_policy == 'schedule':
+        args.t_0 = 0.8 if args.t_0 is None else args.t_0
+        args.how_scale = args.how_scale or 'cubic'
+        if not (0.0 < args.t_0 <= 1.0):
+            raise UserError(f'--t_0 {args.t_0}: must be in (0, 1] (1 = never freeze)')
+    elif not args.freezeout and (args.not_scale_lr or args.non_layerwise_lr or args.dont_freeze_pe):
+        print('note: --not_scale_lr/--non_layerwise_lr/--dont_freeze_pe only act with FreezeOut (--t_0/--how_scale)')
+
+
+def format_decision(ev: Dict[str, Any], epoch: int) -> str:
+    """The one log line of an adaptive decision."""
+    return (f"FreezeOut adaptive: step {ev['step']} (epoch {epoch}): {ev['unit']} stalled (plasticity "
+            f"{ev['plasticity']:.3f} < {ev['threshold']:g} for {ev['patience']} evaluations); its LR anneals to 0 "
+            f"and it freezes at step {ev['freeze_step']}")
+
+
+ADAPTIVE_FLAGS = ('freeze_signal', 'freeze_per_lr', 'freeze_earliest', 'freeze_window', 'freeze_threshold',
+                  'freeze_patience', 'freeze_tail')
+
+
+def add_policy_args(g, earliest: float = 0.5) -> None:
+    """--freeze_policy and the adaptive policy's signal and bounds, in the argument group ``g``."""
+    g.add_argument('--freeze_policy', default='schedule', choices=['schedule', 'adaptive'],
+                   help='schedule = FreezeOut (unit i freezes at t_i, --t_0/--how_scale); adaptive = a unit freezes '
+                        'once its plasticity signal has stalled, in prefix order, within the --freeze_* bounds '
+                        '(turns freezing on by itself) (default: schedule)')
+    g.add_argument('--freeze_signal', default='weight', choices=list(SIGNALS),
+                   help='adaptive signal: weight = relative change of the unit\'s weights over the window (no '
+                        'extra forward, no communication); output = the same for its output on a fixed probe batch '
+                        'of 16 images (one extra forward per window) (default: weight)')
+    g.add_argument('--freeze_per_lr', action='store_true',
+                   help='adaptive: divide the change by the LR summed over the window (how consistently a unit '
+                        'moves, not how far); under a cosine LR this rarely stalls (default: off)')
+    g.add_argument('--freeze_earliest', default=earliest, type=float, metavar='FRAC',
+                   help=f'adaptive: nothing freezes before this fraction of the optimizer steps, in [0, 1) '
+                        f'(default: {earliest})')
+    g.add_argument('--freeze_window', default=None, type=int, metavar='STEPS',
+                   help='adaptive: evaluate the signal every STEPS optimizer steps, as the change over them '
+                        '(default: 2%% of the run\'s steps, at least 1)')
+    g.add_argument('--freeze_threshold', default=0.5, type=float, metavar='P',
+                   help='adaptive: a unit is stalled when its plasticity (change over the window / its peak since '
+                        'warm-up) is below P, in (0, 1] (default: 0.5)')
+    g.add_argument('--freeze_patience', default=2, type=int, metavar='N',
+                   help='adaptive: consecutive stalled evaluations before a unit is decided (default: 2)')
+    g.add_argument('--freeze_tail', default=None, type=int, metavar='STEPS',
+                   help='adaptive: optimizer steps over which a decided unit\'s LR anneals (half cosine to 0) '
+                        'before it freezes (default: one window)')
+
+
+def check_policy_args(args, argv: Sequence[str], schedule_flags: Sequence[str]) -> None:
+    """One-line errors for contradictory or out-of-range policy flags (``UserError``: exit status 2)."""
+    from util.args import explicit_flags
+    given = set(explicit_flags(argv))
+    if args.freeze_policy == 'adaptive':
+        clash = [f'--{f}' for f in schedule_flags if f in given]
+        if clash:
+            raise UserError(f"{'/'.join(clash)} shape the scheduled FreezeOut; with --freeze_policy adaptive there "
+                            f"is no t_i: drop {'them' if len(clash) > 1 else 'it'} or use --freeze_policy schedule")
+        if not 0.0 <= args.freeze_earliest < 1.0:
+            raise UserError(f'--freeze_earliest {args.freeze_earliest}: must be in [0, 1) (a fraction of training)')
+        if args.freeze_window is not None and args.freeze_window < 1:
+            raise UserError(f'--freeze_window {args.freeze_window}: must be >= 1 optimizer step')
+        if not 0.0 < args.freeze_threshold <= 1.0:
+            raise UserError(f'--freeze_threshold {args.freeze_threshold}: must be in (0, 1] (plasticity is '
+                            f'relative to the unit\'s peak)')
+        if args.freeze_patience < 1:
+            raise UserError(f'--freeze_patience {args.freeze_patience}: must be >= 1 evaluation')
+        if args.freeze_tail is not None and args.freeze_tail < 0:
+            raise UserError(f'--freeze_tail {args.freeze_tail}: must be >= 0 optimizer steps')
+    elif any(f in given for f in ADAPTIVE_FLAGS):
+        print('note: --freeze_signal/--freeze_per_lr/--freeze_earliest/--freeze_window/--freeze_threshold/'
+              '--freeze_patience/--freeze_tail only act with --freeze_policy adaptive')
+
+
+def bounds_from_args(args, total_steps: int) -> AdaptiveBounds:
+    window = args.freeze_window or auto_window(total_steps)
+    return AdaptiveBounds(earliest=args.freeze_earliest, window=window, threshold=args.freeze_threshold,
+                          patience=args.freeze_patience,
+                          tail=window if args.freeze_tail is None else args.freeze_tail)

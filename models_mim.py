@@ -491,6 +491,18 @@ class LocalMIM(nn.Module):
             self.blocks[b].eval()  # frozen blocks never see dropout/drop-path: their function must not change
         return self
 
+    @torch.no_grad()
+    def unit_features(self, imgs: torch.Tensor) -> List[torch.Tensor]:
+        """Output of every unit (``units()`` order) on ``imgs``, unmasked: the embedded tokens, then each block's
+        tokens. The adaptive FreezeOut policy's probe (``--freeze_signal output``); uses no RNG."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
+        x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)
+        out = [x]
+        for blk in self.blocks:
+            x = blk(x)
+            out.append(x)
+        return out
+
     def active_stages(self) -> List[int]:
         return [k for k, b in enumerate(self.stage_blocks) if b >= self.num_frozen_blocks]
 

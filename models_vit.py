@@ -617,3 +617,79 @@ def layer_decay_param_groups(model: VisionTransformer, weight_decay: float, laye
     if moved and verbose:
         print(f'layer decay: moved {", ".join(moved)} to the MAE group (timm groups them with the last block)')
     return list(fixed.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FreezeOut seam for fine-tuning (units / set_frozen on a plain timm ViT, without subclassing it)
+
+
+class FreezableBlocks(nn.Sequential):
+    """``model.blocks`` that runs a frozen prefix of ``num_frozen`` blocks without training it.
+
+    Same children (``blocks.0 …``: state-dict keys unchanged). With ``embed_frozen`` the prefix runs under
+    ``no_grad`` (nothing before it trains: no activations kept, no backward); otherwise (``--dont_freeze_pe``) it
+    keeps the graph so gradients reach the embedding. Frozen blocks stay in eval mode through ``train()``: drop
+    path off, so their function does not change at the freeze.
+    """
+
+    def __init__(self, blocks: nn.Sequential):
+        super().__init__(*blocks)
+        self.num_frozen, self.embed_frozen = 0, False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.num_frozen
+        if k:
+            with torch.no_grad() if self.embed_frozen else torch.enable_grad():
+                for b in range(k):
+                    x = self[b](x)
+            if self.embed_frozen:
+                x = x.detach()
+        for b in range(k, len(self)):
+            x = self[b](x)
+        return x
+
+    def train(self, mode: bool = True) -> 'FreezableBlocks':
+        super().train(mode)
+        for b in range(min(self.num_frozen, len(self))):
+            self[b].eval()
+        return self
+
+
+class ViTUnits:
+    """FreezeOut units of a timm ViT for ``freezeout.FreezeOut`` / ``AdaptiveFreezeOut`` (which see only this).
+
+    Unit 0 = patch embedding + cls token + pos embed; unit k = ``blocks.{k-1}``. ``fc_norm``, ``norm`` and
+    ``head`` are in no unit: they are never frozen and follow the global schedule (× their layer-decay scale).
+    Installing the seam swaps ``model.blocks`` for a :class:`FreezableBlocks` with the same children.
+    """
+
+    def __init__(self, model: VisionTransformer):
+        self.model = model
+        if not isinstance(model.blocks, FreezableBlocks):
+            model.blocks = FreezableBlocks(model.blocks)
+
+    def units(self) -> List[Any]:
+        from models_mim import ParamUnit
+        named = dict(self.model.named_parameters())
+        embed = ('patch_embed.', 'cls_token', 'pos_embed', 'reg_token')
+        units = [ParamUnit('embed', {n: p for n, p in named.items() if n.startswith(embed) and p.requires_grad})]
+        for b in range(len(self.model.blocks)):
+            units.append(ParamUnit(f'block{b + 1}', {n: p for n, p in named.items()
+                                                     if n.startswith(f'blocks.{b}.') and p.requires_grad}))
+        return units
+
+    @torch.no_grad()
+    def unit_features(self, imgs: torch.Tensor) -> List[torch.Tensor]:
+        """Output of every unit on ``imgs`` (the adaptive policy's ``output`` probe); call in eval mode."""
+        m = self.model
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(imgs))))
+        out = [x]
+        for blk in m.blocks:
+            x = blk(x)
+            out.append(x)
+        return out
+
+    def set_frozen(self, num_frozen_blocks: int, embed_frozen: bool) -> None:
+        blocks = self.model.blocks
+        blocks.num_frozen, blocks.embed_frozen = int(num_frozen_blocks), bool(embed_frozen)
+        blocks.train(self.model.training)

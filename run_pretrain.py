@@ -17,7 +17,9 @@ from timm.optim import param_groups_weight_decay
 
 import models_mim
 from engine_pretrain import NonFiniteLoss, PretrainState, train_one_epoch
-from freezeout import FreezeOut, FreezeOutSchedule, format_plan, measure_unit_flops, projected_saving, step_cost
+from freezeout import (AdaptiveFreezeOut, FreezeOut, FreezeOutSchedule, add_policy_args, add_schedule_args,
+                       bounds_from_args, decided_saving, format_adaptive_plan, format_plan, measure_unit_flops,
+                       resolve_freeze_args)
 from util import distributed as du
 from util.amp import fused_attention_report, make_amp, set_cuda_speed_flags
 from util.args import (add_arch_args, add_common_args, add_optim_args, apply_demo_defaults, check_output_dir,
@@ -57,21 +59,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--stage_weights', default='equal', type=str,
                    help="per-stage loss weights shallow->deep: 'equal' (paper), '4321', '1overk' (1/4,1/3,1/2,1) "
                         "or a comma list (default: equal)")
-    g = p.add_argument_group('FreezeOut (on when --t_0 or --how_scale is given)')
-    g.add_argument('--t_0', default=None, type=float,
-                   help='freeze point of the first unit before scaling, in (0, 1]; 1 = never freeze (default when '
-                        'FreezeOut is on: 0.8)')
-    g.add_argument('--how_scale', default=None, choices=['linear', 'squared', 'cubic'],
-                   help='t_i = s(t_0 + (1 - t_0) i / N) with s = identity/square/cube (default when on: cubic)')
-    g.add_argument('--not_scale_lr', action='store_true',
-                   help='initial LR of every unit = lr, instead of lr / t_i (default: scaled)')
-    g.add_argument('--non_layerwise_lr', action='store_true',
-                   help='all units follow the global warm-up + cosine; units are still frozen at t_i')
-    g.add_argument('--dont_freeze_pe', action='store_true',
-                   help='never freeze the patch embedding and cls token (they follow the global schedule); '
-                        'blocks become units 0..N-1')
+    g = p.add_argument_group('FreezeOut (on when --t_0 or --how_scale is given, or --freeze_policy adaptive)')
+    add_schedule_args(g)
     g.add_argument('--plan_only', action='store_true',
                    help='print the FreezeOut plan (and projected saving) and exit without training')
+    add_policy_args(g)
     g = p.add_argument_group('evaluation during pre-training')
     g.add_argument('--knn_eval_freq', default=0, type=int,
                    help='run weighted k-NN on the current encoder every N epochs (0 = off; --demo: 5)')
@@ -118,12 +110,7 @@ def prepare_args(args: argparse.Namespace) -> None:
         if args.data_path == str(default_demo_root()):
             make_demo_dataset(args.data_path)
     resolve_device_flag(args, argv)
-    args.freezeout = args.t_0 is not None or args.how_scale is not None
-    if args.freezeout:
-        args.t_0 = 0.8 if args.t_0 is None else args.t_0
-        args.how_scale = args.how_scale or 'cubic'
-    elif args.not_scale_lr or args.non_layerwise_lr or args.dont_freeze_pe:
-        print('note: --not_scale_lr/--non_layerwise_lr/--dont_freeze_pe only act with FreezeOut (--t_0/--how_scale)')
+    resolve_freeze_args(args, argv)
     if args.prefetch_factor is not None and (args.prefetch_factor < 1 or args.num_workers < 1):
         raise UserError(f'--prefetch_factor {args.prefetch_factor}: needs a value >= 1 and --num_workers >= 1')
 
@@ -177,7 +164,16 @@ def main(args: argparse.Namespace) -> None:
         du.print0(note)
 
     freezer, flops = None, None
-    if args.freezeout:
+    if args.freezeout and args.freeze_policy == 'adaptive':
+        freezer = AdaptiveFreezeOut(
+            model, total_steps, warmup_steps, WarmupCosine(args.lr, args.min_lr, warmup_steps, total_steps).lr_at,
+            bounds_from_args(args, total_steps), args.freeze_signal, probe=_probe(args, model, device),
+            sync=du.broadcast_from_rank0 if args.distributed else None, dont_freeze_pe=args.dont_freeze_pe,
+            per_lr=args.freeze_per_lr)
+        flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
+        du.print0(format_adaptive_plan(freezer, spe, flops))
+        param_groups = freezer.param_groups(args.weight_decay)
+    elif args.freezeout:
         schedule = FreezeOutSchedule(FreezeOut.unit_names(model, args.dont_freeze_pe), total_steps, warmup_steps,
                                      args.lr, args.min_lr, args.t_0, args.how_scale, scale_lr=not args.not_scale_lr,
                                      layerwise_lr=not args.non_layerwise_lr)
@@ -262,6 +258,10 @@ def main(args: argparse.Namespace) -> None:
             record.update(frozen_units=freezer.num_frozen, active_stages=model.active_stages(),
                           unit_lr=freezer.lr_by_unit(state.global_step))
             record.update(_saving_so_far(saving, stats, epoch, args, freezer, flops, spe))
+            if args.freeze_policy == 'adaptive':
+                record.update(freeze_plasticity=freezer.plasticity,
+                              freeze_decisions=[d for d in freezer.decisions
+                                                if epoch * spe <= d['step'] < (epoch + 1) * spe])
         if args.compile:
             record.update({f'compile_{k}': v for k, v in compile_stats().items()})
         if knn is not None and ((epoch + 1) % args.knn_eval_freq == 0 or epoch + 1 == args.epochs):
@@ -301,12 +301,10 @@ def _saving_so_far(acc: dict, stats: dict, epoch: int, args, freezer, flops, spe
         acc['base_step_time'] = stats['step_time']
     acc['time'] += stats['compute_time']
     acc['steps'] += spe
-    done = (epoch + 1) * spe
-    sched = freezer.schedule
-    bounds = [0] + [b for b in sched.state_boundaries() if b < done] + [done]
-    plan = sum((hi - lo) * step_cost(flops, sched.num_frozen_at(lo), args.dont_freeze_pe)
-               for lo, hi in zip(bounds[:-1], bounds[1:]))
-    out = {'planned_saving_so_far': 1.0 - plan / (step_cost(flops, 0, args.dont_freeze_pe) * done)}
+    # adaptive: the decisions taken so far (a decided unit's freeze step may lie in the future: it is counted
+    # only from that step on, and only within [0, done))
+    key = 'decided_saving_so_far' if args.freeze_policy == 'adaptive' else 'planned_saving_so_far'
+    out = {key: decided_saving(freezer, flops, (epoch + 1) * spe, args.dont_freeze_pe)}
     if acc['base_step_time']:
         out['measured_saving_so_far'] = 1.0 - acc['time'] / (acc['base_step_time'] * acc['steps'])
     return out
@@ -345,7 +343,7 @@ def _log_epoch(tb: TensorBoard, record: dict, epoch: int, freezer) -> None:
         tb.scalar('freezeout/frozen_units', record['frozen_units'], x)
         tb.scalar('freezeout/active_stages', len(record['active_stages']), x)
         tb.scalars('freezeout/unit_lr', record['unit_lr'], x)
-        for k in ('planned_saving_so_far', 'measured_saving_so_far'):
+        for k in ('planned_saving_so_far', 'decided_saving_so_far', 'measured_saving_so_far'):
             if k in record:
                 tb.scalar(f'freezeout/{k}', record[k], x)
     for k, v in record.items():
@@ -354,13 +352,33 @@ def _log_epoch(tb: TensorBoard, record: dict, epoch: int, freezer) -> None:
     tb.flush()
 
 
-def _vis_batch(args, device):
+PROBE_IMAGES = 16  # the output signal's probe batch: 16 fixed images
+
+
+def _probe(args, model, device):
+    """The adaptive policy's probe for --freeze_signal output: every unit's output on a fixed batch (no RNG, fp32,
+    eval mode; identical on every rank)."""
+    if args.freeze_signal != 'output':
+        return None
+    imgs = _vis_batch(args, device, PROBE_IMAGES)
+
+    def probe():
+        was = model.training
+        model.eval()
+        try:
+            return model.unit_features(imgs)
+        finally:
+            model.train(was)
+    return probe
+
+
+def _vis_batch(args, device, n=None):
     """A fixed, un-augmented batch (val split if there is one) for the TensorBoard pictures."""
     try:
         ds = build_dataset(args.data_path, 'val', eval_transform(args.input_size), allow_root=False)
     except UserError:
         ds = build_dataset(args.data_path, 'train', eval_transform(args.input_size), allow_root=True)
-    return fixed_batch(ds, args.vis_images, device)
+    return fixed_batch(ds, n or args.vis_images, device)
 
 
 def _knn_setup(args, device):

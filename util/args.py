@@ -285,7 +285,8 @@ FLAG_DOMAINS: Dict[str, Domain] = {
     'num_heads': _int(1), 'mask_ratio': _real(0.0, 1.0, hi_open=True), 'hog_nbins': _int(1, 180),
     'drop_path': _real(0.0, 1.0, hi_open=True), 'nb_classes': _int(1),
     # FreezeOut
-    't_0': _real(0.0, 1.0, lo_open=True),
+    't_0': _real(0.0, 1.0, lo_open=True), 'freeze_earliest': _real(0.0, 1.0, hi_open=True), 'freeze_window': _int(1),
+    'freeze_threshold': _real(0.0, 1.0, lo_open=True), 'freeze_patience': _int(1), 'freeze_tail': _int(0),
     # augmentation
     'color_jitter': _real(0.0), 'smoothing': _real(0.0, 1.0, hi_open=True), 'reprob': _PROB, 'recount': _int(1),
     'mixup': _real(0.0), 'cutmix': _real(0.0), 'cutmix_minmax': _real(0.0, 1.0), 'mixup_prob': _PROB,

@@ -148,6 +148,15 @@ def all_reduce_tensor(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
+def broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's copy of ``t`` on every rank (a new tensor on ``t``'s device); identity when not distributed."""
+    if not is_dist():
+        return t
+    buf = t.detach().to(_collective_device()).contiguous()
+    dist.broadcast(buf, src=0)
+    return buf.to(t.device)
+
+
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate a tensor's dim 0 from all ranks (sizes may differ per rank)."""
     if not is_dist():

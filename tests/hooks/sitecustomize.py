@@ -7,7 +7,8 @@ The tests put this directory first on the ``PYTHONPATH`` of the scripts they sta
 * ``VITFREEZE_TEST_NAN_AT_STEP=<n>``: the pre-training loss of global micro-step ``n`` (epoch · micro-steps per epoch
   + iteration) becomes NaN; the stage losses stay finite, as for a real blow-up of the weighted sum.
 * ``VITFREEZE_TEST_DUMP_RANK_WEIGHTS=<dir>``: after every epoch's checkpoint call, every rank (only rank 0 writes
-  checkpoints) writes sha256 digests of the model and optimizer state it passed, ``rank{R}-epoch{E}.json``.
+  checkpoints) writes sha256 digests of the model and optimizer state it passed, and its FreezeOut frozen set and
+  adaptive decisions, ``rank{R}-epoch{E}.json``.
 
 * ``VITFREEZE_TEST_NAN_WEIGHTS_AT_EPOCH=<e>``: the last tensor of the model state handed to epoch ``e``'s
   checkpoint call becomes NaN (a divergence the loss did not show), for the check that refuses to save it.
@@ -103,7 +104,10 @@ def _patch_dump(checkpoint) -> None:
         os.makedirs(_DUMP_DIR, exist_ok=True)
         with open(os.path.join(_DUMP_DIR, f'rank{du.get_rank()}-epoch{epoch}.json'), 'w') as f:
             json.dump({'rank': du.get_rank(), 'epoch': epoch, 'model': digest(sorted(state['model'].items())),
-                       'optimizer': digest(opt), 'world_size': du.get_world_size()}, f)
+                       'optimizer': digest(opt), 'world_size': du.get_world_size(),
+                       # the frozen set and the adaptive policy's decisions, to compare the ranks' FreezeOut
+                       'freezeout': {k: v for k, v in (state.get('freezeout') or {}).items()
+                                     if k in ('num_frozen', 'frozen_units', 'decisions')}}, f)
         return paths
     checkpoint.save_checkpoint = save_checkpoint
 
