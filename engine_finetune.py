@@ -23,7 +23,8 @@ from util.amp import Amp
 from util.checkpoint import save_checkpoint
 from util.datasets import seed_loader_epoch
 from util.errors import UserError
-from util.log import MetricLogger, SmoothedValue, TensorBoard, append_json_log, trim_json_log
+from util.log import MetricLogger, SmoothedValue, TensorBoard, trim_json_log
+from util.log import epoch_record as log_epoch_record
 from util.signals import NO_STOP, GracefulStop
 from util.lr_sched import WarmupCosine
 
@@ -191,7 +192,7 @@ def fit(model: nn.Module, model_without_ddp: nn.Module, criterion: nn.Module, op
     """
     du.print0(f'Start training for {args.epochs} epochs (from epoch {args.start_epoch})')
     start = time.time()
-    trim_json_log(args.output_dir, args.start_epoch - 1)  # records of epochs trained again (killed before the save)
+    trim_json_log(args.output_dir, args.start_epoch - 1, run_id=getattr(args, 'run_id', None))  # epochs trained again
     stop = GracefulStop().start()
     current = {'model': model}
 
@@ -226,8 +227,8 @@ def fit(model: nn.Module, model_without_ddp: nn.Module, criterion: nn.Module, op
         for k in ('frozen_units', 'planned_saving_so_far', 'decided_saving_so_far'):
             if k in log:
                 tb.scalar(f'freezeout/{k}', log[k], epoch)
-        append_json_log(args.output_dir, log)  # before the checkpoint: a kill in between is undone by trim_json_log
-        save_checkpoint(args.output_dir, epoch, state, args, numbered)
+        with log_epoch_record(args.output_dir, log, getattr(args, 'run_id', None)):  # a failed save: no record
+            save_checkpoint(args.output_dir, epoch, state, args, numbered)
     stop.close()
     total = time.time() - start
     du.print0(f'Training time {time.strftime("%H:%M:%S", time.gmtime(total))}')

@@ -23,6 +23,7 @@ from util.datasets import build_dataset, build_loader, check_min_images
 from util.errors import UserError, check
 from util.knn import ShardSampler
 from util.lr_sched import WarmupCosine, absolute_lr, steps_per_epoch
+from util.rundir import claim_run, lock_output_dir
 
 # Tiny CPU defaults matching run_pretrain.py --demo (input 32, patch 4, width 96, depth 6, 3 heads); the architecture
 # recorded in a --finetune checkpoint still wins over them.
@@ -98,6 +99,8 @@ def prepare_args(args: argparse.Namespace, demo: Dict[str, Any]) -> None:
 def init_run(args: argparse.Namespace) -> torch.device:
     """Process group, seeds (seed + rank for torch, numpy, random) and the run header."""
     device = du.init_distributed_mode(args)
+    if not getattr(args, 'eval', False):
+        lock_output_dir(args.output_dir)  # held until exit: one run per folder at a time
     du.seed_process(args.seed)
     du.print0(f'job dir: {os.path.dirname(os.path.realpath(__file__))}')
     du.print0('command: ' + ' '.join([os.path.basename(sys.argv[0])] + list(args.argv)))
@@ -220,6 +223,8 @@ def checkpoints_for(args: argparse.Namespace) -> Tuple[Optional[Tuple[str, Dict[
     another ``--finetune`` or with other typed architecture flags stops with one line.
     """
     resume = resolve_resume(args)
+    if not args.eval:
+        claim_run(args, resume)  # refuses to start over a folder holding another run's checkpoints
     if resume is not None:
         if not args.resume:
             _check_same_run(args, *resume)
@@ -260,4 +265,5 @@ def _check_same_run(args: argparse.Namespace, path: str, ckpt: Dict[str, Any]) -
         had = ' '.join(f'--{k} {then}' for k, _, then in differ)
         raise UserError(f'--output_dir {args.output_dir} holds a run started with {had} ({path}, epoch '
                         f'{ckpt.get("epoch")}), but this command asks for {asked}; to continue that run pass '
-                        f'--resume {path}, to start this one pass --no_auto_resume or a new --output_dir')
+                        f'--resume {path}, to start this one pass a new --output_dir (or --no_auto_resume --overwrite, which '
+                        f'moves that run aside)')

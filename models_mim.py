@@ -762,6 +762,10 @@ def _register(name: str) -> Callable[..., LocalMIM]:
     def factory(**kwargs) -> LocalMIM:
         cfg = dict(MODEL_CONFIGS[name])
         cfg.update({k: v for k, v in kwargs.items() if v is not None})
+        if cfg['embed_dim'] % cfg['num_heads']:  # timm would assert deep inside Attention
+            default = 'heads' if kwargs.get('num_heads') is None else 'width'
+            raise UserError(f"--num_heads {cfg['num_heads']}: must divide --embed_dim {cfg['embed_dim']} "
+                            f"({name}'s default {default}; give both flags)")
         return LocalMIM(**cfg)
     factory.__name__ = name
     factory.__doc__ = f'{name}: {MODEL_CONFIGS[name]}; kwargs override (img_size, patch_size, hog_nbins, ...).'

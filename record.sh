@@ -7,7 +7,8 @@
 #
 # Leading words NAME=value become environment variables of the command (exported verbatim, never evaluated).
 # The output dir is the last `--output_dir X` / `--output_dir=X` in the command (argparse keeps the last one),
-# else ./output_dir. The record holds a header (date, host, user, cwd, git commit and dirty state of the repo
+# else ./output_dir; an empty one (`--output_dir=`, "don't save") records into ./cli_logs.txt. The record holds
+# a header (date, host, user, cwd, git commit and dirty state of the repo
 # holding this script, env vars, the shell-quoted command), the command's stdout+stderr (also shown on the
 # terminal) and a footer with the exit status and elapsed time. Exits with the command's status; 2 on bad usage.
 # PYTHONUNBUFFERED=1 is set unless given, so Python output reaches the log and terminal as it is printed.
@@ -39,11 +40,17 @@ for ((i = 0; i < ${#args[@]}; i++)); do
             output_dir="${args[i]#--output_dir=}" ;;
     esac
 done
-if ! mkdir -p -- "$output_dir"; then
-    echo "record.sh: cannot create --output_dir $output_dir; fix the path or its permissions" >&2
-    exit 2
+if [[ -z "$output_dir" ]]; then
+    # `--output_dir=` / `--output_dir ''` tells the scripts not to save; the record still has to go somewhere
+    log="./cli_logs.txt"
+    echo "record.sh: --output_dir is empty (the run saves nothing); recording into $log" >&2
+else
+    if ! mkdir -p -- "$output_dir"; then
+        echo "record.sh: cannot create --output_dir $output_dir; fix the path or its permissions" >&2
+        exit 2
+    fi
+    log="$output_dir/cli_logs.txt"
 fi
-log="$output_dir/cli_logs.txt"
 
 script_dir="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
 

@@ -24,7 +24,9 @@ from util.amp import make_amp
 from util.args import add_common_args, explicit_flags, run_main
 from util.errors import UserError, check
 from util.knn import DEFAULT_KS, build_knn_loaders, clipped_ks, format_knn, knn_evaluate, knn_from_features
+from util.checkpoint import save_atomic
 from util.log import TensorBoard, append_json_log
+from util.rundir import new_run_id
 
 DEMO_DEFAULTS = demo_defaults('knn', training=False, batch_size=64)
 FEATURE_FILES = ('trainfeat.pth', 'trainlabels.pth', 'testfeat.pth', 'testlabels.pth')  # DINO's names
@@ -65,7 +67,19 @@ def load_features(path: str):
     if missing:
         raise UserError(f"--load_features {path}: missing {', '.join(os.path.basename(f) for f in missing)}; "
                         f"write them with --dump_features")
-    return [torch.load(f, map_location='cpu', weights_only=True) for f in files]
+    out = []
+    for f in files:
+        try:
+            t = torch.load(f, map_location='cpu', weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file means "not written by --dump_features"
+            raise UserError(f'--load_features {path}: {os.path.basename(f)} is not a saved tensor '
+                            f'({(str(e).strip().splitlines() or [type(e).__name__])[0][:120]}); write the features '
+                            f'again with --dump_features') from None
+        if not torch.is_tensor(t):
+            raise UserError(f'--load_features {path}: {os.path.basename(f)} holds a {type(t).__name__}, not a '
+                            f'tensor; write the features again with --dump_features')
+        out.append(t)
+    return out
 
 
 def encoder_for(args: argparse.Namespace):
@@ -97,8 +111,6 @@ def main(args: argparse.Namespace) -> None:
         shard = args.distributed and args.dist_eval
         train_l, val_l = build_knn_loaders(args.data_path, args.input_size, args.batch_size, args.num_workers, shard,
                                            args.pin_mem, args.bad_images)
-        check(train_l.dataset.classes == val_l.dataset.classes,
-              f'--data_path {args.data_path}: val/ class folders differ from train/; labels are folder indices')
         model.to(device).eval()
         amp = make_amp(device, args.amp if 'amp' in explicit_flags(args.argv) else 'none')
         pool = 'avg' if args.global_pool else 'token'
@@ -116,12 +128,13 @@ def main(args: argparse.Namespace) -> None:
         if dump is not None and du.is_main_process():
             os.makedirs(args.dump_features, exist_ok=True)
             for name, key in zip(FEATURE_FILES, ('train_f', 'train_y', 'val_f', 'val_y')):
-                torch.save(dump[key], os.path.join(args.dump_features, name))
+                save_atomic(dump[key], os.path.join(args.dump_features, name))
             du.print0(f'features written to {args.dump_features}')
     for line in clipped_ks(ks, n_train) + format_knn(results, ks):
         du.print0(line)
     append_json_log(args.output_dir, dict(results, source=source, epoch=epoch, n_train=n_train, n_val=n_val,
-                                          features='avg' if args.global_pool else 'cls', temperature=args.temperature))
+                                          features='avg' if args.global_pool else 'cls', temperature=args.temperature,
+                                          run_id=new_run_id()))
     tb = TensorBoard(args.log_dir)
     for k, v in results.items():
         tb.scalar(f'knn/{k}', v, epoch or 0)

@@ -25,12 +25,13 @@ from util import distributed as du
 from util.amp import fused_attention_report, make_amp, set_cuda_speed_flags
 from util.args import (add_arch_args, add_common_args, add_optim_args, apply_demo_defaults, check_output_dir,
                        explicit_flags, resolve_device_flag, run_main)
-from util.checkpoint import resolve_resume, restore_rng_state, save_checkpoint, warn_changed_flags
+from util.checkpoint import resolve_resume, restore_rng_state, resume_hint, save_checkpoint, warn_changed_flags
 from util.compile import check_toolchain, eager as compile_eager, stats as compile_stats
 from util.datasets import (build_dataset, build_loader, check_min_images, eval_transform, pretrain_transform,
                            seed_loader_epoch)
 from util.errors import UserError
-from util.log import TensorBoard, append_json_log, trim_json_log
+from util.log import TensorBoard, epoch_record, trim_json_log
+from util.rundir import claim_run, lock_output_dir
 from util.signals import GracefulStop
 from util.lr_sched import WarmupCosine, absolute_lr, steps_per_epoch
 from util.vis import fixed_batch, render_stages
@@ -146,14 +147,6 @@ def prepare_args(args: argparse.Namespace) -> None:
                         f'post-warm-up span)')
     if args.prefetch_factor is not None and (args.prefetch_factor < 1 or args.num_workers < 1):
         raise UserError(f'--prefetch_factor {args.prefetch_factor}: needs a value >= 1 and --num_workers >= 1')
-    if args.batch_size < 1:
-        raise UserError(f'--batch_size {args.batch_size}: must be >= 1')
-    if args.accum_iter < 1:
-        raise UserError(f'--accum_iter {args.accum_iter}: must be >= 1')
-    if args.epochs < 1:
-        raise UserError(f'--epochs {args.epochs}: must be >= 1')
-    if not 0.0 <= args.mask_ratio < 1.0:
-        raise UserError(f'--mask_ratio {args.mask_ratio}: must be in [0, 1)')
 
 
 def build_model(args: argparse.Namespace) -> models_mim.LocalMIM:
@@ -171,6 +164,7 @@ def main(args: argparse.Namespace) -> None:
     device = du.init_distributed_mode(args)
     if args.output_dir and not args.plan_only:
         check_output_dir(args.output_dir)
+        lock_output_dir(args.output_dir)  # held until exit: one run per folder at a time
     cuda_flags = set_cuda_speed_flags(device, args.tf32, args.cudnn_benchmark)
     if args.compile and not args.plan_only:
         check_toolchain(args.compile_backend, device)  # one line now, not a traceback after the first batch
@@ -182,6 +176,7 @@ def main(args: argparse.Namespace) -> None:
     loader = build_loader(dataset, args.batch_size, shuffle=True, drop_last=True, num_workers=args.num_workers,
                           pin_mem=args.pin_mem, seed=args.seed, distributed=args.distributed,
                           world_size=du.get_world_size(), rank=du.get_rank(), prefetch_factor=args.prefetch_factor)
+    knn = _knn_setup(args, device) if args.knn_eval_freq > 0 and not args.plan_only else None  # data checked now
     spe = steps_per_epoch(len(loader), args.accum_iter, 5 if args.debug else None)
     if spe < 1:
         raise UserError(f'--accum_iter {args.accum_iter}: an epoch has only {len(loader)} batches of '
@@ -248,6 +243,7 @@ def main(args: argparse.Namespace) -> None:
     state = PretrainState(model=model, model_without_ddp=model, optimizer=optimizer, amp=amp,
                           lr_control=lr_control, steps_per_epoch=spe, total_steps=total_steps, rewrap=rewrap)
     resumed = resolve_resume(args)
+    claim_run(args, resumed)  # before anything is written: refuses to mix runs in one folder
     if resumed:
         path, ckpt = resumed
         warn_changed_flags(ckpt.get('args', {}), args)
@@ -290,7 +286,6 @@ def main(args: argparse.Namespace) -> None:
     state.model = rewrap() if args.distributed else state.model
 
     log_writer = TensorBoard(args.log_dir)
-    knn = _knn_setup(args, device) if args.knn_eval_freq > 0 else None
     vis_batch = _vis_batch(args, device) if (log_writer and args.vis_freq > 0) else None
     init_knn = {}
     if knn is not None and args.knn_at_init and args.start_epoch == 0:
@@ -300,7 +295,7 @@ def main(args: argparse.Namespace) -> None:
     du.print0(f'Start training for {args.epochs} epochs (from epoch {args.start_epoch})')
     start = time.time()
     saving = {'base_step_time': None, 'time': 0.0, 'steps': 0}
-    trim_json_log(args.output_dir, args.start_epoch - 1)  # records of epochs redone now (written after the checkpoint)
+    trim_json_log(args.output_dir, args.start_epoch - 1, run_id=args.run_id)  # epochs redone now (logged, not saved)
     warned_data_bound = False  # the data-bound note is printed once per run
     stop = GracefulStop().start()  # SIGINT/SIGTERM: stop at a micro-batch boundary, keep checkpoint-last as is
     for epoch in range(args.start_epoch, args.epochs):
@@ -332,13 +327,13 @@ def main(args: argparse.Namespace) -> None:
         if note:
             du.print0(note)
             warned_data_bound = True
-        append_json_log(args.output_dir, record)
         numbered = (epoch % args.save_freq == 0) or (epoch + 1 == args.epochs)
-        save_checkpoint(args.output_dir, epoch, {
-            'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-            'scaler': amp.scaler.state_dict() if amp.scaler is not None else None, 'step': state.global_step,
-            'freezeout': freezer.state_dict() if freezer is not None else {},
-        }, args, numbered=numbered)
+        with epoch_record(args.output_dir, record, args.run_id):  # a failed save takes its record back out
+            save_checkpoint(args.output_dir, epoch, {
+                'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                'scaler': amp.scaler.state_dict() if amp.scaler is not None else None, 'step': state.global_step,
+                'freezeout': freezer.state_dict() if freezer is not None else {},
+            }, args, numbered=numbered)
         lrs = [g['lr'] for g in optimizer.param_groups]
         du.print0(f'epoch {epoch}: loss {stats["loss"]:.4f}  lr {min(lrs):.2e}..{max(lrs):.2e}  '
                   f'frozen units {freezer.num_frozen if freezer else 0}  {stats["img_per_s"]:.1f} img/s  '
@@ -514,7 +509,8 @@ def _knn_setup(args, device):
     data_path = args.knn_data_path or args.data_path
     train_loader, val_loader = build_knn_loaders(data_path, args.input_size, args.batch_size, args.num_workers,
                                                  shard=args.distributed, pin_mem=args.pin_mem,
-                                                 bad_images=args.bad_images)
+                                                 bad_images=args.bad_images,
+                                                 flag='--knn_data_path' if args.knn_data_path else '--data_path')
     ks = [k for k in DEFAULT_KS if k <= len(train_loader.dataset)] or [len(train_loader.dataset)]
 
     def run(mim_model) -> dict:
@@ -533,6 +529,6 @@ if __name__ == '__main__':
         try:
             main(args)
         except NonFiniteLoss as e:
-            print(f'error: {e}', file=sys.stderr, flush=True)
+            print(f'error: {e}. {resume_hint(args)}', file=sys.stderr, flush=True)
             sys.exit(3)
     run_main(_main, get_args_parser())

@@ -163,9 +163,9 @@ def assert_same_run(ref: Path, out: Path) -> None:
 
 
 def snapshot(d: Path) -> Dict[str, str]:
-    """name -> sha256 of every file under ``d``."""
+    """name -> sha256 of every file under ``d`` but the folder lock (present only while a run holds the folder)."""
     return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob('*'))
-            if p.is_file()}
+            if p.is_file() and p.name != '.vitfreeze.lock'}
 
 
 def free_port() -> int:

@@ -299,8 +299,8 @@ def test_auto_resume_never_replaces_an_explicit_finetune(tmp_path, single_thread
     assert r.returncode == 2 and len(lines) == 1 and 'Traceback' not in r.stderr, r.stderr[-3000:]
     assert lines[0] == (f'error: --output_dir {out} holds a run started with --finetune {tmp_path / "a.pth"} '
                         f'({last}, epoch 0), but this command asks for --finetune {tmp_path / "b.pth"}; to continue '
-                        f'that run pass --resume {last}, to start this one pass --no_auto_resume or a new '
-                        f'--output_dir'), lines[0]
+                        f'that run pass --resume {last}, to start this one pass a new --output_dir (or '
+                        f'--no_auto_resume --overwrite, which moves that run aside)'), lines[0]
     assert _snapshot(out) == before
     rc, stdout, err = cli('run_finetune.py', [*first, '--epochs', '2', '--input_size', '48'])
     assert rc == 2 and re.search(r'^error: .*started with --input_size 32 .*asks for --input_size 48;', err, re.M), err

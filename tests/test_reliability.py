@@ -9,7 +9,10 @@ The tests live in one file per thing they protect:
 helpers, fault-injection hooks and the shared reference runs: ``reliability_common.py``, ``hooks/sitecustomize.py``.
 
 ``python tests/test_reliability.py --table`` runs every bad-input case of :data:`TABLE` and prints the message table
-(markdown). To add cases, append ``(module name, cases dict name, runner name, context keys)`` to :data:`TABLE`:
+(markdown), then the flag-domain walk of ``test_flag_domains.py`` (every out-of-domain value of every flag of every
+script, with its exact message).
+
+To add cases, append ``(module name, cases dict name, runner name, context keys)`` to :data:`TABLE`:
 the runner is called as ``runner(case, tmp_dir, *[context[k] for k in keys])`` and returns
 ``(CompletedProcess, pattern, output_dir, snapshot_before, [script, *flags])``; context holds ``demo`` (the demo
 data), ``ref`` (a finished 3-epoch FreezeOut pre-training dir), ``existing`` (an output_dir after epoch 0) and
@@ -64,6 +67,8 @@ def print_table() -> None:
                     msg, flags = msg.replace(str(path), name), flags.replace(str(path), name)
                 same = 'unchanged' if not out.exists() or snapshot(out) == before else 'CHANGED'
                 print(f'| {case} | `{flags}` | {r.returncode} | `{msg}` ({same}) |', flush=True)
+        from test_flag_domains import print_walk_table  # every flag of every script against its domain
+        print_walk_table(tmp)
 
 
 if __name__ == '__main__' and '--table' in sys.argv:

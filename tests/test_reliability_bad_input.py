@@ -194,8 +194,8 @@ def _few_val(tmp: Path, demo: Path) -> Path:
     return tmp / 'fewval'
 
 
-# id -> (script, builder(tmp, demo, evaluated) -> extra args, expected regex). Run with --no_auto_resume unless
-# the case is about --resume (run_knn.py has no resume flags), in an output_dir holding a fine-tuning
+# id -> (script, builder(tmp, demo, evaluated) -> extra args, expected regex). Run with --no_auto_resume
+# --overwrite unless the case is about --resume (run_knn.py has no resume flags), in an output_dir holding a fine-tuning
 # checkpoint-last.pth and log.txt.
 EVAL_BAD_INPUTS = {
     'finetune_other_architecture': ('run_finetune.py', lambda t, d, e: ['--finetune', e['pre'], '--embed_dim', '32'],
@@ -223,7 +223,7 @@ def run_eval_bad_input(case: str, tmp: Path, demo: Path, evaluated_dirs: Dict[st
     extra = [str(a) for a in build(tmp, demo, evaluated_dirs)]
     args = [*EVAL, '--data_path', str(demo), '--output_dir', str(out), *extra]
     if '--resume' not in extra and script != 'run_knn.py':  # k-NN trains nothing: no resume flags
-        args.append('--no_auto_resume')
+        args += ['--no_auto_resume', '--overwrite']  # from scratch over a folder with a checkpoint (moved at 1st write)
     r = run(script, args, timeout=120)
     return r, pattern, out, before, [script, *extra]
 

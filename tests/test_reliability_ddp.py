@@ -52,7 +52,8 @@ def test_ddp_two_processes_freezeout(launcher: str, schedule: str, demo_root: Pa
     assert events == ([4, 5] if schedule == 'vitfreeze' else [2, 3, 4, 5])  # 2 + 4 t_i, resp. 6 t_i, rounded up
     assert r.stdout.count('| distributed init (rank') == 2
     # only rank 0 writes: one log record per epoch, one set of checkpoints, no stray temp files
-    assert sorted(os.listdir(out)) == ['checkpoint-0.pth', 'checkpoint-2.pth', 'checkpoint-last.pth', 'log.txt']
+    assert sorted(os.listdir(out)) == ['checkpoint-0.pth', 'checkpoint-2.pth', 'checkpoint-last.pth', 'log.txt',
+                                       'run.json']
     recs = logged(out)
     assert [x['epoch'] for x in recs] == [0, 1, 2] and recs[-1]['frozen_units'] >= 2
     for rec in recs:  # each epoch's per-unit LR is the schedule's at the next step (vitfreeze epoch 0: the jump)

@@ -50,7 +50,7 @@ def test_sigterm_during_save_finishes_the_save_then_stops_and_resumes_exactly(re
     assert (f'interrupted by SIGTERM at epoch 1 iteration 0; last checkpoint: {last} (epoch 0); rerun the same '
             f'command to resume') in p.output, p.output
     assert 'Traceback' not in p.output
-    assert sorted(os.listdir(out)) == ['checkpoint-0.pth', 'checkpoint-last.pth', 'log.txt']  # no temp file left
+    assert sorted(os.listdir(out)) == ['checkpoint-0.pth', 'checkpoint-last.pth', 'log.txt', 'run.json']  # no temp
     assert load(out / 'checkpoint-last.pth')['epoch'] == 0
     assert len(logged(out)) == 1
     r = run('run_pretrain.py', args)
@@ -104,20 +104,21 @@ def test_sigkill_during_save_leaves_no_truncated_checkpoint(reference: Path, dem
     # checkpoint-0.pth is complete in its temp file only; kill now: no final name may hold a partial file
     p.send(signal.SIGKILL)
     assert p.wait() == -signal.SIGKILL
-    names = sorted(os.listdir(out))
-    assert names == ['.checkpoint-0.pth.tmp-%d' % p.p.pid, 'log.txt'], names
+    names = sorted(os.listdir(out))  # the lock file stays too (stale: its process is gone)
+    assert names == ['.checkpoint-0.pth.tmp-%d' % p.p.pid, '.vitfreeze.lock', 'log.txt', 'run.json'], names
     # a second run, killed while writing checkpoint-last.pth (checkpoint-0.pth is then complete)
     p = Proc([PY, REPO / 'run_pretrain.py', *args], VITFREEZE_TEST_PAUSE_IN_SAVE='2')
     p.wait_for(r'\[test hook\] pausing .* inside save of .*checkpoint-last\.pth')
     p.send(signal.SIGKILL)
     assert p.wait() == -signal.SIGKILL
     names = sorted(n for n in os.listdir(out) if not n.startswith('.'))
-    assert names == ['checkpoint-0.pth', 'log.txt'], names
+    assert names == ['checkpoint-0.pth', 'log.txt', 'run.json'], names
     assert any(n.startswith('.checkpoint-last.pth.tmp-') for n in os.listdir(out))
     for f in out.glob('checkpoint-*.pth'):
         load(f)  # everything under a final name loads
     # log.txt: each killed run logged epoch 0 (its record precedes its checkpoint); the second one, starting
-    # afresh, first dropped the first run's record, so every epoch is logged once
+    # afresh under the same run id (the first never finished a checkpoint), first dropped the first run's record,
+    # so every epoch is logged once
     assert [x['epoch'] for x in logged(out)] == [0]
     (out / 'checkpoint-9.pth').write_bytes((out / 'checkpoint-0.pth').read_bytes()[:100_000])  # truncated
     r = run('run_pretrain.py', [*args, '--keep_last', '1'])
@@ -126,7 +127,7 @@ def test_sigkill_during_save_leaves_no_truncated_checkpoint(reference: Path, dem
     assert f'Auto resume checkpoint: {out / "checkpoint-0.pth"}' in r.stdout
     assert_same_run(reference, out)
     assert sorted(n for n in os.listdir(out) if not n.startswith('.')) == \
-        ['checkpoint-2.pth', 'checkpoint-last.pth', 'log.txt']
+        ['checkpoint-2.pth', 'checkpoint-last.pth', 'log.txt', 'run.json']
 
 
 

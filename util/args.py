@@ -6,7 +6,9 @@ Each script keeps its own method flags in its ``get_args_parser()`` and adds onl
 string says otherwise.
 """
 import argparse
+import math
 import os
+import re
 import sys
 from typing import Dict, Iterable, List, Optional
 
@@ -104,7 +106,11 @@ def add_checkpoint_args(parser: argparse.ArgumentParser, save_freq: int) -> None
     g.add_argument('--auto_resume', action='store_true', default=True,
                    help='resume from the newest loadable checkpoint in --output_dir (default: on)')
     g.add_argument('--no_auto_resume', action='store_false', dest='auto_resume',
-                   help='start from scratch even if --output_dir holds checkpoints')
+                   help='start from scratch; refused if --output_dir holds checkpoints, unless --overwrite')
+    g.add_argument('--overwrite', action='store_true',
+                   help='starting from scratch in an --output_dir that holds checkpoints of another run: move them '
+                        '(and log.txt, run.json) into <output_dir>/previous-<UTC time>/ instead of refusing to start '
+                        '(default: off)')
     g.add_argument('--start_epoch', default=0, type=int, metavar='N',
                    help='first epoch (overwritten by the checkpoint when resuming) (default: 0)')
     g.add_argument('--save_freq', default=save_freq, type=int,
@@ -164,7 +170,21 @@ def run_main(main, parser: argparse.ArgumentParser) -> None:
         sys.exit(2)
     parser.error = _one_line_error
     args = parser.parse_args(argv)
+    check_flags(args, parser, argv)
     args.argv = argv
+    from util import signals
+    old_handlers = signals.install_default_handlers()
+    try:
+        _run_guarded(main, args)
+    finally:  # in-process callers (tests) get their signal handlers back and the output folder unlocked
+        import signal as _signal
+        from util import rundir
+        rundir.release_all()
+        for s, h in old_handlers.items():
+            _signal.signal(s, h)
+
+
+def _run_guarded(main, args: argparse.Namespace) -> None:
     from util import signals
     try:
         main(args)
@@ -199,3 +219,228 @@ def one_line(msg: str) -> str:
         last = [l for l in msg.strip().splitlines() if l.strip()][-1]
         return last.split('UserError: ', 1)[-1]
     return msg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flag domains: the one place where every numeric flag's valid range is declared and checked, at parse time, before
+# any work (no data scan, no model, no file written). A numeric flag added to a script without an entry here fails
+# tests/test_flag_domains.py. The same name means the same quantity in every script, so one table serves them all.
+
+_INF = float('inf')
+
+
+class Domain:
+    """Valid values of one numeric flag: a (half-)open or closed interval, integer or real; None passes (unset)."""
+
+    def __init__(self, kind: type, lo: float = -_INF, hi: float = _INF, lo_open: bool = False,
+                 hi_open: bool = False):
+        self.kind, self.lo, self.hi, self.lo_open, self.hi_open = kind, lo, hi, lo_open, hi_open
+
+    def describe(self) -> str:
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else repr(x)
+        finite = ' and finite' if self.kind is float else ''
+        if self.lo > -_INF and self.hi < _INF:
+            return f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
+        if self.lo > -_INF:
+            return f"{'>' if self.lo_open else '>='} {num(self.lo)}{finite}"
+        if self.hi < _INF:
+            return f"{'<' if self.hi_open else '<='} {num(self.hi)}{finite}"
+        return 'finite'
+
+    def contains(self, v: float) -> bool:
+        if self.kind is float and not math.isfinite(v):
+            return False
+        if v < self.lo or (self.lo_open and v == self.lo):
+            return False
+        return not (v > self.hi or (self.hi_open and v == self.hi))
+
+    def bad_values(self) -> List[str]:
+        """Out-of-domain command-line values (for the flag-domain walk in the tests)."""
+        bad = []
+        if self.lo > -_INF:
+            bad.append(str(self.kind(self.lo) if self.lo_open else self.kind(self.lo - 1)))
+        if self.hi < _INF:
+            bad.append(str(self.kind(self.hi) if self.hi_open else self.kind(self.hi + 1)))
+        bad.append('nan' if self.kind is float else '1.5')
+        return bad
+
+
+def _int(lo: float = -_INF, hi: float = _INF) -> Domain:
+    return Domain(int, lo, hi)
+
+
+def _real(lo: float = -_INF, hi: float = _INF, lo_open: bool = False, hi_open: bool = False) -> Domain:
+    return Domain(float, lo, hi, lo_open, hi_open)
+
+
+_PROB = _real(0.0, 1.0)
+FLAG_DOMAINS: Dict[str, Domain] = {
+    # optimisation
+    'batch_size': _int(1), 'epochs': _int(1), 'accum_iter': _int(1), 'warmup_epochs': _int(0),
+    'start_epoch': _int(0), 'lr': _real(0.0, lo_open=True), 'blr': _real(0.0, lo_open=True), 'min_lr': _real(0.0),
+    'weight_decay': _real(0.0), 'layer_decay': _real(0.0, 1.0, lo_open=True), 'clip_grad': _real(0.0, lo_open=True),
+    # model
+    'input_size': _int(1, 8192), 'patch_size': _int(1, 8192), 'embed_dim': _int(1), 'depth': _int(1),
+    'num_heads': _int(1), 'mask_ratio': _real(0.0, 1.0, hi_open=True), 'hog_nbins': _int(1, 180),
+    'drop_path': _real(0.0, 1.0, hi_open=True), 'nb_classes': _int(1),
+    # FreezeOut
+    't_0': _real(0.0, 1.0, lo_open=True), 'freeze_earliest': _real(0.0, 1.0, hi_open=True), 'freeze_window': _int(1),
+    'freeze_threshold': _real(0.0, 1.0, lo_open=True), 'freeze_patience': _int(1), 'freeze_tail': _int(0),
+    # augmentation
+    'color_jitter': _real(0.0), 'smoothing': _real(0.0, 1.0, hi_open=True), 'reprob': _PROB, 'recount': _int(1),
+    'mixup': _real(0.0), 'cutmix': _real(0.0), 'cutmix_minmax': _real(0.0, 1.0), 'mixup_prob': _PROB,
+    'mixup_switch_prob': _PROB,
+    # evaluation
+    'knn_eval_freq': _int(0), 'vis_freq': _int(0), 'vis_images': _int(1), 'nb_knn': _int(1),
+    'temperature': _real(0.0, lo_open=True),
+    # runtime, checkpoints, distributed (numpy seeds are 32-bit and each rank uses seed + rank)
+    'seed': _int(0, 2 ** 31 - 1), 'save_freq': _int(1), 'keep_last': _int(0), 'num_workers': _int(0, 1024),
+    'world_size': _int(1), 'local_rank': _int(-1), 'prefetch_factor': _int(1),
+}
+
+_DEVICE = re.compile(r'^(cpu|cuda(:\d+)?|mps)$')
+
+
+def _choice(flag: str, value: str, allowed: Iterable[str]) -> Optional[str]:
+    allowed = list(allowed)
+    return None if value in allowed else f"{flag} {value!r}: must be one of {', '.join(allowed)}"
+
+
+def _check_aa(flag: str, value: str) -> Optional[str]:
+    """The timm policy string must parse (else the first training batch raises deep inside timm)."""
+    if value in (None, '', 'none', 'None'):
+        return None
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+    build = {'rand': rand_augment_transform, 'augmix': augment_and_mix_transform}.get(value.split('-')[0],
+                                                                                       auto_augment_transform)
+    try:
+        build(value, {'translate_const': 100, 'img_mean': (124, 116, 104)})
+    except Exception:  # noqa: BLE001 - timm raises AssertionError/KeyError/ValueError for unknown policies
+        return (f"{flag} {value!r}: not a timm auto-augment policy; use e.g. rand-m9-mstd0.5-inc1, "
+                f"original, v0, augmix-m5-w4-d2 or none")
+    return None
+
+
+def _check_stage_weights(flag: str, value: str) -> Optional[str]:
+    if value in ('equal', '4321', '1overk'):
+        return None
+    try:
+        w = [float(x) for x in value.split(',') if x.strip()]
+    except ValueError:
+        return f"{flag} {value!r}: must be equal, 4321, 1overk or a comma list of numbers"
+    if not w or any(not math.isfinite(x) or x < 0 for x in w) or not any(x > 0 for x in w):
+        return f"{flag} {value!r}: weights must be finite and >= 0, and not all 0"
+    return None
+
+
+# String flags with a fixed vocabulary or syntax that argparse ``choices`` do not already express.
+STRING_DOMAINS = {
+    'device': lambda f, v: None if _DEVICE.match(v) else f'{f} {v!r}: must be cpu, cuda, cuda:N or mps',
+    'mixup_mode': lambda f, v: _choice(f, v, ('batch', 'pair', 'elem')),
+    'remode': lambda f, v: _choice(f, v, ('pixel', 'rand', 'const')),
+    'aa': _check_aa,
+    'stage_weights': _check_stage_weights,
+}
+
+
+def numeric_actions(parser: argparse.ArgumentParser) -> List[argparse.Action]:
+    """The parser's options whose values are numbers (``type=int``/``float``, any ``nargs``)."""
+    return [a for a in parser._actions if a.option_strings and a.type in (int, float)]
+
+
+def domain_errors(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                  argv: Optional[List[str]] = None) -> List[str]:
+    """Every violated domain or cross-flag rule, as one message each (naming flag, value and valid range).
+
+    A cross-flag rule is checked when the flag it names was typed (``argv``; None: always): a default that only
+    disagrees with another flag (``--epochs 1`` against the default 40 warm-up epochs, ``--demo`` values applied
+    later) is the script's business, not a user error.
+    """
+    errors = []
+    for a in parser._actions:
+        if not a.option_strings or not hasattr(args, a.dest):
+            continue
+        flag, value = a.option_strings[0], getattr(args, a.dest)
+        if value is None or isinstance(value, bool):
+            continue
+        if a.type in (int, float):
+            dom = FLAG_DOMAINS.get(a.dest)
+            if dom is None:
+                errors.append(f'{flag}: no domain declared in util/args.FLAG_DOMAINS (a bug, please report it)')
+                continue
+            for v in (value if isinstance(value, (list, tuple)) else [value]):
+                if not dom.contains(v):
+                    errors.append(f'{flag} {v}: must be {dom.describe()}')
+                    break
+        elif a.dest in STRING_DOMAINS and isinstance(value, str):
+            msg = STRING_DOMAINS[a.dest](flag, value)
+            if msg:
+                errors.append(msg)
+    errors += _relation_errors(args, None if argv is None else set(explicit_flags(argv)))
+    return errors
+
+
+def _relation_errors(args: argparse.Namespace, typed: Optional[set] = None) -> List[str]:
+    """Rules between flags (each side already in its domain), for the flags in ``typed`` (None: all)."""
+    def _given(*names: str) -> bool:
+        return (typed is None or names[0] in typed) and all(getattr(args, n, None) is not None for n in names)
+    out = []
+    if _given('warmup_epochs', 'epochs') and args.warmup_epochs > args.epochs:
+        out.append(f'--warmup_epochs {args.warmup_epochs}: must be in [0, --epochs {args.epochs}]')
+    if _given('start_epoch', 'epochs') and args.start_epoch >= args.epochs:
+        out.append(f'--start_epoch {args.start_epoch}: must be in [0, --epochs {args.epochs}) (epochs are 0-based)')
+    if _given('num_heads', 'embed_dim') and args.embed_dim % args.num_heads:
+        out.append(f'--num_heads {args.num_heads}: must divide --embed_dim {args.embed_dim}')
+    mm = getattr(args, 'cutmix_minmax', None)
+    if mm is not None and (len(mm) != 2 or not mm[0] < mm[1]):
+        out.append(f"--cutmix_minmax {' '.join(map(str, mm))}: must be two numbers MIN MAX with 0 <= MIN < MAX <= 1")
+    return out
+
+
+def path_errors(args: argparse.Namespace) -> List[str]:
+    """Paths that cannot work, found before any work starts (existence of inputs, kind of outputs)."""
+    out = []
+
+    def blocked_by_file(path: str) -> Optional[str]:
+        """The first existing non-directory on the way to ``path`` (``path`` itself included)."""
+        p = os.path.abspath(path)
+        while True:
+            if os.path.exists(p):
+                return None if os.path.isdir(p) else p
+            parent = os.path.dirname(p)
+            if parent == p:
+                return None
+            p = parent
+
+    for dest in ('output_dir', 'log_dir', 'dump_features'):
+        path = getattr(args, dest, None)
+        if path:
+            f = blocked_by_file(path)
+            if f:
+                out.append(f'--{dest} {path}: cannot create directory ({f} is a file); choose another --{dest}')
+    for dest in ('resume', 'finetune'):
+        path = getattr(args, dest, None)
+        if path and not os.path.isfile(path):
+            out.append(f'--{dest} {path}: ' + ('is a directory, not a checkpoint file' if os.path.isdir(path)
+                                               else 'file not found'))
+    lf = getattr(args, 'load_features', None)
+    if lf and not os.path.isdir(lf):
+        out.append(f'--load_features {lf}: ' + ('is a file; pass the directory written by --dump_features'
+                                                if os.path.exists(lf) else 'directory not found'))
+    out_dir = getattr(args, 'output_dir', None)
+    if out_dir and os.path.isdir(out_dir):
+        for name in ('checkpoint-last.pth', 'log.txt'):
+            p = os.path.join(out_dir, name)
+            if os.path.lexists(p) and not os.path.isfile(p):
+                out.append(f'--output_dir {out_dir}: {p} is not a regular file; move it away or choose another '
+                           f'--output_dir')
+    return out
+
+
+def check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> None:
+    """Domains, cross-flag rules and paths, before ``main`` runs: the first problem as one ``error:`` line, exit 2."""
+    problems = domain_errors(args, parser, argv) + path_errors(args)
+    if problems:
+        print(f'error: {problems[0]}', file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -2,11 +2,14 @@
 
 Every checkpoint we write is a dict of tensors and plain Python values only, so ``torch.load(path,
 weights_only=True)`` loads it and loading never executes code from the file. Keys:
-``model, optimizer, scaler, epoch, step, args (dict), rng, version`` plus whatever the caller adds (e.g.
-``freezeout``). ``epoch`` is the last *finished* epoch (MAE convention: resume starts at ``epoch + 1``).
+``model, optimizer, scaler, epoch, step, args (dict), rng, version, run_id, checksum`` plus whatever the caller
+adds (e.g. ``freezeout``). ``epoch`` is the last *finished* epoch (MAE convention: resume starts at ``epoch + 1``).
+``checksum`` is ``sha256:<hex>`` of every other key (tensor bytes included, see :func:`state_digest`): torch's zip
+reader does not verify its CRCs, so damaged tensor bytes would otherwise load silently and train to NaN.
 """
 import argparse
 import glob
+import hashlib
 import os
 import random
 import re
@@ -20,7 +23,17 @@ from util import distributed as du
 from util import signals
 from util.errors import UserError
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: run_id and checksum
+
+
+class CheckpointWriteError(signals.TrainingStopped):
+    """A checkpoint (or its log record) could not be written; the previous checkpoint is intact."""
+    exit_code = 1
+
+
+class NonFiniteWeights(signals.TrainingStopped):
+    """The weights about to be saved hold NaN/inf; nothing is saved."""
+    exit_code = 3
 LAST_NAME = 'checkpoint-last.pth'
 _NUMBERED = re.compile(r'^checkpoint-(\d+)\.pth$')
 
@@ -75,10 +88,13 @@ def save_atomic(obj: Dict[str, Any], path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp-{os.getpid()}')
     try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, 'wb') as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as e:  # torch wraps the OSError of a full disk / size limit in a RuntimeError
+            raise CheckpointWriteError(f'cannot write {path}: {_cause(e)}') from None
         pause = float(os.environ.get('VITFREEZE_TEST_PAUSE_IN_SAVE', '0') or 0)
         if pause > 0:
             print(f'[test hook] pausing {pause}s inside save of {path}', flush=True)
@@ -97,10 +113,62 @@ def save_atomic(obj: Dict[str, Any], path: str) -> None:
         pass
 
 
+def _cause(e: BaseException) -> str:
+    """The OS-level reason of a failed write (``File too large``, ``No space left on device``), else the message."""
+    x: Optional[BaseException] = e
+    while x is not None:
+        if isinstance(x, OSError) and x.strerror:
+            return x.strerror
+        x = x.__cause__ or x.__context__
+    return (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+
+
+def state_digest(obj: Any) -> str:
+    """``sha256:<hex>`` of a checkpoint's content: structure, plain values, and every tensor's dtype, shape and bytes.
+
+    Keys of dicts are visited in sorted order and lists/tuples alike, so the digest survives a save/load round trip.
+    """
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach()
+            h.update(f'T{t.dtype}{tuple(t.shape)};'.encode())
+            if t.numel():
+                h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        elif isinstance(x, dict):
+            h.update(b'{')
+            for k in sorted(x, key=repr):
+                feed(k)
+                feed(x[k])
+            h.update(b'}')
+        elif isinstance(x, (list, tuple)):
+            h.update(b'[')
+            for v in x:
+                feed(v)
+            h.update(b']')
+        else:
+            h.update(repr(x).encode() + b';')
+    feed({k: v for k, v in obj.items() if k != 'checksum'} if isinstance(obj, dict) else obj)
+    return 'sha256:' + h.hexdigest()
+
+
+def _to_cpu(x: Any) -> Any:
+    """A copy of the state with every tensor on the CPU (one device-to-host copy, shared by digest and save)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_cpu(v) for v in x)
+    return x
+
+
 def load_checkpoint(path: str, flag: str = '--resume') -> Dict[str, Any]:
     """Load a checkpoint safely (weights only) or raise a one-line UserError naming ``flag`` and the file."""
     if not os.path.isfile(path):
-        raise UserError(f'{flag} {path}: file not found')
+        raise UserError(f'{flag} {path}: ' + ('is a directory, not a checkpoint file' if os.path.isdir(path)
+                                              else 'file not found'))
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means "not a usable checkpoint"
@@ -112,6 +180,9 @@ def load_checkpoint(path: str, flag: str = '--resume') -> Dict[str, Any]:
         raise UserError(f'{flag} {path}: not a readable checkpoint, truncated or corrupt? ({msg[:160]})') from None
     if not isinstance(ckpt, dict):
         raise UserError(f'{flag} {path}: not a checkpoint (expected a dict, got {type(ckpt).__name__})')
+    if isinstance(ckpt.get('checksum'), str) and state_digest(ckpt) != ckpt['checksum']:
+        raise UserError(f'{flag} {path}: checksum mismatch: the file was damaged after it was written (its content '
+                        f'differs from what was saved); use an earlier checkpoint')
     return ckpt
 
 
@@ -129,13 +200,24 @@ def checkpoint_candidates(output_dir: str) -> List[Tuple[int, str]]:
 
 
 def find_resumable(output_dir: str) -> Optional[Tuple[str, Dict[str, Any]]]:
-    """The newest checkpoint in ``output_dir`` that loads, as ``(path, ckpt)``; says which ones it skipped and why."""
+    """The newest checkpoint of this folder's run that loads, as ``(path, ckpt)``; says which it skipped and why.
+
+    The folder's run is the one in ``run.json`` (else that of ``checkpoint-last.pth``); a checkpoint recording
+    another run id (copied in, or left by another run) is never picked.
+    """
+    from util.rundir import folder_run_id
+    run = folder_run_id(output_dir)
     best: Optional[Tuple[str, Dict[str, Any]]] = None
     for _, path in checkpoint_candidates(output_dir):
         try:
             ckpt = load_checkpoint(path, flag='--auto_resume')
             if 'model' not in ckpt or 'epoch' not in ckpt:
                 raise UserError(f'--auto_resume {path}: no model/epoch keys')
+            other = ckpt.get('run_id')
+            if run is None and other:
+                run = other  # no run.json (older folder): the newest loadable checkpoint defines the run
+            if other and other != run:
+                raise UserError(f'it belongs to run {other}, not to run {run} of this folder')
         except UserError as e:
             du.print0(f'auto-resume: skipping {path}: {e}')
             continue
@@ -154,17 +236,61 @@ def save_checkpoint(output_dir: str, epoch: int, state: Dict[str, Any], args: ar
     """
     if not output_dir or not du.is_main_process():
         return []
-    obj = dict(state)
-    obj.update(epoch=epoch, args=args_to_dict(args), rng=capture_rng_state(), version=CHECKPOINT_VERSION)
+    check_finite_weights(state.get('model') or {}, epoch, args)
+    obj = _to_cpu(dict(state))
+    obj.update(epoch=epoch, args=args_to_dict(args), rng=capture_rng_state(), version=CHECKPOINT_VERSION,
+               run_id=getattr(args, 'run_id', None))
+    obj['checksum'] = state_digest(obj)
     paths = [os.path.join(output_dir, f'checkpoint-{epoch}.pth')] if numbered else []
     paths.append(os.path.join(output_dir, LAST_NAME))
-    for p in paths:
-        save_atomic(obj, p)
+    done: List[str] = []
+    try:
+        for p in paths:
+            save_atomic(obj, p)
+            done.append(p)
+    except CheckpointWriteError as e:
+        for p in done:  # all or nothing per epoch: a numbered file without its log record would be resumed from
+            os.remove(p)
+        last = signals.last_checkpoint()
+        kept = f"{last['path']} (epoch {last.get('epoch')}) is kept" if last.get('path') else 'no checkpoint exists yet'
+        raise CheckpointWriteError(f'{e}; epoch {epoch} was neither saved nor logged, {kept}; free space or raise '
+                                   f'the limit, then rerun the same command to resume') from None
     signals.note_checkpoint(paths[-1], epoch)
     keep = getattr(args, 'keep_last', 0) or 0
     if keep > 0:
         prune_numbered(output_dir, keep, protect=paths)
     return paths
+
+
+def check_finite_weights(model_state: Dict[str, Any], epoch: int, args: argparse.Namespace) -> None:
+    """Refuse to save NaN/inf weights (one host sync per save): they would replace the last good checkpoint."""
+    floats = [(k, v) for k, v in model_state.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not floats:
+        return
+    ok = torch.stack([torch.isfinite(v).all() for _, v in floats])
+    if bool(ok.all()):
+        return
+    bad = [k for (k, _), good in zip(floats, ok.tolist()) if not good]
+    raise NonFiniteWeights(f"weights are not finite after epoch {epoch} (NaN/inf in {', '.join(bad[:3])}"
+                           f"{', ...' if len(bad) > 3 else ''}); not saving them. {resume_hint(args)}")
+
+
+def resume_hint(args: argparse.Namespace) -> str:
+    """Which checkpoint to resume from after a divergence, and with what learning rate (half the current one)."""
+    explicit = 'lr' in [a[2:].split('=', 1)[0] for a in getattr(args, 'argv', []) if a.startswith('--')]
+    if explicit or getattr(args, 'blr', None) is None:
+        lr_flag = f'--lr {args.lr / 2:.3g}' if getattr(args, 'lr', None) else 'a lower --lr'
+    else:
+        lr_flag = f'--blr {args.blr / 2:.3g}'
+    last = signals.last_checkpoint()
+    if not last.get('path'):
+        return f'No checkpoint was written by this run: rerun from scratch with {lr_flag} (half of now)'
+    msg = f"Resume from {last['path']} (epoch {last.get('epoch')}): --resume {last['path']} {lr_flag} (half of now)"
+    older = [p for e, p in checkpoint_candidates(os.path.dirname(last['path']) or '.')
+             if os.path.basename(p) != LAST_NAME and last.get('epoch') is not None and e < int(last['epoch'])]
+    if older:
+        msg += f'; if it diverges again (the NaN came soon after that save), from {older[0]}'
+    return msg
 
 
 def prune_numbered(output_dir: str, keep: int, protect: List[str] = ()) -> None:

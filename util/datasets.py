@@ -29,10 +29,14 @@ random stream (e.g. MIM masking). The sampler order is ``DistributedSampler(seed
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
 import random
+import signal
+import stat
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Sized
@@ -171,10 +175,118 @@ def seeded_global_rngs(seed: int) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------------------------
 
 
+# A read that blocks this long (a hung network file system, a device) fails like an unreadable image.
+READ_TIMEOUT_S = 120.0
+_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+@contextmanager
+def read_deadline(seconds: float, what: str) -> Iterator[None]:
+    """Raise ``TimeoutError`` (an OSError) if the body blocks for more than ``seconds``.
+
+    Uses SIGALRM, so it only acts in a process's main thread (the main process with ``--num_workers 0``, and every
+    DataLoader worker); elsewhere the body runs unguarded.
+    """
+    if threading.current_thread() is not threading.main_thread() or seconds <= 0:
+        yield
+        return
+
+    def expired(signum, frame):
+        raise TimeoutError(f"reading {what} blocked for more than {seconds:g} s")
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _read_bytes(path: str) -> bytes:
+    """The bytes of a regular file; a FIFO/device (even one that replaced the file after the scan) never blocks."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"not a regular file ({_kind(os.fstat(fd).st_mode)})")
+        with read_deadline(READ_TIMEOUT_S, path):
+            chunks = []
+            while True:
+                b = os.read(fd, 1 << 22)
+                if not b:
+                    break
+                chunks.append(b)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB 8 bit. 16-bit greyscale (PNG ``I;16``, or ``I`` holding 16-bit values) is scaled by 255/65535 first:
+    Pillow's ``convert('RGB')`` clips it instead (99.6% of a full-range image would become 255)."""
+    if img.mode in _HIGH_BIT_MODES:
+        a = np.asarray(img).astype(np.float64)
+        if img.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = a * (255.0 / 65535.0)
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
 def _load_rgb(path: str) -> Image.Image:
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        return img.convert("RGB")  # forces the full decode, so truncated files fail here, inside the try
+    img = Image.open(io.BytesIO(_read_bytes(path)))
+    return to_rgb(img)  # forces the full decode, so truncated files fail here, inside the try
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def scan_class_folders(directory: str, class_to_idx: dict[str, int],
+                       is_valid: Callable[[str], bool]) -> tuple[list[tuple[str, int]], list[str]]:
+    """``(samples, warnings)``: torchvision's ``make_dataset`` order (class, then sorted walk), made safe.
+
+    Directory symlinks are followed, but a directory already visited for the class (a loop, or ``x -> .``) is not
+    entered again, and a file reached twice through links is counted once. Entries that are not regular files
+    (FIFOs, sockets, devices, broken links) are skipped with a warning, so nothing is ever opened that could block.
+    """
+    instances: list[tuple[str, int]] = []
+    warnings: list[str] = []
+    for target_class in sorted(class_to_idx):
+        target_dir = os.path.join(directory, target_class)
+        if not os.path.isdir(target_dir):
+            continue
+        seen_dirs: set[tuple[int, int]] = set()
+        seen_files: set[tuple[int, int]] = set()
+        walked = []
+        for root, dirs, fnames in os.walk(target_dir, followlinks=True):
+            st = os.stat(root)
+            if (st.st_dev, st.st_ino) in seen_dirs:
+                dirs[:] = []
+                warnings.append(f"{root}: a directory already scanned (symlink loop?); not scanned again")
+                continue
+            seen_dirs.add((st.st_dev, st.st_ino))
+            walked.append((root, fnames))
+        for root, fnames in sorted(walked):
+            for fname in sorted(fnames):
+                path = os.path.join(root, fname)
+                if not is_valid(path):
+                    continue
+                try:
+                    st = os.stat(path)
+                except OSError as e:
+                    warnings.append(f"{path}: skipped ({e.strerror})")
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    warnings.append(f"{path}: skipped, {_kind(st.st_mode)} is not an image file")
+                    continue
+                if (st.st_dev, st.st_ino) in seen_files:
+                    continue
+                seen_files.add((st.st_dev, st.st_ino))
+                instances.append((path, class_to_idx[target_class]))
+    return instances, warnings
 
 
 class SafeImageFolder(ImageFolder):
@@ -213,6 +325,24 @@ class SafeImageFolder(ImageFolder):
         self.epoch = 0
         self.num_skipped = 0
         self._warned: set[str] = set()
+
+    @staticmethod
+    def make_dataset(directory: str | Path, class_to_idx: dict[str, int], extensions: Optional[tuple] = None,
+                     is_valid_file: Optional[Callable[[str], bool]] = None,
+                     allow_empty: bool = False) -> list[tuple[str, int]]:
+        """torchvision's scan made safe against symlink loops and non-regular files (:func:`scan_class_folders`)."""
+        exts = tuple(extensions or IMG_EXTENSIONS)
+        valid = is_valid_file or (lambda p: p.lower().endswith(exts))
+        instances, warnings = scan_class_folders(str(directory), class_to_idx, valid)
+        for w in warnings[:5]:
+            logger.warning("data scan: %s", w)
+        if len(warnings) > 5:
+            logger.warning("data scan: %d more entries skipped under %s", len(warnings) - 5, directory)
+        found = {t for _, t in instances}
+        empty = sorted(c for c, i in class_to_idx.items() if i not in found)
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")
+        return instances
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         """Visible sub-folders of ``directory``, sorted; see torchvision ``find_classes``."""

@@ -208,17 +208,22 @@ def format_knn(results: Dict[str, float], ks: Iterable[int]) -> List[str]:
 
 
 def build_knn_loaders(data_path: str, input_size: int, batch_size: int, num_workers: int, shard: bool,
-                      pin_mem: bool = True, bad_images: str = 'fail') -> Tuple[DataLoader, DataLoader]:
+                      pin_mem: bool = True, bad_images: str = 'fail',
+                      flag: str = '--data_path') -> Tuple[DataLoader, DataLoader]:
     """``(train, val)`` loaders of ``(image, index)`` with DINO's eval transform (resize round(input·256/224),
     centre crop ``input_size``) over ``<data_path>/train`` and ``<data_path>/val``; sharded over ranks if
-    ``shard``. Raises UserError if val has fewer images than there are classes."""
+    ``shard``. Raises UserError (naming ``flag``) if val/ has other class folders than train/ (labels are folder
+    indices, so the accuracy would be meaningless) or fewer images than there are classes. Shared by run_knn.py and
+    the online k-NN of run_pretrain.py."""
     from util.datasets import build_dataset, knn_transform
     tf = knn_transform(input_size)
     train = build_dataset(data_path, 'train', tf, bad_images=bad_images, with_index=True)
     val = build_dataset(data_path, 'val', tf, bad_images=bad_images, with_index=True)
     check(len(val) >= len(train.classes),
-          f'--data_path {data_path}: val/ has {len(val)} images but train/ has {len(train.classes)} classes; '
+          f'{flag} {data_path}: val/ has {len(val)} images but train/ has {len(train.classes)} classes; '
           f'k-NN accuracy needs at least one val image per class')
+    check(train.classes == val.classes,
+          f'{flag} {data_path}: val/ class folders differ from train/; labels are folder indices')
 
     def make(ds: Dataset) -> DataLoader:
         sampler = ShardSampler(len(ds)) if shard else SequentialSampler(ds)

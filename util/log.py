@@ -7,6 +7,7 @@ import json
 import os
 import time
 from collections import defaultdict, deque
+from contextlib import contextmanager
 from typing import Any, Dict, Iterable, Iterator, Optional
 
 import torch
@@ -120,45 +121,84 @@ def _fmt_td(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(seconds)))
 
 
-def append_json_log(output_dir: str, record: Dict[str, Any], filename: str = 'log.txt') -> None:
-    """Append one JSON line to ``<output_dir>/log.txt`` (rank 0 only; flushed and fsync'ed)."""
+def append_json_log(output_dir: str, record: Dict[str, Any], filename: str = 'log.txt') -> Optional[int]:
+    """Append one JSON line to ``<output_dir>/log.txt`` (rank 0 only; flushed and fsync'ed).
+
+    Returns the file's size before the append (for :func:`epoch_record` to undo it), None where nothing was written.
+    A write error (disk full, size limit) is one line naming the file and the cause.
+    """
     if not output_dir or not du.is_main_process():
-        return
-    with open(os.path.join(output_dir, filename), 'a') as f:
-        f.write(json.dumps(record) + '\n')
-        f.flush()
-        os.fsync(f.fileno())
+        return None
+    path = os.path.join(output_dir, filename)
+    from util.checkpoint import CheckpointWriteError, _cause
+    try:
+        with open(path, 'ab') as f:
+            offset = f.tell()
+            f.write((json.dumps(record) + '\n').encode('utf-8'))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise CheckpointWriteError(f'cannot write {path}: {_cause(e)}') from None
+    return offset
 
 
-def trim_json_log(output_dir: str, last_epoch: int, filename: str = 'log.txt') -> int:
-    """Before training from epoch ``last_epoch + 1``: drop ``log.txt`` records of later epochs and torn lines.
+@contextmanager
+def epoch_record(output_dir: str, record: Dict[str, Any], run_id: Optional[str] = None) -> Iterator[None]:
+    """Log an epoch's record, then run the body (the epoch's checkpoint save); if the body fails, the record is
+    removed again, so log.txt never holds an epoch whose checkpoint was not written.
+
+    The record precedes the checkpoint on purpose: a kill between the two leaves a record that
+    :func:`trim_json_log` drops on resume, whereas the other order would lose the record of a saved epoch.
+    """
+    if run_id is not None:
+        from util.rundir import ensure_run_file
+        ensure_run_file(output_dir, run_id)
+        record = dict(record, run_id=run_id)
+    offset = append_json_log(output_dir, record)
+    try:
+        yield
+    except BaseException:
+        if offset is not None:
+            with open(os.path.join(output_dir, 'log.txt'), 'r+b') as f:
+                f.truncate(offset)
+                os.fsync(f.fileno())
+        raise
+
+
+def trim_json_log(output_dir: str, last_epoch: int, filename: str = 'log.txt', run_id: Optional[str] = None) -> int:
+    """Before training from epoch ``last_epoch + 1``: drop this run's ``log.txt`` records of later epochs.
 
     The epoch's record is appended just before its checkpoint is written, so a run killed in between (or whose
     newest checkpoint turned out unreadable, or that died before its first checkpoint) leaves records that the
-    resumed run writes again. Records without an ``epoch`` are kept. Rank 0 only; the file is replaced
-    atomically. Returns the number of lines dropped.
+    resumed run writes again. Only JSON records with an ``epoch`` and the same ``run_id`` (or, in folders from
+    before run ids, none) are dropped; every other line (a note, another run's record, bytes that are not UTF-8,
+    a torn last line) is kept verbatim, newline-terminated so the next record starts on its own line. Rank 0 only;
+    the file is replaced atomically. Returns the number of lines dropped.
     """
     path = os.path.join(output_dir or '', filename)
     if not output_dir or not du.is_main_process() or not os.path.isfile(path):
         return 0
-    with open(path) as f:
+    with open(path, 'rb') as f:
         lines = f.readlines()
     keep = []
     for line in lines:
         try:
-            rec = json.loads(line)
-        except ValueError:
+            rec = json.loads(line.decode('utf-8'))
+        except ValueError:  # includes UnicodeDecodeError
+            rec = None
+        ours = isinstance(rec, dict) and rec.get('run_id') in (None, run_id)
+        if ours and isinstance(rec.get('epoch'), int) and rec['epoch'] > last_epoch:
             continue
-        if not isinstance(rec, dict) or int(rec.get('epoch', -1)) <= last_epoch:
-            keep.append(line if line.endswith('\n') else line + '\n')
+        keep.append(line if line.endswith(b'\n') else line + b'\n')
     dropped = len(lines) - len(keep)
-    if dropped:
+    if dropped or (lines and not lines[-1].endswith(b'\n')):
         tmp = f'{path}.tmp-{os.getpid()}'
-        with open(tmp, 'w') as f:
+        with open(tmp, 'wb') as f:
             f.writelines(keep)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    if dropped:
         du.print0(f'{path}: dropped {dropped} record(s) of epochs > {last_epoch} (not covered by the checkpoint '
                   f'resumed from; they are trained and logged again)')
     return dropped

@@ -1,4 +1,4 @@
-"""Graceful SIGTERM/SIGINT for training loops: stop at a micro-batch boundary, write nothing half-done.
+"""Graceful SIGTERM/SIGINT/SIGHUP for training loops: stop at a micro-batch boundary, write nothing half-done.
 
 Usage in a script (``run_main`` in ``util/args.py`` turns :class:`Interrupted` into one line and exit 128+signal)::
 
@@ -26,7 +26,8 @@ import torch
 
 from util import distributed as du
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP (terminal closed, ssh dropped) is a request to stop like SIGTERM: finish the write in progress, then stop.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 # The newest checkpoint this process wrote or resumed from: (path, epoch). Set by util/checkpoint.py.
 _last_checkpoint: Dict[str, Any] = {}
@@ -51,6 +52,11 @@ class Interrupted(TrainingStopped):
 def note_checkpoint(path: str, epoch: Any) -> None:
     """Record the newest checkpoint written by (or resumed into) this run, for the interruption message."""
     _last_checkpoint.update(path=path, epoch=epoch)
+
+
+def last_checkpoint() -> Dict[str, Any]:
+    """``{'path', 'epoch'}`` of the newest checkpoint written by (or resumed into) this run; empty if none."""
+    return dict(_last_checkpoint)
 
 
 def pending_signal() -> Optional[int]:
@@ -160,6 +166,19 @@ class GracefulStop:
         s = self.agreed()
         if s:
             raise Interrupted(s, epoch, iteration)
+
+
+def install_default_handlers() -> Dict[int, Any]:
+    """Outside a :class:`GracefulStop` (start-up, evaluation, k-NN): SIGTERM/SIGHUP raise :class:`Interrupted` in
+    the main process, as SIGINT raises KeyboardInterrupt, so ``run_main`` reports them in one line. Nothing is being
+    written at those points except atomically. Forked loader workers ignore them (the main process ends them)."""
+    pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != pid:
+            return
+        raise Interrupted(signum)
+    return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}  # the old ones, to restore
 
 
 class _NoStop:

@@ -10,6 +10,9 @@ The tests put this directory first on the ``PYTHONPATH`` of the scripts they sta
   checkpoints) writes sha256 digests of the model and optimizer state it passed, and its FreezeOut frozen set and
   adaptive decisions, ``rank{R}-epoch{E}.json``.
 
+* ``VITFREEZE_TEST_NAN_WEIGHTS_AT_EPOCH=<e>``: the last tensor of the model state handed to epoch ``e``'s
+  checkpoint call becomes NaN (a divergence the loss did not show), for the check that refuses to save it.
+
 (``VITFREEZE_TEST_PAUSE_IN_SAVE`` is still read by ``util/checkpoint.save_atomic`` itself.)
 """
 import importlib.abc
@@ -19,6 +22,7 @@ import sys
 
 _NAN_AT = os.environ.get('VITFREEZE_TEST_NAN_AT_STEP')
 _DUMP_DIR = os.environ.get('VITFREEZE_TEST_DUMP_RANK_WEIGHTS')
+_NAN_WEIGHTS_AT = os.environ.get('VITFREEZE_TEST_NAN_WEIGHTS_AT_EPOCH')
 
 
 class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -108,7 +112,26 @@ def _patch_dump(checkpoint) -> None:
     checkpoint.save_checkpoint = save_checkpoint
 
 
+def _patch_nan_weights(checkpoint) -> None:
+    import torch
+    original, at = checkpoint.save_checkpoint, int(_NAN_WEIGHTS_AT)
+
+    def save_checkpoint(output_dir, epoch, state, args, numbered):
+        if epoch == at:
+            floats = [v for v in state['model'].values() if torch.is_tensor(v) and v.is_floating_point()]
+            floats[-1].fill_(float('nan'))
+        return original(output_dir, epoch, state, args, numbered)
+    checkpoint.save_checkpoint = save_checkpoint
+
+
+def _patch_checkpoint(checkpoint) -> None:  # one import hook per module: apply every requested patch
+    if _DUMP_DIR:
+        _patch_dump(checkpoint)
+    if _NAN_WEIGHTS_AT:
+        _patch_nan_weights(checkpoint)
+
+
 if _NAN_AT:
     sys.meta_path.insert(0, _AfterImport('engine_pretrain', _patch_nan))
-if _DUMP_DIR:
-    sys.meta_path.insert(0, _AfterImport('util.checkpoint', _patch_dump))
+if _DUMP_DIR or _NAN_WEIGHTS_AT:
+    sys.meta_path.insert(0, _AfterImport('util.checkpoint', _patch_checkpoint))
