@@ -142,9 +142,6 @@ def prepare_args(args: argparse.Namespace) -> None:
             make_demo_dataset(args.data_path)
     resolve_device_flag(args, argv)
     resolve_freeze_args(args, argv)
-    if not 0.0 <= args.constant_tail <= 1.0:
-        raise UserError(f'--constant_tail {args.constant_tail}: must be in [0, 1] (a fraction of a unit\'s '
-                        f'post-warm-up span)')
     if args.prefetch_factor is not None and (args.prefetch_factor < 1 or args.num_workers < 1):
         raise UserError(f'--prefetch_factor {args.prefetch_factor}: needs a value >= 1 and --num_workers >= 1')
 

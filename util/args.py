@@ -282,11 +282,12 @@ FLAG_DOMAINS: Dict[str, Domain] = {
     'weight_decay': _real(0.0), 'layer_decay': _real(0.0, 1.0, lo_open=True), 'clip_grad': _real(0.0, lo_open=True),
     # model
     'input_size': _int(1, 8192), 'patch_size': _int(1, 8192), 'embed_dim': _int(1), 'depth': _int(1),
-    'num_heads': _int(1), 'mask_ratio': _real(0.0, 1.0, hi_open=True), 'hog_nbins': _int(1, 180),
+    'num_heads': _int(1), 'decoder_embed_dim': _int(1), 'mask_ratio': _real(0.0, 1.0, hi_open=True), 'hog_nbins': _int(1, 180),
     'drop_path': _real(0.0, 1.0, hi_open=True), 'nb_classes': _int(1),
     # FreezeOut
     't_0': _real(0.0, 1.0, lo_open=True), 'freeze_earliest': _real(0.0, 1.0, hi_open=True), 'freeze_window': _int(1),
     'freeze_threshold': _real(0.0, 1.0, lo_open=True), 'freeze_patience': _int(1), 'freeze_tail': _int(0),
+    'constant_tail': _real(0.0, 1.0),
     # augmentation
     'color_jitter': _real(0.0), 'smoothing': _real(0.0, 1.0, hi_open=True), 'reprob': _PROB, 'recount': _int(1),
     'mixup': _real(0.0), 'cutmix': _real(0.0), 'cutmix_minmax': _real(0.0, 1.0), 'mixup_prob': _PROB,
@@ -323,12 +324,12 @@ def _check_aa(flag: str, value: str) -> Optional[str]:
 
 
 def _check_stage_weights(flag: str, value: str) -> Optional[str]:
-    if value in ('equal', '4321', '1overk'):
+    if value in ('equal', '4321', '1overk', 'inv4321'):  # models_mim.STAGE_WEIGHT_PRESETS (util imports no model)
         return None
     try:
         w = [float(x) for x in value.split(',') if x.strip()]
     except ValueError:
-        return f"{flag} {value!r}: must be equal, 4321, 1overk or a comma list of numbers"
+        return f"{flag} {value!r}: must be equal, 4321, 1overk, inv4321 or a comma list of numbers"
     if not w or any(not math.isfinite(x) or x < 0 for x in w) or not any(x > 0 for x in w):
         return f"{flag} {value!r}: weights must be finite and >= 0, and not all 0"
     return None
@@ -341,6 +342,7 @@ STRING_DOMAINS = {
     'remode': lambda f, v: _choice(f, v, ('pixel', 'rand', 'const')),
     'aa': _check_aa,
     'stage_weights': _check_stage_weights,
+    'stage_weights_end': _check_stage_weights,
 }
 
 
