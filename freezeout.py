@@ -788,17 +788,7 @@ def check_policy_args(args, argv: Sequence[str], schedule_flags: Sequence[str]) 
         if clash:
             raise UserError(f"{'/'.join(clash)} shape the scheduled FreezeOut; with --freeze_policy adaptive there "
                             f"is no t_i: drop {'them' if len(clash) > 1 else 'it'} or use --freeze_policy schedule")
-        if not 0.0 <= args.freeze_earliest < 1.0:
-            raise UserError(f'--freeze_earliest {args.freeze_earliest}: must be in [0, 1) (a fraction of training)')
-        if args.freeze_window is not None and args.freeze_window < 1:
-            raise UserError(f'--freeze_window {args.freeze_window}: must be >= 1 optimizer step')
-        if not 0.0 < args.freeze_threshold <= 1.0:
-            raise UserError(f'--freeze_threshold {args.freeze_threshold}: must be in (0, 1] (plasticity is '
-                            f'relative to the unit\'s peak)')
-        if args.freeze_patience < 1:
-            raise UserError(f'--freeze_patience {args.freeze_patience}: must be >= 1 evaluation')
-        if args.freeze_tail is not None and args.freeze_tail < 0:
-            raise UserError(f'--freeze_tail {args.freeze_tail}: must be >= 0 optimizer steps')
+        # the numeric bounds of --freeze_* are checked once, at parse time (util/args.FLAG_DOMAINS)
     elif any(f in given for f in ADAPTIVE_FLAGS):
         print('note: --freeze_signal/--freeze_per_lr/--freeze_earliest/--freeze_window/--freeze_threshold/'
               '--freeze_patience/--freeze_tail only act with --freeze_policy adaptive')

@@ -165,7 +165,8 @@ def main(args: argparse.Namespace) -> None:
         saved = resume[1].get('freezeout') or {}
         if freezer is not None:
             freezer.load_state_dict(saved, optimizer)  # before the optimizer: its groups must match
-        elif saved.get('num_frozen', 0):
+        elif saved.get('num_frozen', 0) and set(resume[1].get('model') or {}) == set(model.state_dict()):
+            # (a checkpoint of another model, e.g. a pre-training one, is refused by restore() with its own line)
             raise UserError(f'--resume {resume[0]}: the checkpoint has frozen FreezeOut units; resume with the '
                             f'same FreezeOut flags (--t_0/--how_scale/--freeze_policy)')
     max_acc = restore(resume, model, optimizer, amp.scaler, args) if resume else 0.0

@@ -51,8 +51,10 @@ def test_compiled_freezeout_freezes_for_real_and_tracks_eager():
     torch.manual_seed(0)
     compiled = create_model('MIM_vit_tiny_patch16', **TINY)
     names = FreezeOut.unit_names(eager, False)
-    # 5 units, linear t_0 0.3, T = 8: freeze events at steps 3, 4, 6, 7 (the last unit never freezes)
-    sched = lambda: FreezeOutSchedule(names, 8, 1, 1e-3, 1e-6, t_0=0.3, how_scale='linear')
+    # 5 units, linear t_0 0.3, T = 8, FreezeOut-paper schedule: freeze events at steps 3, 4, 6, 7 (the last unit
+    # never freezes)
+    sched = lambda: FreezeOutSchedule(names, 8, 1, 1e-3, 1e-6, t_0=0.3, how_scale='linear',
+                                      freeze_schedule='freezeout')
     assert [u.freeze_step for u in sched().units] == [3, 4, 6, 7, None]
     ref = _run(eager, sched(), 8, imgs)
 
@@ -87,7 +89,7 @@ def test_compiled_freezeout_freezes_for_real_and_tracks_eager():
 def test_cli_compiled_run_resumes_exactly(demo_root, run_pretrain, tmp_path):
     """~1.5 min on an idle 2-core box (two compiled processes one after the other); ~6 min under CI load."""
     common = [*TINY_PRETRAIN_FLAGS, '--data_path', demo_root / 'train', '--epochs', '2', '--save_freq', '1',
-              '--t_0', '0.3', '--how_scale', 'linear', '--vis_freq', '0']
+              '--t_0', '0.3', '--how_scale', 'linear', '--freeze_schedule', 'freezeout', '--vis_freq', '0']
     comp = ['--compile', '--compile_backend', 'aot_eager']
     full, broken = run_pretrain.many([
         [*common, *comp, '--output_dir', tmp_path / 'full'],

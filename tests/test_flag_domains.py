@@ -58,6 +58,13 @@ def required_argv(parser) -> List[str]:
     return out
 
 
+def required_positionals(parser) -> List[str]:
+    """Placeholders for required positionals, which go after the options (tools/submitit_launch.py SCRIPT takes
+    the rest of the line as the script's flags): a real script name for ``script``."""
+    return ['run_pretrain.py' if a.dest == 'script' else f'unused-{a.dest}'
+            for a in parser._actions if not a.option_strings and a.nargs is None]
+
+
 def walk_cases(script: Path, paths: Dict[str, Path]) -> List[Tuple[str, List[str]]]:
     """``(flag named in the message, argv)`` for every out-of-domain value of every flag the script has."""
     parser = parser_of(script)
@@ -97,7 +104,8 @@ def walk_cases(script: Path, paths: Dict[str, Path]) -> List[Tuple[str, List[str
     if 'output_dir' in dests:
         cases += [('--output_dir', ['--output_dir', str(paths['bad_ckpt'])]),
                   ('--output_dir', ['--output_dir', str(paths['bad_log'])])]
-    return [(flag, req + argv) for flag, argv in cases]
+    pos = required_positionals(parser)
+    return [(flag, req + argv + pos) for flag, argv in cases]
 
 
 def run_walk(jobs: Dict[Path, List[Tuple[str, List[str]]]], scratch: Path) -> Dict[str, List[dict]]:
@@ -160,7 +168,7 @@ def test_scripts_are_discovered() -> None:
 def test_defaults_and_demo_defaults_are_in_domain(script: str) -> None:
     s = next(p for p in SCRIPTS if p.name == script)
     parser = parser_of(s)
-    args = parser.parse_args(required_argv(parser))
+    args = parser.parse_args(required_argv(parser) + required_positionals(parser))
     assert uargs.domain_errors(args, parser) == []
     mod = importlib.import_module('.'.join(s.relative_to(REPO).with_suffix('').parts))
     for k, v in getattr(mod, 'DEMO_DEFAULTS', {}).items():

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 import models_vit  # noqa: E402
 from util.args import run_main  # noqa: E402
-from util.checkpoint import save_atomic  # noqa: E402
+from util.checkpoint import CheckpointWriteError, save_atomic  # noqa: E402
 from util.errors import UserError, check  # noqa: E402
 
 # timm registry names of the standard configurations: (patch, width, depth, heads) -> name.
@@ -147,13 +147,12 @@ def export_encoder(checkpoint: str, output: str, pool: str = 'token', num_heads:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         save_atomic(state, output)
         _write_json_atomic({'timm_model': name, 'kwargs': kwargs}, output + '.json')
-    except (OSError, RuntimeError) as e:  # disk full, file-size limit, permissions: temp file gone, old files kept
-        # torch.save reports a failed write as RuntimeError('... unexpected pos ...') with the OSError as context
-        cause = e if isinstance(e, OSError) else e.__context__
-        if not isinstance(cause, OSError):
-            raise
-        raise UserError(f'--output {output}: cannot write the export ({cause.strerror or cause}); any previous file '
-                        f'there is unchanged') from None
+    except CheckpointWriteError as e:  # disk full, file-size limit, permissions: temp file gone, old files kept
+        raise UserError(f'--output {output}: cannot write the export ({e.cause}); any previous file there is '
+                        f'unchanged') from None
+    except OSError as e:  # the small JSON beside it
+        raise UserError(f'--output {output}: cannot write the export ({e.strerror or e}); any previous file there '
+                        f'is unchanged') from None
     return name, kwargs
 
 

@@ -323,7 +323,12 @@ def add_executor_args(p: argparse.ArgumentParser) -> None:
 
 def make_executor(opts: argparse.Namespace, job_dir: str, name: str):
     submitit = import_submitit()
-    executor = submitit.AutoExecutor(folder=job_dir, cluster=opts.cluster, slurm_max_num_timeout=opts.max_requeue)
+    try:
+        executor = submitit.AutoExecutor(folder=job_dir, cluster=opts.cluster,
+                                         slurm_max_num_timeout=opts.max_requeue)
+    except RuntimeError as e:  # submitit: 'Could not detect "srun", are you indeed on a slurm cluster?'
+        raise LaunchError(f'--cluster {opts.cluster}: {e} (use --cluster local to run the job on this machine)') \
+            from None
     ngpus = opts.ngpus
     if ngpus is None:
         import torch
@@ -386,6 +391,12 @@ def main(argv: Sequence[str]) -> int:
         raise LaunchError(message)
     parser.error = _error
     opts, script_argv = parser.parse_known_args(list(argv))
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from util.args import domain_errors
+    errors = domain_errors(opts, parser, [])  # the launcher's own flags, before anything is submitted
+    if errors:
+        raise LaunchError(errors[0])
     path = script_path(opts.script)
     cwd = os.getcwd()
     output_dir = effective_output_dir(opts.script, script_argv, cwd)  # also checks every script flag

@@ -30,6 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import submitit_launch as sl  # noqa: E402
 from submitit_launch import LaunchError  # noqa: E402
+sys.path.insert(0, str(sl.REPO_ROOT))
+from util.args import domain_errors  # noqa: E402
 
 EVALS = {'knn': 'run_knn.py', 'linprobe': 'run_linprobe.py', 'finetune': 'run_finetune.py'}
 SWITCH_ON, SWITCH_OFF = ('on', 'true', 'yes', '1'), ('off', 'false', 'no', '0')
@@ -297,15 +299,18 @@ def run_slurm(sweep: Dict[str, Any], opts: argparse.Namespace, cwd: str) -> int:
 
 def main(argv: Sequence[str]) -> int:
     argv = list(argv)
-    if '--' not in argv:
-        raise LaunchError('missing "--" before the command, e.g. ... --out DIR -- run_pretrain.py --demo')
-    cut = argv.index('--')
+    cut = argv.index('--') if '--' in argv else len(argv)
     parser = get_args_parser()
 
     def _error(message: str) -> None:
         raise LaunchError(message)
     parser.error = _error
     opts = parser.parse_args(argv[:cut])
+    errors = domain_errors(opts, parser, argv[:cut])  # the launcher flags' domains, before anything starts
+    if errors:
+        raise LaunchError(errors[0])
+    if cut == len(argv):
+        raise LaunchError('missing "--" before the command, e.g. ... --out DIR -- run_pretrain.py --demo')
     cwd = os.getcwd()
     sweep = build_runs(opts, argv[cut + 1:], cwd)
     if opts.run == 'print':

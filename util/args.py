@@ -298,6 +298,9 @@ FLAG_DOMAINS: Dict[str, Domain] = {
     # runtime, checkpoints, distributed (numpy seeds are 32-bit and each rank uses seed + rank)
     'seed': _int(0, 2 ** 31 - 1), 'save_freq': _int(1), 'keep_last': _int(0), 'num_workers': _int(0, 1024),
     'world_size': _int(1), 'local_rank': _int(-1), 'prefetch_factor': _int(1),
+    # SLURM launcher (tools/submitit_launch.py, tools/sweep.py): --timeout in minutes, --mem_gb per node
+    'nodes': _int(1), 'ngpus': _int(0), 'tasks_per_node': _int(1), 'cpus_per_task': _int(1), 'mem_gb': _int(1),
+    'timeout': _int(1), 'max_requeue': _int(0), 'signal_delay_s': _int(0),
 }
 
 _DEVICE = re.compile(r'^(cpu|cuda(:\d+)?|mps)$')

@@ -94,7 +94,9 @@ def save_atomic(obj: Dict[str, Any], path: str) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         except (OSError, RuntimeError) as e:  # torch wraps the OSError of a full disk / size limit in a RuntimeError
-            raise CheckpointWriteError(f'cannot write {path}: {_cause(e)}') from None
+            err = CheckpointWriteError(f'cannot write {path}: {_cause(e)}')
+            err.cause = _cause(e)  # for callers that word their own message (tools/export.py)
+            raise err from None
         pause = float(os.environ.get('VITFREEZE_TEST_PAUSE_IN_SAVE', '0') or 0)
         if pause > 0:
             print(f'[test hook] pausing {pause}s inside save of {path}', flush=True)
