@@ -301,9 +301,9 @@ def test_demo_defaults_yield_to_explicit_flags(runs):
     # demo defaults for everything not given: the evaluators' demo encoder, FreezeOut on
     assert (args['model'], args['input_size'], args['embed_dim'], args['depth']) == ('MIM_vit_tiny_patch16', 32, 96, 6)
     import run_pretrain
-    assert (run_pretrain.DEMO_DEFAULTS['how_scale'], run_pretrain.DEMO_DEFAULTS['t_0']) == ('cubic', 0.7)
-    assert (args['how_scale'], args['t_0'], args['freeze_schedule'], args['decoder_embed_dim']) == \
-        ('cubic', 0.3, 'vitfreeze', 128)  # --t_0 0.3 given: it wins over the demo's 0.7
+    assert (run_pretrain.DEMO_DEFAULTS['how_scale'], run_pretrain.DEMO_DEFAULTS['t_0']) == ('cubic', 0.8)
+    assert (args['how_scale'], args['t_0'], args['freeze_schedule'], args['decoder_embed_dim'], args['batch_size']) \
+        == ('cubic', 0.3, 'vitfreeze', 64, 16)  # --t_0 0.3 given: it wins over the demo's 0.8
     assert 'FreezeOut plan: cubic t_0=0.3' in res.stdout and 'projected saving' in res.stdout
     summary = res.stdout[res.stdout.index('ViTFreeze demo: summary'):]
     for needle in ('FreezeOut: cubic t_0=0.3, --freeze_schedule vitfreeze', 'saving: planned', 'files: checkpoints',
@@ -311,9 +311,10 @@ def test_demo_defaults_yield_to_explicit_flags(runs):
                    'run_linprobe.py --demo', 'run_finetune.py --demo', '--plan_only', '--demo --t_0 1'):
         assert needle in summary, (needle, summary)
     assert 'k-NN top-1' not in summary  # --knn_eval_freq 0 given: no k-NN, none reported
-    # T = 12, W = 0, t = (0.3 + 0.7 i / 6)^3 -> freeze steps ceil(12 t) = 1, 1, 2, 4, 6, 9: printed as they happen
-    assert re.findall(r'FreezeOut: step (\d+) \(epoch 0\)', res.stdout) == ['1', '2', '4', '6', '9']
-    assert 'frozen by the end: 6 of 7 units' in summary and '  block5   frozen at step 9 (epoch 0.75)' in summary
+    # T = 400 / 16 = 25, W = 0, t = (0.3 + 0.7 i / 6)^3 -> freeze steps ceil(25 t) = 1, 2, 4, 7, 12, 18: printed as
+    # they happen
+    assert re.findall(r'FreezeOut: step (\d+) \(epoch 0\)', res.stdout) == ['1', '2', '4', '7', '12', '18']
+    assert 'frozen by the end: 6 of 7 units' in summary and '  block5   frozen at step 18 (epoch 0.72)' in summary
     assert Path(args['data_path']) == runs['demo_cache']
     assert (runs['demo_cache'] / 'train').is_dir() and (runs['demo_cache'] / 'val').is_dir()
     assert glob.glob(str(out / 'tb' / 'events.out.tfevents.*'))
