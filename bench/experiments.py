@@ -25,14 +25,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 # name -> (script, flags, flag that must exist in the script's --help or None, what the row is)
 PRETRAIN_ROWS = {
-    'nofreeze': ([], None, 'no freezing (plain LocalMIM, cosine)'),
+    # --demo runs FreezeOut (cubic 0.8), so the rows without freezing say --t_0 1 (bit-identical to no FreezeOut)
+    'nofreeze': (['--t_0', '1'], None, 'no freezing (plain LocalMIM, cosine)'),
     'cubic08': (['--how_scale', 'cubic', '--t_0', '0.8'], None, 'scheduled FreezeOut, cubic t_0 = 0.8'),
     'cubic07': (['--how_scale', 'cubic', '--t_0', '0.7'], None, 'scheduled FreezeOut, cubic t_0 = 0.7'),
     'adaptive': (['--freeze_policy', 'adaptive'], '--freeze_policy', 'adaptive, defaults (weight signal)'),
     'adaptive_output': (['--freeze_policy', 'adaptive', '--freeze_signal', 'output'], '--freeze_signal',
                         'adaptive, output signal (Egeria-style probe)'),
-    'constant': (['--lr_schedule', 'constant'], '--lr_schedule', 'no freezing, constant LR after warm-up'),
-    'curriculum': (['--stage_weights', 'equal', '--stage_weights_end', '1overk'], '--stage_weights_end',
+    'constant': (['--t_0', '1', '--lr_schedule', 'constant'], '--lr_schedule', 'no freezing, constant LR after warm-up'),
+    'curriculum': (['--t_0', '1', '--stage_weights', 'equal', '--stage_weights_end', '1overk'], '--stage_weights_end',
                    'no freezing, stage weights equal -> 1/4,1/3,1/2,1'),
 }
 FINETUNE_ROWS = {
