@@ -464,6 +464,21 @@ def auto_window(total_steps: int) -> int:
     return max(1, total_steps // 50)
 
 
+def eval_mode_probe(model: nn.Module, features: Callable[[torch.Tensor], List[torch.Tensor]],
+                    imgs: torch.Tensor) -> Callable[[], List[torch.Tensor]]:
+    """The ``probe`` of :class:`AdaptiveFreezeOut`'s output signal: ``features(imgs)`` (one tensor per unit) with
+    ``model`` in eval mode, so no dropout or drop path makes two probes of the same weights differ; the model's
+    train/eval mode is restored afterwards."""
+    def probe() -> List[torch.Tensor]:
+        was = model.training
+        model.eval()
+        try:
+            return features(imgs)
+        finally:
+            model.train(was)
+    return probe
+
+
 class AdaptiveFreezeOut(FreezeOut):
     """Freezes unit i once its training has stalled, judged by a per-unit signal, instead of at a planned t_i.
 

@@ -20,8 +20,8 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 import models_vit
 from engine_finetune import evaluate, fit
 from freezeout import (AdaptiveFreezeOut, FreezeOut, FreezeOutSchedule, add_policy_args, add_schedule_args,
-                       bounds_from_args, decided_saving, format_adaptive_plan, format_plan, measure_unit_flops,
-                       resolve_freeze_args, tag_param_groups)
+                       bounds_from_args, decided_saving, eval_mode_probe, format_adaptive_plan, format_plan,
+                       measure_unit_flops, resolve_freeze_args, tag_param_groups)
 from eval_common import add_eval_args, add_model_args, build_datasets, build_loaders, \
     build_model, checkpoints_for, demo_defaults, init_run, lr_setup, prepare_args, restore, wrap_ddp
 from util import distributed as du
@@ -105,14 +105,7 @@ def setup_freezeout(args: argparse.Namespace, model: nn.Module, schedule, spe: i
         if args.freeze_signal == 'output':
             from util.vis import fixed_batch
             imgs = fixed_batch(val_set, 16, device)  # val transform: deterministic, the same on every rank
-
-            def probe():
-                was = model.training
-                model.eval()
-                try:
-                    return seam.unit_features(imgs)
-                finally:
-                    model.train(was)
+            probe = eval_mode_probe(model, seam.unit_features, imgs)
         freezer = AdaptiveFreezeOut(seam, total, warm, schedule.lr_at, bounds_from_args(args, total),
                                     args.freeze_signal, probe=probe,
                                     sync=du.broadcast_from_rank0 if args.distributed else None,

@@ -19,8 +19,8 @@ from timm.optim import param_groups_weight_decay
 import models_mim
 from engine_pretrain import NonFiniteLoss, PretrainState, train_one_epoch
 from freezeout import (AdaptiveFreezeOut, FreezeOut, FreezeOutSchedule, add_policy_args, add_schedule_args,
-                       bounds_from_args, decided_saving, format_adaptive_plan, format_plan, measure_unit_flops,
-                       projected_saving, resolve_freeze_args)
+                       bounds_from_args, decided_saving, eval_mode_probe, format_adaptive_plan, format_plan,
+                       measure_unit_flops, projected_saving, resolve_freeze_args)
 from util import distributed as du
 from util.amp import fused_attention_report, make_amp, set_cuda_speed_flags
 from util.args import (add_arch_args, add_common_args, add_optim_args, apply_demo_defaults, check_output_dir,
@@ -371,7 +371,7 @@ def demo_summary(args, freezer, flops, spe: int) -> str:
             recs = [json.loads(l) for l in f if l.strip()]
     last = recs[-1] if recs else {}
     lines = ['', '=' * 30 + ' ViTFreeze demo: summary ' + '=' * 30]
-    if freezer is not None and not hasattr(freezer, 'schedule'):  # the adaptive policy: decisions, no fixed plan
+    if freezer is not None and getattr(freezer, 'schedule', None) is None:  # adaptive: decisions, no fixed plan
         lines.append(f'FreezeOut: adaptive policy; frozen by the end: {freezer.num_frozen} units; decided saving '
                      f'{100 * last.get("decided_saving_so_far", 0.0):.1f}% (FLOP model), measured '
                      f'{100 * last.get("measured_saving_so_far", 0.0):.1f}%')
@@ -479,16 +479,7 @@ def _probe(args, model, device):
     eval mode; identical on every rank)."""
     if args.freeze_signal != 'output':
         return None
-    imgs = _vis_batch(args, device, PROBE_IMAGES)
-
-    def probe():
-        was = model.training
-        model.eval()
-        try:
-            return model.unit_features(imgs)
-        finally:
-            model.train(was)
-    return probe
+    return eval_mode_probe(model, model.unit_features, _vis_batch(args, device, PROBE_IMAGES))
 
 
 def _vis_batch(args, device, n=None):

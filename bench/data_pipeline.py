@@ -42,6 +42,7 @@ import torchvision.transforms.functional as TF  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from util.datasets import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
+from util.log import write_json  # noqa: E402
 
 VARIANTS = ['baseline', 'draft', 'tvjpeg', 'uint8']
 MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
@@ -215,9 +216,7 @@ def main(argv=None) -> Dict[str, object]:
             print(f"{v:<9} vs baseline: max |diff| {e['max_abs_diff']:.3g}, mean {e['mean_abs_diff']:.3g} "
                   f"(normalised units), PSNR {e['psnr_db']:.1f} dB, bit-equal {e['bit_equal']}")
     res['loadavg_at_end'] = list(os.getloadavg())
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(res, f, indent=1)
+    write_json(args.json, res)
     return res
 
 

@@ -48,6 +48,7 @@ import torch.nn as nn  # noqa: E402
 
 import pretrain_step as ps  # noqa: E402
 from freezeout import FreezeOut, FreezeOutSchedule, measure_unit_flops, projected_saving, step_cost  # noqa: E402
+from util.log import write_json  # noqa: E402
 
 PHASES = [p for p in ps.PHASES if p != 'data']  # phases that change with the freeze state / size
 # --metric -> per-state key; the savings summary always has all four
@@ -546,9 +547,7 @@ def main(argv=None) -> Dict[str, object]:
         print_report(res, args.metric)
     elif 'e2e' in res:
         print_e2e(res['e2e'])
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(res, f, indent=1, default=str)
+    write_json(args.json, res)
     if args.plot_dir and 'single' in res:
         print('\n'.join(plot_results(res, args.plot_dir, metric=args.metric)))
     return res

@@ -26,7 +26,6 @@ timed against ``model.hog`` in the same run, interleaved (A B A B ...), on the s
 the max abs difference of the targets are reported.
 """
 import argparse
-import json
 import math
 import os
 import platform
@@ -46,6 +45,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import models_mim  # noqa: E402
+from util.log import write_json  # noqa: E402
 
 PHASES = ['data', 'hog', 'encoder', 'decoders', 'backward', 'optim']
 
@@ -94,7 +94,8 @@ def peak_rss_mb() -> float:
 def build_model(args: argparse.Namespace) -> models_mim.LocalMIM:
     model = models_mim.create_model(args.model, img_size=args.input_size, patch_size=args.patch_size,
                                     embed_dim=getattr(args, 'embed_dim', None), depth=getattr(args, 'depth', None),
-                                    num_heads=getattr(args, 'num_heads', None), hog_nbins=args.hog_nbins)
+                                    num_heads=getattr(args, 'num_heads', None), hog_nbins=args.hog_nbins,
+                                    decoder_embed_dim=getattr(args, 'decoder_embed_dim', None) or 256)
     if getattr(args, 'hog_impl', 'ours') == 'hypot':
         model.hog = hypot_hog_for(model)  # bench-only: measure the proposed fix in the whole step
     return model
@@ -440,6 +441,8 @@ def print_table(r: Dict[str, object]) -> None:
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     add_model_args(p)
+    p.add_argument('--decoder_embed_dim', default=256, type=int,
+                   help='width of each stage decoder (LocalMIM: 256; the --demo run: 64) (default: 256)')
     p.add_argument('--steps', default=5, type=int, help='timed steps (median) (default: 5)')
     p.add_argument('--warmup', default=1, type=int, help='untimed steps first (default: 1)')
     p.add_argument('--device', default='cpu')
@@ -473,9 +476,7 @@ def main(argv=None) -> Dict[str, object]:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
     print_table(res)
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(res, f, indent=1)
+    write_json(args.json, res)
     return res
 
 

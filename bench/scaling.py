@@ -38,6 +38,7 @@ import torch  # noqa: E402
 
 import pretrain_step as ps  # noqa: E402
 from freezeout import measure_unit_flops  # noqa: E402
+from util.log import write_json  # noqa: E402
 
 PHASES = [p for p in ps.PHASES if p != 'data']  # phases that change with the freeze state / size
 
@@ -241,9 +242,7 @@ def main(argv=None) -> Dict[str, object]:
                               'input': flag_input(out['input_sweep'][name], args.tol)}
     out['total_s'] = time.time() - t_start
     print_tables(out)
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(out, f, indent=1)
+    write_json(args.json, out)
     if args.plot:
         print(plot(out, args.plot))
     return out

@@ -14,7 +14,6 @@ reported, with the process CPU time per step.
 """
 import argparse
 import importlib.util
-import json
 import os
 import statistics
 import sys
@@ -30,6 +29,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from bench.pretrain_step import add_model_args, build_model, loadavg, machine_info, make_batch  # noqa: E402
+from util.log import write_json  # noqa: E402
 
 
 def load_reference(ref_dir: str) -> types.ModuleType:
@@ -146,9 +146,7 @@ def main(argv=None):
     print(f"{args.model} {args.input_size}px batch {args.batch_size}, {args.threads} threads, median of "
           f"{args.steps} alternating steps: ours {res['ours_img_per_s']:.2f} img/s, reference "
           f"{res['reference_img_per_s']:.2f} img/s -> {res['speedup']:.2f}x (CPU time {res['cpu_speedup']:.2f}x)")
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(res, f, indent=1)
+    write_json(args.json, res)
     return res
 
 

@@ -266,6 +266,22 @@ def test_cli_plan_only(demo_root, tmp_path, monkeypatch, capsys):
     assert re.search(r'FLOP model: at most \d+\.\d% saving', out)
 
 
+def test_cli_demo_summary_of_an_adaptive_run(demo_root, tmp_path, monkeypatch, capsys):
+    """--demo --freeze_policy adaptive: the end summary reports the decisions (it once read a schedule that the
+    adaptive policy does not have, and crashed after training)."""
+    code, out, err = _run_main(['--demo', *TINY, *ADAPTIVE, '--epochs', '3', '--data_path', demo_root,
+                                '--knn_eval_freq', '0', '--vis_freq', '0', '--output_dir', tmp_path / 'out'],
+                               monkeypatch, capsys)
+    assert code == 0, err
+    summary = out[out.index('ViTFreeze demo: summary'):]
+    m = re.search(r'FreezeOut: adaptive policy; frozen by the end: (\d+) units; decided saving (\d+\.\d)% \(FLOP '
+                  r'model\), measured -?\d+\.\d%', summary)
+    assert m, summary
+    last = json.loads((tmp_path / 'out' / 'log.txt').read_text().splitlines()[-1])
+    assert int(m.group(1)) == last['frozen_units'] >= 1
+    assert m.group(2) == f"{100 * last['decided_saving_so_far']:.1f}"
+
+
 @pytest.mark.parametrize('flags,msg', [
     (['--t_0', '0.8'], 'error: --t_0 shape the scheduled FreezeOut; with --freeze_policy adaptive there is no t_i: '
                        'drop it or use --freeze_policy schedule'),

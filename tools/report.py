@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from util.errors import UserError, exit_main  # noqa: E402
+
 STATE_FILE = 'launch_state.json'
 EVAL_KINDS = {'run_knn.py': 'knn', 'run_linprobe.py': 'linprobe', 'run_finetune.py': 'finetune'}
 # run-location and process plumbing: never a difference between two runs worth a column
@@ -33,7 +36,7 @@ NOT_A_FLAG = {'output_dir', 'log_dir', 'resume', 'start_epoch', 'argv', 'rank', 
 HEADLINE_K = 20  # DINO reports k = 20
 
 
-class ReportError(Exception):
+class ReportError(UserError):
     """Bad input: one line, exit status 2."""
 
 
@@ -543,8 +546,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == '__main__':
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except ReportError as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        sys.exit(2)
+    exit_main(main, sys.argv[1:])

@@ -34,12 +34,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+from util.errors import UserError, exit_main  # noqa: E402
+
 SCRIPTS = ('run_pretrain.py', 'run_finetune.py', 'run_linprobe.py', 'run_knn.py')
 STATE_FILE = 'launch_state.json'  # per output folder: what ran there, and whether it finished
 INTERRUPTED_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # the scripts' exit codes after a graceful stop
 
 
-class LaunchError(Exception):
+class LaunchError(UserError):
     """Bad launcher/sweep input: one line, exit status 2."""
 
 
@@ -409,8 +412,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == '__main__':
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except LaunchError as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        sys.exit(2)
+    exit_main(main, sys.argv[1:])

@@ -30,8 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import submitit_launch as sl  # noqa: E402
 from submitit_launch import LaunchError  # noqa: E402
-sys.path.insert(0, str(sl.REPO_ROOT))
 from util.args import domain_errors  # noqa: E402
+from util.errors import exit_main  # noqa: E402
 
 EVALS = {'knn': 'run_knn.py', 'linprobe': 'run_linprobe.py', 'finetune': 'run_finetune.py'}
 SWITCH_ON, SWITCH_OFF = ('on', 'true', 'yes', '1'), ('off', 'false', 'no', '0')
@@ -326,8 +326,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == '__main__':
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except LaunchError as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        sys.exit(2)
+    exit_main(main, sys.argv[1:])

@@ -121,6 +121,14 @@ def _fmt_td(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(seconds)))
 
 
+def write_json(path: Optional[str], obj: Any) -> None:
+    """Write ``obj`` to ``path`` as indented JSON (a benchmark's ``--json`` result; non-JSON values as ``str``);
+    nothing when ``path`` is empty."""
+    if path:
+        with open(path, 'w') as f:
+            json.dump(obj, f, indent=1, default=str)
+
+
 def append_json_log(output_dir: str, record: Dict[str, Any], filename: str = 'log.txt') -> Optional[int]:
     """Append one JSON line to ``<output_dir>/log.txt`` (rank 0 only; flushed and fsync'ed).
 
