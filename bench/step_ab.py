@@ -88,7 +88,8 @@ def main(argv=None) -> dict:
     speedup = b / a if args.vs == 'full_decode' else a / b
     res.update(a_step_s=a, b_step_s=b, speedup=speedup, a_steps_s=times['a'], b_steps_s=times['b'],
                loadavg_at_end=loadavg())
-    na, nb = ('masked-only', 'full decode') if args.vs == 'full_decode' else ('eager', f'compiled ({args.compile_backend})')
+    na, nb = (('masked-only', 'full decode') if args.vs == 'full_decode'
+              else ('eager', f'compiled ({args.compile_backend})'))
     faster = na if args.vs == 'full_decode' else nb
     line = (f"{args.model} {args.input_size}px batch {args.batch_size}, {args.threads} threads, median of "
             f"{args.steps} alternating steps: {na} {args.batch_size / a:.2f} img/s, {nb} {args.batch_size / b:.2f} "
