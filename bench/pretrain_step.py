@@ -118,6 +118,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(bench only; measures the fix's effect on the whole step) (default: ours)")
 
 
+def add_alternating_args(p: argparse.ArgumentParser) -> None:
+    """--steps/--warmup/--json of the benches that alternate two sides A B A B ... in one process."""
+    p.add_argument('--steps', default=5, type=int, help='timed steps of each side (median) (default: 5)')
+    p.add_argument('--warmup', default=1, type=int, help='untimed steps of each side first (default: 1)')
+    p.add_argument('--json', default=None, help='also write the result to this JSON file')
+
+
 def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs)) if xs else float('nan')
 

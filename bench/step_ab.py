@@ -27,8 +27,8 @@ if REPO not in sys.path:
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from bench.pretrain_step import (add_model_args, build_model, loadavg, machine_info, make_batch,  # noqa: E402
-                                 make_optimizer)
+from bench.pretrain_step import (add_alternating_args, add_model_args, build_model, loadavg,  # noqa: E402
+                                 machine_info, make_batch, make_optimizer)
 from util.log import write_json  # noqa: E402
 
 
@@ -56,9 +56,7 @@ def main(argv=None) -> dict:
                    help='what B is: the full decode, or the compiled regions (default: full_decode)')
     p.add_argument('--compile_backend', default='inductor', help='with --vs compile (default: inductor)')
     p.add_argument('--decoder_embed_dim', default=256, type=int, help='stage decoder width (default: 256)')
-    p.add_argument('--steps', default=5, type=int, help='timed steps of each side (median) (default: 5)')
-    p.add_argument('--warmup', default=1, type=int, help='untimed steps of each side first (default: 1)')
-    p.add_argument('--json', default=None, help='also write the result to this JSON file')
+    add_alternating_args(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -28,7 +28,8 @@ if REPO not in sys.path:
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from bench.pretrain_step import add_model_args, build_model, loadavg, machine_info, make_batch  # noqa: E402
+from bench.pretrain_step import (add_alternating_args, add_model_args, build_model, loadavg,  # noqa: E402
+                                 machine_info, make_batch)
 from util.log import write_json  # noqa: E402
 
 
@@ -109,9 +110,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     add_model_args(p)
     p.add_argument('--reference_dir', required=True, help='the ViT/ folder of a LocalMIM checkout')
-    p.add_argument('--steps', default=5, type=int, help='timed steps per side (median) (default: 5)')
-    p.add_argument('--warmup', default=1, type=int, help='untimed steps per side first (default: 1)')
-    p.add_argument('--json', default=None, help='write the results here')
+    add_alternating_args(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
