@@ -32,7 +32,8 @@ PRETRAIN_ROWS = {
     'adaptive': (['--freeze_policy', 'adaptive'], '--freeze_policy', 'adaptive, defaults (weight signal)'),
     'adaptive_output': (['--freeze_policy', 'adaptive', '--freeze_signal', 'output'], '--freeze_signal',
                         'adaptive, output signal (Egeria-style probe)'),
-    'constant': (['--t_0', '1', '--lr_schedule', 'constant'], '--lr_schedule', 'no freezing, constant LR after warm-up'),
+    'constant': (['--t_0', '1', '--lr_schedule', 'constant'], '--lr_schedule',
+                 'no freezing, constant LR after warm-up'),
     'curriculum': (['--t_0', '1', '--stage_weights', 'equal', '--stage_weights_end', '1overk'], '--stage_weights_end',
                    'no freezing, stage weights equal -> 1/4,1/3,1/2,1'),
 }
