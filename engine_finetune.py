@@ -8,51 +8,34 @@
 * :func:`fit`: the epoch loop (train → evaluate → checkpoint → ``log.txt`` / TensorBoard).
 """
 import itertools
-import math
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.nn as nn
 from timm.utils import accuracy
 
-from freezeout import format_decision
+from engine_common import flush_losses, set_lrs
 from util import distributed as du
 from util.amp import Amp
 from util.checkpoint import save_checkpoint
 from util.datasets import seed_loader_epoch
-from util.errors import UserError
 from util.log import MetricLogger, SmoothedValue, TensorBoard, trim_json_log
 from util.log import epoch_record as log_epoch_record
 from util.signals import NO_STOP, GracefulStop
 from util.lr_sched import WarmupCosine
 
 
-class NonFiniteLoss(UserError):
-    """The loss became NaN/inf; raised on every rank at once, before any checkpoint of the epoch is written."""
-
-
-def _stop_if_not_finite(loss_value: float, epoch: int, it: int, step: int) -> None:
-    bad = not math.isfinite(loss_value)
-    if du.is_dist():  # every rank must stop at the same iteration, or the others hang in the next all-reduce
-        flag = torch.tensor([float(bad)], device=du.collective_device())
-        bad = du.all_reduce_tensor(flag).item() > 0
-    if bad:
-        raise NonFiniteLoss(f'loss is {loss_value} at epoch {epoch}, iteration {it} (optimizer step {step}); '
-                            f'stopping without writing a checkpoint. Lower --lr/--blr, set --clip_grad, or use '
-                            f'--amp bf16 / --amp none')
-
-
 def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],
-                    clip_grad: Optional[float]) -> Optional[float]:
-    """Unscale (fp16), clip, step; returns the pre-clip gradient norm when clipping."""
+                    clip_grad: Optional[float]) -> Optional[torch.Tensor]:
+    """Unscale (fp16), clip, step; returns the pre-clip gradient norm (a device scalar) when clipping."""
     norm = None
     if clip_grad is not None:
         if scaler is not None:
             scaler.unscale_(optimizer)
         params = [p for g in optimizer.param_groups for p in g['params'] if p.grad is not None]
-        norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad))
+        norm = torch.nn.utils.clip_grad_norm_(params, clip_grad).detach()
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -66,75 +49,64 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                     accum_iter: int = 1, clip_grad: Optional[float] = None, mixup_fn: Optional[Callable] = None,
                     tb: Optional[TensorBoard] = None, print_freq: int = 50,
                     remaining_after: Optional[int] = None, stop=NO_STOP,
-                    rewrap: Optional[Callable[[], nn.Module]] = None) -> Dict[str, float]:
+                    rewrap: Optional[Callable[[], nn.Module]] = None,
+                    global_lr: Optional[Callable[[int], float]] = None) -> Dict[str, float]:
     """One epoch of ``steps_per_epoch`` optimizer steps of ``accum_iter`` micro-batches each.
 
     Args:
         model: the (possibly DDP-wrapped) model; images [B,3,H,W] → logits [B,C].
         criterion: loss on (logits, targets); targets are soft [B,C] after Mixup, else class indices [B].
-        lr_schedule: sets every group's LR (× ``lr_scale``) at optimizer step ``epoch·steps_per_epoch + s``:
-            ``apply(optimizer, step)`` (plain), or ``step(optimizer, step) -> changed`` (FreezeOut: freezes what is
-            due; ``rewrap()`` then returns the re-wrapped DDP model, which trains from this step on).
+        lr_schedule: the LR control: ``step(optimizer, step) -> changed`` at optimizer step
+            ``epoch·steps_per_epoch + s`` sets every group's LR (× ``lr_scale``): a WarmupCosine, or a FreezeOut
+            (any freeze policy; when it freezes, ``rewrap()`` returns the re-wrapped DDP model).
+        global_lr: the run's global LR at a step, the logged ``lr`` (default: ``lr_schedule.lr_at``).
         clip_grad: max gradient norm (None: no clipping).
         remaining_after: micro-batches of the run after this epoch, for the whole-run ETA.
 
     Returns:
-        Epoch averages over ranks: ``loss``, ``lr`` (max over groups, as MAE logs) and ``grad_norm`` if clipping.
+        Epoch averages over ranks: ``loss``, ``lr`` (the global schedule's) and ``grad_norm`` if clipping.
     """
+    global_lr = global_lr or lr_schedule.lr_at  # (a WarmupCosine; a freezer's caller passes the global one)
     model.train(True)
     optimizer.zero_grad(set_to_none=True)
     logger = MetricLogger()
     logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
     n_micro = steps_per_epoch * accum_iter  # a trailing partial accumulation window is never stepped: skip it
-    freezing = hasattr(lr_schedule, 'step')
-    drain = getattr(lr_schedule, 'drain_events', None)
+    pending: List[Dict[str, Any]] = []
     for it, (samples, targets) in enumerate(logger.log_every(itertools.islice(data_loader, n_micro), print_freq,
                                                              f'Epoch: [{epoch}]', remaining_after, total=n_micro)):
         stop.check(epoch, it)  # SIGINT/SIGTERM (util/signals.py): stop between micro-batches, write nothing
         step = epoch * steps_per_epoch + it // accum_iter
         update = (it + 1) % accum_iter == 0
         if it % accum_iter == 0:
-            if freezing:
-                if lr_schedule.step(optimizer, step) and rewrap is not None:
-                    model = rewrap()
-                    model.train(True)
-                    du.print0(f'FreezeOut: step {step} (epoch {epoch}): frozen units '
-                              f"{lr_schedule.state_dict()['frozen_units']}")
-                if drain is not None:
-                    for ev in drain():
-                        x = int((it / n_micro + epoch) * 1000)
-                        if ev['kind'] == 'decision':
-                            du.print0(format_decision(ev, epoch))
-                            if tb:
-                                tb.scalar('freezeout/decided_unit', ev['index'], x)
-                        elif tb and ev['plasticity']:
-                            tb.scalars('freezeout/plasticity', ev['plasticity'], x)
-            else:
-                lr_schedule.apply(optimizer, step)
+            if set_lrs(lr_schedule, optimizer, step, epoch, it / n_micro, tb) and rewrap is not None:
+                model = rewrap()
+                model.train(True)
+            lr = global_lr(step)
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
         # DDP: all-reduce gradients only on the micro-batch that ends an accumulation window.
-        sync = model.no_sync() if not update and hasattr(model, 'no_sync') else nullcontext()
+        sync = model.no_sync() if not update and isinstance(model, nn.parallel.DistributedDataParallel) \
+            else nullcontext()
         with sync:
             with amp.autocast():
                 loss = criterion(model(samples), targets)
-            loss_value = loss.item()
-            _stop_if_not_finite(loss_value, epoch, it, step)
             scaled = loss / accum_iter
             (amp.scaler.scale(scaled) if amp.scaler is not None else scaled).backward()
+        parts = {}
         if update:
             norm = _optimizer_step(optimizer, amp.scaler, clip_grad)
             optimizer.zero_grad(set_to_none=True)
-            logger.update(grad_norm=norm)
-        lr = max(g['lr'] for g in optimizer.param_groups)
-        logger.update(loss=loss_value, lr=lr)
-        loss_mean = du.all_reduce_mean(loss_value)
-        if tb and update:
-            x = int((it / n_micro + epoch) * 1000)  # epoch_1000x: curves of different batch sizes line up
-            tb.scalar('loss', loss_mean, x)
-            tb.scalar('lr', lr, x)
+            if norm is not None:
+                parts['grad_norm'] = norm
+        # the loss stays on the device: read (NaN check, meters, TensorBoard) every print_freq micro-batches
+        pending.append({'i': it, 'loss': loss.detach(), 'parts': parts, 'lr': lr, 'update': update})
+        if it % print_freq == 0 or it == n_micro - 1:
+            flush_losses(pending, logger, epoch, n_micro, tb, 'loss', mean_over_ranks=True,
+                         advice='lower --lr/--blr, set --clip_grad, or use --amp bf16 / --amp none')
+            pending = []
     logger.synchronize_between_processes()
     du.print0(f'Averaged stats: {logger}')
     return {k: m.global_avg for k, m in logger.meters.items()}
@@ -179,16 +151,17 @@ def fit(model: nn.Module, model_without_ddp: nn.Module, criterion: nn.Module, op
         amp: Amp, lr_schedule: WarmupCosine, steps_per_epoch: int, train_loader: Any, val_loader: Any,
         device: torch.device, args: Any, tb: TensorBoard, mixup_fn: Optional[Callable] = None,
         max_accuracy: float = 0.0, n_parameters: int = 0, rewrap: Optional[Callable[[], nn.Module]] = None,
-        epoch_record: Optional[Callable[[int], Dict[str, Any]]] = None) -> float:
+        epoch_record: Optional[Callable[[int], Dict[str, Any]]] = None, freezer: Any = None) -> float:
     """Epochs ``args.start_epoch .. args.epochs-1``: train, evaluate, checkpoint, log. Returns the best Acc@1.
 
     Uses ``args``: epochs, start_epoch, accum_iter, clip_grad (optional), seed, rank, save_freq, output_dir.
     ``checkpoint-N.pth`` is written when ``N % save_freq == 0`` and at the last epoch, ``checkpoint-last.pth``
     every epoch; ``log.txt`` gets one JSON line per epoch.
 
-    FreezeOut (``lr_schedule`` with ``step``): ``rewrap()`` re-wraps DDP after a freeze event, the freezer's
-    ``state_dict()`` goes into the checkpoint as ``freezeout``, and ``epoch_record(epoch)`` adds its fields
-    (frozen units, saving so far, decisions) to the epoch's log record.
+    ``lr_schedule`` is the global schedule (the logged ``lr``). With a ``freezer`` (freezeout.FreezeOut, any policy)
+    the freezer sets the LRs, ``rewrap()`` re-wraps DDP after a freeze event, the freezer's ``state_dict()`` goes into
+    the checkpoint as ``freezeout``, and ``epoch_record(epoch)`` adds its fields (frozen units, saving so far,
+    decisions) to the epoch's log record.
     """
     du.print0(f'Start training for {args.epochs} epochs (from epoch {args.start_epoch})')
     start = time.time()
@@ -204,9 +177,10 @@ def fit(model: nn.Module, model_without_ddp: nn.Module, criterion: nn.Module, op
         remaining = (args.epochs - epoch - 1) * steps_per_epoch * args.accum_iter
         t_epoch = time.time()
         train_stats = train_one_epoch(current['model'], criterion, train_loader, optimizer, device, epoch, amp,
-                                      lr_schedule, steps_per_epoch, args.accum_iter, getattr(args, 'clip_grad', None),
-                                      mixup_fn, tb, remaining_after=remaining, stop=stop,
-                                      rewrap=_rewrap if rewrap is not None else None)
+                                      freezer or lr_schedule, steps_per_epoch, args.accum_iter,
+                                      getattr(args, 'clip_grad', None), mixup_fn, tb, remaining_after=remaining,
+                                      stop=stop, rewrap=_rewrap if rewrap is not None else None,
+                                      global_lr=lr_schedule.lr_at)
         train_stats['epoch_time'] = time.time() - t_epoch
         test_stats = evaluate(model_without_ddp, val_loader, device, amp)
         du.print0(f"Accuracy of the network on the {len(val_loader.dataset)} test images: {test_stats['acc1']:.1f}%")
@@ -219,8 +193,8 @@ def fit(model: nn.Module, model_without_ddp: nn.Module, criterion: nn.Module, op
                      max_accuracy=max_accuracy, step=(epoch + 1) * steps_per_epoch)
         if amp.scaler is not None:
             state['scaler'] = amp.scaler.state_dict()
-        if hasattr(lr_schedule, 'step'):
-            state['freezeout'] = lr_schedule.state_dict()
+        if freezer is not None:
+            state['freezeout'] = freezer.state_dict()
         numbered = epoch % args.save_freq == 0 or epoch + 1 == args.epochs
         log = {**{f'train_{k}': v for k, v in train_stats.items()}, **{f'test_{k}': v for k, v in test_stats.items()},
                'epoch': epoch, 'n_parameters': n_parameters, **(epoch_record(epoch) if epoch_record else {})}

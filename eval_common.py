@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 import models_vit
 from util import distributed as du
 from util.args import add_arch_args, apply_demo_defaults, check_output_dir, explicit_flags, resolve_device_flag
-from util.checkpoint import resolve_resume, restore_rng_state, warn_changed_flags
+from util.checkpoint import resolve_resume
 from util.datasets import build_dataset, build_loader, check_min_images
 from util.errors import UserError, check
 from util.knn import ShardSampler
@@ -193,24 +193,19 @@ def wrap_ddp(model: nn.Module, args: argparse.Namespace, device: torch.device) -
                                                      else None)
 
 
+MISMATCH = 'not a checkpoint of this model ({detail}); pre-training checkpoints go to --finetune'
+
+
 def restore(resume: Tuple[str, Dict[str, Any]], model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
-            scaler: Optional[torch.amp.GradScaler], args: argparse.Namespace) -> float:
-    """Load a training checkpoint of this script; returns the best accuracy so far. Sets ``args.start_epoch``."""
+            scaler: Optional[torch.amp.GradScaler], args: argparse.Namespace, freezer: Any = None) -> float:
+    """Load a training checkpoint of this script (weights only without ``optimizer``, for --eval); returns the best
+    accuracy so far. Sets ``args.start_epoch`` when continuing training (engine_common.restore_training)."""
+    from engine_common import load_weights, restore_training
     path, ckpt = resume
-    try:
-        model.load_state_dict(ckpt['model'])
-    except (RuntimeError, KeyError) as e:
-        lines = [l.strip() for l in str(e).strip().splitlines()]
-        first = '; '.join(lines[1:3] or lines[:1])[:300]  # line 0 is only 'Error(s) in loading state_dict for ...'
-        raise UserError(f'--resume {path}: not a checkpoint of this model ({first}); pre-training checkpoints go to '
-                        f'--finetune') from None
-    if optimizer is not None and 'optimizer' in ckpt:
-        optimizer.load_state_dict(ckpt['optimizer'])
-        if scaler is not None and 'scaler' in ckpt:
-            scaler.load_state_dict(ckpt['scaler'])
-        args.start_epoch = int(ckpt['epoch']) + 1
-        restore_rng_state(ckpt.get('rng'))
-        warn_changed_flags(ckpt.get('args', {}), args)
+    if optimizer is None:
+        load_weights(resume, model, MISMATCH)
+    else:
+        restore_training(resume, model, optimizer, scaler, freezer, args, MISMATCH)
     du.print0(f"resumed from {path} (epoch {ckpt.get('epoch')}); next epoch {args.start_epoch}")
     return float(ckpt.get('max_accuracy', 0.0))
 

@@ -175,21 +175,168 @@ class FreezeOutSchedule:
         return counts
 
 
-class FreezeOut:
-    """Applies a :class:`FreezeOutSchedule` to a model and its optimizer, one call per optimizer step.
+# ---------------------------------------------------------------------------------------------------------------------
+# The policy seam: a FreezePolicy decides (how long the frozen prefix is, each trainable unit's LR); one FreezeOut
+# applies any policy (requires_grad, optimizer groups and state, the model's no_grad prefix, DDP re-wrap via the
+# caller, history for the saving, resume checks). A new freezing rule is one FreezePolicy subclass.
 
-    The optimizer must be built from :meth:`param_groups` (groups tagged with ``unit``; ``unit = -1`` for the never
-    frozen embedding under ``dont_freeze_pe``).
+
+class FreezePolicy:
+    """Base class of freezing policies (a public contract: plugins subclass it, ``--freeze_policy module:Class``).
+
+    A policy sees ordered unit *names* only (unit 0 = input side); the toolkit owns the parameters. Steps are
+    0-based optimizer steps; ``frozen_units(step)`` is asked before the update of step ``step`` and must never go
+    down. Optional hooks (defaults do nothing): :meth:`observe` (watch training, e.g. weights or a probe's outputs),
+    :meth:`boundaries` (the steps where the frozen count changes, when known), :meth:`format_plan` (its
+    ``--plan_only`` text), ``needs_probe`` (ask the toolkit for a probe of every unit's output).
+    """
+    name: str = ''             # set by register_policy (or 'module:Class' for a plugin)
+    needs_probe: bool = False  # observe() gets view.probe(): one feature tensor per model unit, fixed batch
+    plans_ahead: bool = True   # frozen_units() is a pure function of the step: the plan can be computed up front
+    schedule: Optional['FreezeOutSchedule'] = None  # a planned per-unit schedule, if the policy has one
+
+    def __init__(self, args: Any, units: List[str], total_steps: int, warmup_steps: int):
+        self.args, self.units = args, list(units)
+        self.total_steps, self.warmup_steps = int(total_steps), int(warmup_steps)
+
+    @classmethod
+    def add_args(cls, group) -> None:
+        """The policy's own flags (help with units and default; numeric ones need a domain, util/args)."""
+
+    def frozen_units(self, step: int) -> int:
+        """How many leading units are frozen from optimizer step ``step`` on."""
+        return 0
+
+    def unit_lr(self, unit: int, step: int, base_lr: float) -> float:
+        """LR of trainable unit ``unit`` at ``step``; ``base_lr`` = the run's global schedule at ``step``."""
+        return base_lr
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+    # ---- optional hooks --------------------------------------------------------------------------------------
+
+    def observe(self, step: int, view: 'UnitView') -> List[Dict[str, Any]]:
+        """Called once per optimizer step before :meth:`frozen_units`; returns log events (``kind`` 'signal' with
+        ``plasticity`` {unit: value}, or 'decision' with step/unit/index/freeze_step and a ``text`` line)."""
+        return []
+
+    def boundaries(self) -> Optional[List[int]]:
+        """Sorted steps in [0, T) where ``frozen_units`` changes (None: the toolkit scans every step)."""
+        return None
+
+    def epoch_record(self, start: int, end: int) -> Dict[str, Any]:
+        """Extra fields for the log record of the epoch spanning optimizer steps [start, end)."""
+        return {}
+
+    def format_plan(self, freezer: 'FreezeOut', steps_per_epoch: int, flops: Optional[Dict[str, Any]]) -> str:
+        """``--plan_only``: every unit's freeze step (from :meth:`frozen_units`) and the FLOP-model saving."""
+        spe = max(1, steps_per_epoch)
+        steps = freezer.freeze_steps()
+        lines = [f'FreezeOut policy: {self.name} ({_first_line(type(self).__doc__)}), T={self.total_steps} optimizer '
+                 f'steps ({steps_per_epoch}/epoch), warm-up W={self.warmup_steps}',
+                 f"{'unit':>4} {'name':<10} {'freeze step':>11} {'epoch':>8}"]
+        for i, (name, s) in enumerate(zip(self.units, steps)):
+            lines.append(f"{i:>4} {name:<10} {'never' if s is None else s:>11} "
+                         f"{'-' if s is None else format(s / spe, '.2f'):>8}")
+        if flops is not None:
+            lines.append(f'projected saving of training FLOPs (FLOP model, backward = 2x forward): '
+                         f'{100 * decided_saving(freezer, flops, self.total_steps):.1f}%')
+        return '\n'.join(lines)
+
+
+def _first_line(doc: Optional[str]) -> str:
+    return (doc or '').strip().split('\n')[0].rstrip('.') or 'no description'
+
+
+@dataclass
+class UnitView:
+    """What :meth:`FreezePolicy.observe` may look at: the scheduled units' parameters (detached reads only), the
+    current frozen count, an optional probe (one output tensor per *model* unit on a fixed batch) and ``sync``
+    (make a device vector identical on every rank, e.g. a broadcast from rank 0; identity when not distributed)."""
+    units: List[Any]                 # ParamUnit-like: .name, .params {name: Parameter}
+    num_frozen: int
+    probe: Optional[Callable[[], List[torch.Tensor]]]
+    sync: Callable[[torch.Tensor], torch.Tensor]
+    offset: int                      # model units before the first scheduled one (1 with --dont_freeze_pe)
+    base_lr: Callable[[int], float]  # the run's global schedule
+
+    def params(self, unit: int) -> List[torch.Tensor]:
+        return [p.detach() for p in self.units[unit].params.values()]
+
+    def outputs(self, units: Sequence[int]) -> Dict[int, torch.Tensor]:
+        feats = self.probe()
+        return {i: feats[i + self.offset].detach().float() for i in units}
+
+
+POLICIES: Dict[str, type] = {}
+
+
+def register_policy(name: str):
+    """Class decorator: make a FreezePolicy available as ``--freeze_policy NAME``."""
+    def deco(cls):
+        cls.name = name
+        POLICIES[name] = cls
+        return cls
+    return deco
+
+
+def resolve_policy(spec: str) -> type:
+    """``--freeze_policy`` value -> FreezePolicy subclass: a registered name or ``module:Class`` on PYTHONPATH."""
+    if spec in POLICIES:
+        return POLICIES[spec]
+    if ':' not in spec:
+        raise UserError(f"--freeze_policy {spec!r}: not a registered policy ({', '.join(POLICIES)}) nor "
+                        f"module:Class importable from PYTHONPATH")
+    from util.plugins import load_class
+    cls = load_class(spec, FreezePolicy, '--freeze_policy')
+    if not cls.name:
+        cls.name = spec
+    return cls
+
+
+class FreezeOut:
+    """Applies a :class:`FreezePolicy` to a model and its optimizer, one :meth:`step` per optimizer step.
+
+    ``model`` offers ``units()`` (ordered ParamUnits, unit 0 = input side) and ``set_frozen(num_frozen_blocks,
+    embed_frozen)``. With ``dont_freeze_pe`` unit 0 is not scheduled (global LR, never frozen). The optimizer must
+    be built from :meth:`param_groups` (or :func:`tag_param_groups`): groups tagged with ``unit`` (-1 = unscheduled).
+    ``base_lr(step)`` is the run's global schedule. ``policy`` may also be a :class:`FreezeOutSchedule` (wrapped in
+    the schedule policy; its global curve is the base LR).
     """
 
-    def __init__(self, model: nn.Module, schedule: FreezeOutSchedule, dont_freeze_pe: bool = False):
-        self.model, self.schedule, self.dont_freeze_pe = model, schedule, dont_freeze_pe
+    def __init__(self, model: nn.Module, policy: Any, dont_freeze_pe: bool = False,
+                 base_lr: Optional[Callable[[int], float]] = None,
+                 probe: Optional[Callable[[], List[torch.Tensor]]] = None,
+                 sync: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, flags: Optional[Dict] = None):
+        if isinstance(policy, FreezeOutSchedule):
+            base_lr = base_lr or policy.global_lr_at
+            policy = SchedulePolicy.from_schedule(policy)
+        if base_lr is None:
+            raise ValueError('FreezeOut needs base_lr(step), the global schedule')
+        self.model, self.policy, self.dont_freeze_pe, self.base_lr = model, policy, dont_freeze_pe, base_lr
         units = model.units()
         self.embed_unit = units[0]
         self.sched_units = units[1:] if dont_freeze_pe else units
-        if len(self.sched_units) != len(schedule.units):
-            raise ValueError(f'schedule has {len(schedule.units)} units, model {len(self.sched_units)}')
+        if len(self.sched_units) != len(policy.units):
+            raise ValueError(f'policy has {len(policy.units)} units, model {len(self.sched_units)}')
+        if policy.needs_probe and probe is None:
+            raise ValueError(f'policy {policy.name} needs a probe() returning one feature tensor per unit')
+        self.view = UnitView(self.sched_units, 0, probe, sync or (lambda v: v), 1 if dont_freeze_pe else 0,
+                             base_lr)
+        self.flags = dict(flags or {})  # the policy-shaping flags, checked on resume
         self.num_frozen = 0
+        self.history: List[List[int]] = []  # [step, frozen count] at every applied change
+        self._events: List[Dict[str, Any]] = []
+        self._scanned: Optional[List[int]] = None
+
+    @property
+    def schedule(self) -> Optional['FreezeOutSchedule']:
+        """The planned per-unit schedule (the schedule policy's; None for others)."""
+        return self.policy.schedule
 
     @staticmethod
     def unit_names(model: nn.Module, dont_freeze_pe: bool) -> List[str]:
@@ -209,36 +356,80 @@ class FreezeOut:
                     groups.append({'params': params, 'weight_decay': wd, 'unit': idx, 'name': unit.name})
         return groups
 
+    def unit_lr(self, unit: int, step: int) -> float:
+        base = self.base_lr(step)
+        return base if unit < 0 else self.policy.unit_lr(unit, step, base)
+
     def lr_by_unit(self, step: int) -> Dict[str, float]:
         """LR of every active unit at ``step`` (for logging)."""
-        out = {}
-        if self.dont_freeze_pe:
-            out[self.embed_unit.name] = self.schedule.global_lr_at(step)
+        out = {self.embed_unit.name: self.base_lr(step)} if self.dont_freeze_pe else {}
         for i, u in enumerate(self.sched_units):
             if i >= self.num_frozen:
-                out[u.name] = self.schedule.lr_at(i, step)
+                out[u.name] = self.unit_lr(i, step)
         return out
 
     def step(self, optimizer: torch.optim.Optimizer, step: int) -> bool:
-        """At optimizer step ``step``: freeze every unit that is due, then set the LR of the rest.
+        """At optimizer step ``step``: let the policy observe, freeze what it says, set every group's LR.
 
-        Returns True when the frozen set changed (the caller must then re-wrap DDP / rebuild compiled graphs).
-        """
-        due = self.schedule.num_frozen_at(step)
+        Returns True when the frozen set changed (the caller then re-wraps DDP)."""
+        self.view.num_frozen = self.num_frozen
+        self._events += self.policy.observe(step, self.view)
+        due = int(self.policy.frozen_units(step))
+        if due < self.num_frozen or due > len(self.sched_units):
+            raise RuntimeError(f'freeze policy {self.policy.name}: frozen_units({step}) = {due}, but '
+                               f'{self.num_frozen} units are frozen already (of {len(self.sched_units)}); the frozen '
+                               f'prefix can only grow')
         changed = due > self.num_frozen
         if changed:
             self.apply_frozen(optimizer, due)
+            self.history.append([step, due])
+            self._events.append({'kind': 'freeze', 'step': step, 'num_frozen': due,
+                                 'frozen_units': [u.name for u in self.sched_units[:due]]})
+        base = self.base_lr(step)
+        unit_lr = self.policy.unit_lr
         for g in optimizer.param_groups:
             u = g['unit']
-            lr = self.schedule.global_lr_at(step) if u < 0 else self.schedule.lr_at(u, step)
-            g['lr'] = lr * g.get('lr_scale', 1.0)  # layer decay (fine-tuning); x 1.0 is exact
+            g['lr'] = (base if u < 0 else unit_lr(u, step, base)) * g.get('lr_scale', 1.0)  # x 1.0 is exact
         return changed
 
+    def drain_events(self) -> List[Dict[str, Any]]:
+        """The policy's signals and decisions and the applied freezes since the last call (log lines, TensorBoard)."""
+        ev, self._events = self._events, []
+        return ev
+
     def num_frozen_at(self, step: int) -> int:
-        return self.schedule.num_frozen_at(step)
+        """Frozen count at ``step`` as far as known now (a plan, or the decisions taken so far)."""
+        return int(self.policy.frozen_units(step))
 
     def state_boundaries(self) -> List[int]:
-        return self.schedule.state_boundaries()
+        """Sorted steps in [0, T) where the frozen count changes (the policy's, or found by asking it every step;
+        cached for a policy that plans ahead)."""
+        known = self.policy.boundaries()
+        if known is not None:
+            return list(known)
+        if self._scanned is not None:
+            return self._scanned
+        out, prev = [], 0
+        for s in range(self.policy.total_steps):
+            n = self.num_frozen_at(s)
+            if n != prev:
+                out.append(s)
+                prev = n
+        if self.policy.plans_ahead:
+            self._scanned = out
+        return out
+
+    def freeze_steps(self) -> List[Optional[int]]:
+        """First step at which each scheduled unit is frozen under the plan known now (None = never)."""
+        steps: List[Optional[int]] = [None] * len(self.sched_units)
+        for s in [0] + self.state_boundaries():
+            for i in range(self.num_frozen_at(s)):
+                if steps[i] is None:
+                    steps[i] = s
+        return steps
+
+    def format_plan(self, steps_per_epoch: int, flops: Optional[Dict[str, Any]] = None) -> str:
+        return self.policy.format_plan(self, steps_per_epoch, flops)
 
     def apply_frozen(self, optimizer: Optional[torch.optim.Optimizer], count: int) -> None:
         """Freeze the first ``count`` scheduled units (idempotent; used at freeze events and when resuming)."""
@@ -257,13 +448,33 @@ class FreezeOut:
             self.model.set_frozen(max(0, count - 1), embed_frozen=count >= 1)
 
     def state_dict(self) -> Dict[str, Any]:
-        return {'num_frozen': self.num_frozen, 'frozen_units': [u.name for u in self.sched_units[:self.num_frozen]]}
+        return {'policy': self.policy.name, 'flags': dict(self.flags), 'num_frozen': self.num_frozen,
+                'frozen_units': [u.name for u in self.sched_units[:self.num_frozen]],
+                'history': [list(h) for h in self.history], 'policy_state': self.policy.state_dict()}
 
     def load_state_dict(self, state: Dict[str, Any], optimizer: Optional[torch.optim.Optimizer]) -> None:
-        """Re-apply the saved frozen set; call BEFORE ``optimizer.load_state_dict`` so the group layouts match."""
-        if state.get('policy') == 'adaptive':
-            raise UserError('--resume: the checkpoint was written with --freeze_policy adaptive; resume with it')
-        self.apply_frozen(optimizer, int(state.get('num_frozen', 0)))
+        """Refuse another policy or changed policy-shaping flags (one line naming both), re-apply the frozen set and
+        restore the policy; call BEFORE ``optimizer.load_state_dict`` so the group layouts match."""
+        state = state or {}
+        saved = state.get('policy', 'schedule')  # checkpoints before the policy seam: schedule, or 'adaptive'
+        if saved != self.policy.name:
+            raise UserError(f'--resume: the checkpoint was written with --freeze_policy {saved}, this run asks for '
+                            f'--freeze_policy {self.policy.name}; resume with --freeze_policy {saved}')
+        old = state.get('flags', {})
+        changed = [k for k in self.flags if k in old and old[k] != self.flags[k]]
+        if changed:
+            now = ' '.join(f'--{k} {self.flags[k]}' for k in changed)
+            then = ' '.join(f'--{k} {old[k]}' for k in changed)
+            raise UserError(f'--resume: the checkpoint\'s freeze policy {saved} was shaped by {then}, this run asks '
+                            f'for {now}; resume with {then} (or start a new run)')
+        num = int(state.get('num_frozen', 0))
+        if num > len(self.sched_units):
+            raise UserError(f'--resume: the checkpoint has {num} frozen units but this run schedules only '
+                            f'{len(self.sched_units)} (was --dont_freeze_pe or --depth changed?); resume with the '
+                            f'flags it was trained with')
+        self.apply_frozen(optimizer, num)
+        self.history = [list(h) for h in state.get('history', [])]
+        self.policy.load_state_dict(state['policy_state'] if 'policy_state' in state else state)
 
 
 def tag_param_groups(groups: Sequence[Dict[str, Any]], units: Sequence[Any],
@@ -444,7 +655,45 @@ def format_plan(schedule: FreezeOutSchedule, steps_per_epoch: int, flops: Option
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Adaptive freezing (--freeze_policy adaptive)
+# The two built-in policies
+
+
+@register_policy('schedule')
+class SchedulePolicy(FreezePolicy):
+    """FreezeOut's planned schedule: unit i freezes at t_i, its LR follows its own cosine (--t_0/--how_scale)."""
+
+    def __init__(self, args: Any, units: List[str], total_steps: int, warmup_steps: int):
+        super().__init__(args, units, total_steps, warmup_steps)
+        self.schedule = FreezeOutSchedule(
+            units, total_steps, warmup_steps, args.lr, args.min_lr, args.t_0, args.how_scale,
+            scale_lr=not args.not_scale_lr, layerwise_lr=not args.non_layerwise_lr,
+            freeze_schedule=args.freeze_schedule, lr_schedule=getattr(args, 'lr_schedule', 'cosine'),
+            constant_tail=getattr(args, 'constant_tail', 0.1))
+
+    @classmethod
+    def from_schedule(cls, schedule: 'FreezeOutSchedule') -> 'SchedulePolicy':
+        self = cls.__new__(cls)
+        FreezePolicy.__init__(self, None, [u.name for u in schedule.units], schedule.total_steps,
+                              schedule.warmup_steps)
+        self.schedule = schedule
+        return self
+
+    @classmethod
+    def add_args(cls, g) -> None:
+        add_schedule_args(g)
+
+    def frozen_units(self, step: int) -> int:
+        return self.schedule.num_frozen_at(step)
+
+    def unit_lr(self, unit: int, step: int, base_lr: float) -> float:
+        return self.schedule.lr_at(unit, step)
+
+    def boundaries(self) -> List[int]:
+        return self.schedule.state_boundaries()
+
+    def format_plan(self, freezer: 'FreezeOut', steps_per_epoch: int, flops: Optional[Dict[str, Any]]) -> str:
+        return format_plan(self.schedule, steps_per_epoch, flops, freezer.dont_freeze_pe)
+
 
 SIGNALS = ('weight', 'output')
 
@@ -466,9 +715,8 @@ def auto_window(total_steps: int) -> int:
 
 def eval_mode_probe(model: nn.Module, features: Callable[[torch.Tensor], List[torch.Tensor]],
                     imgs: torch.Tensor) -> Callable[[], List[torch.Tensor]]:
-    """The ``probe`` of :class:`AdaptiveFreezeOut`'s output signal: ``features(imgs)`` (one tensor per unit) with
-    ``model`` in eval mode, so no dropout or drop path makes two probes of the same weights differ; the model's
-    train/eval mode is restored afterwards."""
+    """A ``probe`` for policies with ``needs_probe``: ``features(imgs)`` (one tensor per unit) with ``model`` in eval
+    mode, so no dropout or drop path makes two probes of the same weights differ; the mode is restored after."""
     def probe() -> List[torch.Tensor]:
         was = model.training
         model.eval()
@@ -479,93 +727,80 @@ def eval_mode_probe(model: nn.Module, features: Callable[[torch.Tensor], List[to
     return probe
 
 
-class AdaptiveFreezeOut(FreezeOut):
+@register_policy('adaptive')
+class AdaptivePolicy(FreezePolicy):
     """Freezes unit i once its training has stalled, judged by a per-unit signal, instead of at a planned t_i.
 
-    Same optimizer-side interface as :class:`FreezeOut` (``param_groups``, ``step(optimizer, step)`` once per
-    optimizer step, ``apply_frozen``, ``state_dict``). Every ``K = bounds.window`` steps after warm-up it measures,
-    for every unit still training, ``rate`` = the relative change over the last K steps (‖ΔW‖/‖W‖, or the same of
-    the unit's output); ``plasticity = rate / peak rate`` (its own peak since warm-up; a unit that has never moved
-    has plasticity 0). With ``per_lr`` the rate is divided by the LR summed over the window (AdamW moves every
-    weight by ~LR, so this isolates how *consistently* a unit moves from how far its LR lets it) — but on the demo
-    data that ratio *rises* as the cosine decays (weights stop bouncing across the valley at low LR), so nothing
-    ever stalls under a cosine schedule; it is an option, not the default. Signals:
+    Every ``K = bounds.window`` steps after warm-up it measures, for every unit still training, ``rate`` = the
+    relative change over the last K steps (‖ΔW‖/‖W‖, or the same of the unit's output on a fixed probe batch);
+    ``plasticity = rate / peak rate`` (its own peak since warm-up; a unit that has never moved has plasticity 0).
+    With ``per_lr`` the rate is divided by the base LR summed over the window. Signals:
 
-    * ``weight``: change of the unit's parameters. Computed from the weights, which DDP keeps bit-identical on every
-      rank, so every rank takes the same decisions with no communication.
-    * ``output``: change of the unit's output on a fixed probe batch (Egeria-style); ``probe()`` (supplied by the
-      caller) returns one feature tensor per model unit. ``sync`` (e.g. a broadcast from rank 0) makes the numbers
-      identical on every rank even if kernels differ in the last bit.
+    * ``weight``: change of the unit's parameters (bit-identical on every rank under DDP: no communication).
+    * ``output``: change of the unit's output on the probe batch (Egeria-style); ``view.sync`` makes the numbers
+      identical on every rank.
 
     A unit whose plasticity stays below ``threshold`` for ``patience`` evaluations is *decided*: its LR is
-    multiplied by ½(1 + cos(π·(j − j_d)/tail)) for ``tail`` steps, then it freezes (at an optimizer-step boundary).
-    Decisions follow prefix order (unit i only once unit i−1 is decided), the last unit is never frozen, nothing
-    freezes before ``earliest · T``, and no decision is taken whose freeze would fall at or after T. Every other
-    unit follows ``base_lr(step)`` (the run's global schedule) times its group's ``lr_scale``; with no decision the
-    run is plain training, number for number.
+    multiplied by ½(1 + cos(π·(j − j_d)/tail)) for ``tail`` steps, then it freezes. Decisions follow prefix order,
+    the last unit is never frozen, nothing freezes before ``earliest · T``, and no decision is taken whose freeze
+    would fall at or after T. Every other unit follows the run's global schedule (``base_lr``, with its
+    --lr_schedule shape); with no decision the run is plain training, number for number.
     """
+    plans_ahead = False
 
-    def __init__(self, model: nn.Module, total_steps: int, warmup_steps: int, base_lr: Callable[[int], float],
-                 bounds: AdaptiveBounds, signal: str = 'weight',
-                 probe: Optional[Callable[[], List[torch.Tensor]]] = None,
-                 sync: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, dont_freeze_pe: bool = False,
-                 per_lr: bool = False):
-        if signal not in SIGNALS:
-            raise UserError(f"--freeze_signal {signal!r}: choose {' or '.join(SIGNALS)}")
-        if signal == 'output' and probe is None:
-            raise ValueError('the output signal needs a probe() returning one feature tensor per unit')
-        units = model.units()
-        self.model, self.dont_freeze_pe, self.schedule = model, dont_freeze_pe, None
-        self.embed_unit = units[0]
-        self.sched_units = units[1:] if dont_freeze_pe else units
-        self.num_frozen = 0
-        self.total_steps, self.warmup_steps = int(total_steps), int(warmup_steps)
-        self.base_lr, self.bounds, self.signal, self.probe, self.sync = base_lr, bounds, signal, probe, sync
-        self.per_lr = per_lr
-        self.earliest_step = math.ceil(round(bounds.earliest * self.total_steps, 6))
-        n = len(self.sched_units)
+    def __init__(self, args: Any, units: List[str], total_steps: int, warmup_steps: int,
+                 bounds: Optional[AdaptiveBounds] = None):
+        super().__init__(args, units, total_steps, warmup_steps)
+        self.bounds = bounds or bounds_from_args(args, total_steps)
+        self.signal = args.freeze_signal if args is not None else 'weight'
+        self.per_lr = bool(args.freeze_per_lr) if args is not None else False
+        if self.signal not in SIGNALS:
+            raise UserError(f"--freeze_signal {self.signal!r}: choose {' or '.join(SIGNALS)}")
+        self.needs_probe = self.signal == 'output'
+        self.earliest_step = math.ceil(round(self.bounds.earliest * self.total_steps, 6))
+        n = len(self.units)
         self.peak: List[float] = [0.0] * n
         self.below: List[int] = [0] * n
         self.plasticity: Dict[str, float] = {}
-        self.tails: Dict[int, List[int]] = {}           # unit -> [decision step, freeze step]
+        self.tails: Dict[int, List[int]] = {}           # decided, not yet frozen: unit -> [decision step, freeze step]
         self.decisions: List[Dict[str, Any]] = []       # every decision so far (also the saving's frozen history)
         self.snapshot: Dict[int, List[torch.Tensor]] = {}
         self.snapshot_step: Optional[int] = None
-        self._events: List[Dict[str, Any]] = []
 
-    # ---- the policy --------------------------------------------------------------------------------------------
+    @classmethod
+    def add_args(cls, g) -> None:
+        add_adaptive_args(g)
 
     def is_eval_step(self, step: int) -> bool:
         return step >= self.warmup_steps and (step - self.warmup_steps) % self.bounds.window == 0
 
-    def _candidates(self) -> List[int]:
+    def _candidates(self, num_frozen: int) -> List[int]:
         """Units still measured: not frozen, not decided, not the last (never frozen)."""
-        return [i for i in range(self.num_frozen, len(self.sched_units) - 1) if i not in self.tails]
+        return [i for i in range(num_frozen, len(self.units) - 1) if i not in self.tails]
 
-    def _current(self, units: Sequence[int]) -> Dict[int, List[torch.Tensor]]:
-        if self.signal == 'weight':
-            return {i: [p.detach() for p in self.sched_units[i].params.values()] for i in units}
-        feats = self.probe()
-        offset = 1 if self.dont_freeze_pe else 0
-        return {i: [feats[i + offset].detach().float()] for i in units}
-
-    def _evaluate(self, step: int) -> None:
-        units = self._candidates()
-        now = self._current(units)
+    def observe(self, step: int, view: UnitView) -> List[Dict[str, Any]]:
+        for i in [i for i in self.tails if i < view.num_frozen]:
+            del self.tails[i]
+        for i in [i for i in self.snapshot if i < view.num_frozen]:
+            del self.snapshot[i]
+        if not self.is_eval_step(step) or step == self.snapshot_step:
+            return []
+        units = self._candidates(view.num_frozen)
+        now = ({i: view.params(i) for i in units} if self.signal == 'weight'
+               else {i: [t] for i, t in view.outputs(units).items()})
         prev, prev_step = self.snapshot, self.snapshot_step
         measured = [i for i in units if prev_step is not None and i in prev]
+        events: List[Dict[str, Any]] = []
         if measured:
             # one device vector, one host read per evaluation: [delta_0, ref_0, delta_1, ref_1, ...]
             parts = []
             for i in measured:
-                d = torch.stack([torch.linalg.vector_norm(a.float() - b.float()) for a, b in zip(now[i], prev[i])])
+                d = torch.stack([torch.linalg.vector_norm(a.float() - b.to(a.device).float())
+                                 for a, b in zip(now[i], prev[i])])
                 r = torch.stack([torch.linalg.vector_norm(b.float()) for b in prev[i]])
                 parts += [d.pow(2).sum().sqrt(), r.pow(2).sum().sqrt()]
-            vec = torch.stack(parts)
-            if self.sync is not None:
-                vec = self.sync(vec)
-            vals = vec.tolist()
-            lr_dist = sum(self.base_lr(j) for j in range(prev_step, step)) if self.per_lr else 1.0
+            vals = view.sync(torch.stack(parts)).tolist()
+            lr_dist = sum(view.base_lr(j) for j in range(prev_step, step)) if self.per_lr else 1.0
             plast = {}
             for k, i in enumerate(measured):
                 delta, ref = vals[2 * k], vals[2 * k + 1]
@@ -573,123 +808,105 @@ class AdaptiveFreezeOut(FreezeOut):
                 self.peak[i] = max(self.peak[i], rate)
                 p = rate / self.peak[i] if self.peak[i] > 0 else 0.0
                 self.below[i] = self.below[i] + 1 if p < self.bounds.threshold else 0
-                plast[self.sched_units[i].name] = p
+                plast[self.units[i]] = p
             self.plasticity = plast
-            self._events.append({'kind': 'signal', 'step': step, 'plasticity': dict(plast)})
-            self._decide(step)
-        keep = self._candidates()
+            events.append({'kind': 'signal', 'step': step, 'plasticity': dict(plast)})
+            events += self._decide(step)
+        keep = self._candidates(view.num_frozen)
         self.snapshot = {i: [t.clone() for t in now[i]] for i in keep if i in now}
         self.snapshot_step = step
+        return events
 
-    def _decide(self, step: int) -> None:
+    def _decide(self, step: int) -> List[Dict[str, Any]]:
         b = self.bounds
         if step + b.tail < self.earliest_step or step + b.tail >= self.total_steps:
-            return  # too early (the freeze would precede the earliest step), or it would never take effect
-        i = self.num_frozen + len(self.tails)   # tails are contiguous after the frozen prefix
-        while i < len(self.sched_units) - 1 and self.below[i] >= b.patience:
+            return []  # too early (the freeze would precede the earliest step), or it would never take effect
+        out = []
+        i = len(self.decisions)   # decisions are a prefix: the next undecided unit
+        while i < len(self.units) - 1 and self.below[i] >= b.patience:
             self.tails[i] = [step, step + b.tail]
-            d = {'step': step, 'unit': self.sched_units[i].name, 'index': i, 'freeze_step': step + b.tail,
-                 'plasticity': self.plasticity.get(self.sched_units[i].name, 0.0), 'threshold': b.threshold,
+            d = {'step': step, 'unit': self.units[i], 'index': i, 'freeze_step': step + b.tail,
+                 'plasticity': self.plasticity.get(self.units[i], 0.0), 'threshold': b.threshold,
                  'patience': b.patience}
             self.decisions.append(d)
-            self._events.append({'kind': 'decision', **d})
+            out.append({'kind': 'decision', **d})
             i += 1
-
-    def _factor(self, unit: int, step: int) -> float:
-        tail = self.tails.get(unit)
-        if tail is None:
-            return 1.0
-        start, end = tail
-        return 0.5 * (1.0 + math.cos(math.pi * (step - start) / max(1, end - start)))
-
-    def step(self, optimizer: torch.optim.Optimizer, step: int) -> bool:
-        """At optimizer step ``step``: evaluate the signal (every K steps), freeze what is due, set LRs."""
-        if self.is_eval_step(step) and step != self.snapshot_step:
-            self._evaluate(step)
-        due = self.num_frozen
-        while due in self.tails and self.tails[due][1] <= step:
-            due += 1
-        changed = due > self.num_frozen
-        if changed:
-            for i in range(self.num_frozen, due):
-                del self.tails[i]
-            self.apply_frozen(optimizer, due)
-            for i in list(self.snapshot):
-                if i < due:
-                    del self.snapshot[i]
-        base = self.base_lr(step)
-        for g in optimizer.param_groups:
-            u = g['unit']
-            g['lr'] = base * (1.0 if u < 0 else self._factor(u, step)) * g.get('lr_scale', 1.0)
-        return changed
-
-    def drain_events(self) -> List[Dict[str, Any]]:
-        """Signal evaluations and decisions since the last call (for the log lines and TensorBoard)."""
-        ev, self._events = self._events, []
-        return ev
-
-    def lr_by_unit(self, step: int) -> Dict[str, float]:
-        out = {}
-        if self.dont_freeze_pe:
-            out[self.embed_unit.name] = self.base_lr(step)
-        for i, u in enumerate(self.sched_units):
-            if i >= self.num_frozen:
-                out[u.name] = self.base_lr(step) * self._factor(i, step)
         return out
 
-    # ---- what the decisions cost (the FLOP model's "saving of the decisions so far") ---------------------------
-
-    def num_frozen_at(self, step: int) -> int:
+    def frozen_units(self, step: int) -> int:
         return sum(1 for d in self.decisions if step >= d['freeze_step'])
 
-    def state_boundaries(self) -> List[int]:
+    def boundaries(self) -> List[int]:
         return sorted({d['freeze_step'] for d in self.decisions})
 
-    # ---- checkpoint --------------------------------------------------------------------------------------------
+    def unit_lr(self, unit: int, step: int, base_lr: float) -> float:
+        tail = self.tails.get(unit)
+        if tail is None:
+            return base_lr
+        start, end = tail
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * (step - start) / max(1, end - start)))
+
+    def format_plan(self, freezer: 'FreezeOut', steps_per_epoch: int, flops: Optional[Dict[str, Any]]) -> str:
+        return format_adaptive_plan(self, freezer, steps_per_epoch, flops)
+
+    def epoch_record(self, start: int, end: int) -> Dict[str, Any]:
+        return {'freeze_plasticity': dict(self.plasticity),
+                'freeze_decisions': [d for d in self.decisions if start <= d['step'] < end]}
 
     def state_dict(self) -> Dict[str, Any]:
-        return {'policy': 'adaptive', 'signal': self.signal, 'num_frozen': self.num_frozen,
-                'frozen_units': [u.name for u in self.sched_units[:self.num_frozen]],
-                'peak': list(self.peak), 'below': list(self.below), 'plasticity': dict(self.plasticity),
-                'tails': {str(k): list(v) for k, v in self.tails.items()},
+        return {'signal': self.signal, 'peak': list(self.peak), 'below': list(self.below),
+                'plasticity': dict(self.plasticity), 'tails': {str(k): list(v) for k, v in self.tails.items()},
                 'decisions': [dict(d) for d in self.decisions],
-                'snapshot': {str(k): list(v) for k, v in self.snapshot.items()}, 'snapshot_step': self.snapshot_step}
+                'snapshot': {str(k): list(v) for k, v in self.snapshot.items()},
+                'snapshot_step': self.snapshot_step}
 
-    def load_state_dict(self, state: Dict[str, Any], optimizer: Optional[torch.optim.Optimizer]) -> None:
-        """Re-apply the frozen set and restore the policy; call BEFORE ``optimizer.load_state_dict``."""
-        if state and state.get('policy') != 'adaptive':
-            raise UserError('--resume: the checkpoint was written with --freeze_policy schedule; resume with it')
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state and state.get('signal', self.signal) != self.signal:
-            raise UserError(f"--resume: the checkpoint's adaptive policy used --freeze_signal {state['signal']}; "
-                            f"resume with it")
-        self.apply_frozen(optimizer, int(state.get('num_frozen', 0)))
-        n = len(self.sched_units)
+            raise UserError(f"--resume: the checkpoint's adaptive policy used --freeze_signal {state['signal']}, "
+                            f"this run asks for --freeze_signal {self.signal}; resume with it")
+        n = len(self.units)
         self.peak = [float(x) for x in state.get('peak', [0.0] * n)]
         self.below = [int(x) for x in state.get('below', [0] * n)]
         self.plasticity = dict(state.get('plasticity', {}))
         self.tails = {int(k): [int(a) for a in v] for k, v in state.get('tails', {}).items()}
         self.decisions = [dict(d) for d in state.get('decisions', [])]
-        dev = next(iter(self.sched_units[-1].params.values())).device
-        self.snapshot = {int(k): [t.to(dev) for t in v] for k, v in state.get('snapshot', {}).items()}
+        # snapshots come back on the CPU; observe() compares them on the units' device
+        self.snapshot = {int(k): list(v) for k, v in state.get('snapshot', {}).items()}
         self.snapshot_step = state.get('snapshot_step')
 
 
-def decided_saving(freezer: Any, flops: Dict[str, Any], done: int, dont_freeze_pe: bool) -> float:
+def decided_saving(freezer: 'FreezeOut', flops: Dict[str, Any], done: int,
+                   dont_freeze_pe: Optional[bool] = None) -> float:
     """FLOP-model saving over optimizer steps [0, done) for the frozen counts ``freezer.num_frozen_at`` gives
     (a schedule's plan, or an adaptive policy's decisions so far)."""
-    bounds = [0] + [b for b in freezer.state_boundaries() if b < done] + [done]
-    run = sum((hi - lo) * step_cost(flops, freezer.num_frozen_at(lo), dont_freeze_pe)
-              for lo, hi in zip(bounds[:-1], bounds[1:]))
-    return 1.0 - run / (step_cost(flops, 0, dont_freeze_pe) * done)
+    pe = freezer.dont_freeze_pe if dont_freeze_pe is None else dont_freeze_pe
+    bounds = [0] + [b for b in freezer.state_boundaries() if 0 < b < done] + [done]
+    run = sum((hi - lo) * step_cost(flops, freezer.num_frozen_at(lo), pe) for lo, hi in zip(bounds[:-1], bounds[1:]))
+    return 1.0 - run / (step_cost(flops, 0, pe) * done)
 
 
-def format_adaptive_plan(freezer: AdaptiveFreezeOut, steps_per_epoch: int,
+def earliest_adaptive_freeze(policy: 'AdaptivePolicy') -> Optional[int]:
+    """The first step at which the adaptive policy can freeze anything under its bounds (None: never within T).
+
+    The first snapshot is taken at W, the first measurement at W + K; ``patience`` stalled measurements are needed,
+    so the first decision is at an evaluation step e >= W + patience·K with e + tail >= the earliest step, and its
+    freeze (at e + tail) must fall before T."""
+    b = policy.bounds
+    e = policy.warmup_steps + b.patience * b.window
+    if e + b.tail < policy.earliest_step:
+        e += -(-(policy.earliest_step - b.tail - e) // b.window) * b.window
+    return e + b.tail if e + b.tail < policy.total_steps else None
+
+
+def format_adaptive_plan(policy: 'AdaptivePolicy', freezer: 'FreezeOut', steps_per_epoch: int,
                          flops: Optional[Dict[str, Any]] = None) -> str:
     """--plan_only for the adaptive policy: the policy, its bounds in steps and epochs, and the FLOP bound."""
-    f, b = freezer, freezer.bounds
+    f, b = policy, policy.bounds
     spe = max(1, steps_per_epoch)
     evals = max(0, (f.total_steps - 1 - f.warmup_steps) // b.window + 1) if f.total_steps > f.warmup_steps else 0
     change = 'change per unit LR' if f.per_lr else 'relative change'
+    shape = getattr(f.args, 'lr_schedule', 'cosine') if f.args is not None else 'cosine'
+    units = freezer.sched_units
     lines = [f'FreezeOut policy: adaptive, signal={f.signal} (plasticity = {change} over the window / its '
              f'peak since warm-up), T={f.total_steps} optimizer steps ({steps_per_epoch}/epoch), warm-up '
              f'W={f.warmup_steps}',
@@ -699,27 +916,45 @@ def format_adaptive_plan(freezer: AdaptiveFreezeOut, steps_per_epoch: int,
              f'evaluations',
              f'  threshold: plasticity < {b.threshold:g} for {b.patience} consecutive evaluations',
              f'  tail: LR x 1/2(1 + cos) over {b.tail} steps ({b.tail / spe:.2f} epochs) before each freeze',
-             f'  order: prefix ({", ".join(u.name for u in f.sched_units[:-1])}); {f.sched_units[-1].name} never '
-             f'freezes' + ('; embed never freezes (--dont_freeze_pe)' if f.dont_freeze_pe else ''),
-             '  LR: the global warm-up + cosine for every unit (no per-unit t_i, so no 1/t_i scaling)']
+             f'  order: prefix ({", ".join(u.name for u in units[:-1])}); {units[-1].name} never '
+             f'freezes' + ('; embed never freezes (--dont_freeze_pe)' if freezer.dont_freeze_pe else ''),
+             f'  LR: the global warm-up + {shape} schedule for every unit (no per-unit t_i, so no 1/t_i scaling)']
+    first = earliest_adaptive_freeze(f)
+    if first is None:
+        lines.append(f'  this plan can never freeze: the first possible decision (after warm-up, {b.patience} '
+                     f'windows of {b.window} steps, the earliest step) plus the {b.tail}-step tail reaches T; '
+                     f'lower --freeze_window/--freeze_patience/--freeze_tail/--freeze_earliest or train longer')
+    else:
+        lines.append(f'  first possible freeze: step {first} (epoch {first / spe:.2f})')
     if flops is not None:
-        n = len(f.sched_units) - 1
-        rest = f.total_steps - f.earliest_step
-        c0, cn = step_cost(flops, 0, f.dont_freeze_pe), step_cost(flops, n, f.dont_freeze_pe)
-        best = 1.0 - (f.earliest_step * c0 + rest * cn) / (c0 * f.total_steps) if rest > 0 else 0.0
+        n = len(units) - 1
+        c0, cn = step_cost(flops, 0, freezer.dont_freeze_pe), step_cost(flops, n, freezer.dont_freeze_pe)
+        best = 0.0 if first is None else 1.0 - (first * c0 + (f.total_steps - first) * cn) / (c0 * f.total_steps)
         lines.append(f'FLOP model: at most {100 * best:.1f}% saving of training FLOPs (every unit but the last frozen '
-                     f'at the earliest step); the run logs the saving of its decisions so far')
+                     f'at the first possible step); the run logs the saving of its decisions so far')
     return '\n'.join(lines)
 
 
+def format_decision(ev: Dict[str, Any], epoch: int) -> str:
+    """The one log line of a policy's decision event."""
+    if 'plasticity' in ev and 'threshold' in ev:
+        return (f"FreezeOut adaptive: step {ev['step']} (epoch {epoch}): {ev['unit']} stalled (plasticity "
+                f"{ev['plasticity']:.3f} < {ev['threshold']:g} for {ev['patience']} evaluations); its LR anneals to "
+                f"0 and it freezes at step {ev['freeze_step']}")
+    return (f"FreezeOut: step {ev['step']} (epoch {epoch}): {ev['unit']} decided" +
+            (f"; it freezes at step {ev['freeze_step']}" if 'freeze_step' in ev else ''))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# Flags of the freeze policy (shared by run_pretrain.py and run_finetune.py)
+# Flags, and the one function that turns them into a freezer (run_pretrain.py, run_finetune.py, tools, bench)
 
 SCHEDULE_FLAGS = ('t_0', 'how_scale', 'not_scale_lr', 'non_layerwise_lr')
+ADAPTIVE_FLAGS = ('freeze_signal', 'freeze_per_lr', 'freeze_earliest', 'freeze_window', 'freeze_threshold',
+                  'freeze_patience', 'freeze_tail')
 
 
-def add_schedule_args(g, embed: str = 'patch embedding and cls token') -> None:
-    """The scheduled FreezeOut's flags (run_pretrain.py, run_finetune.py), in the argument group ``g``."""
+def add_schedule_args(g) -> None:
+    """The schedule policy's flags."""
     g.add_argument('--freeze_schedule', default='vitfreeze', choices=list(FREEZE_SCHEDULES),
                    help="vitfreeze = ViTFreeze's code: every unit warms up to lr, a scaled unit jumps to lr/t_i at "
                         "the end of warm-up W, its cosine runs from W over t_i*(T-W) steps to --min_lr and it "
@@ -735,42 +970,10 @@ def add_schedule_args(g, embed: str = 'patch embedding and cls token') -> None:
     g.add_argument('--non_layerwise_lr', action='store_true',
                    help='all units follow the global warm-up + cosine (or constant); each is still frozen at its '
                         'freeze step (default: off)')
-    g.add_argument('--dont_freeze_pe', action='store_true',
-                   help=f'never freeze the {embed} (they follow the global schedule); blocks become units 0..N-1. '
-                        f'Without it the cls token freezes with unit 0 (ViTFreeze never freezes it) (default: off)')
 
 
-def resolve_freeze_args(args, argv: Sequence[str]) -> None:
-    """``args.freezeout`` (on with --t_0/--how_scale or --freeze_policy adaptive), the schedule's defaults
-    (cubic, t_0 0.8), and one-line errors for bad or contradictory values."""
-    check_policy_args(args, argv, SCHEDULE_FLAGS)
-    args.freezeout = args.t_0 is not None or args.how_scale is not None or args.freeze_policy == 'adaptive'
-    if args.freezeout and args.freeze_policy == 'schedule':
-        args.t_0 = 0.8 if args.t_0 is None else args.t_0
-        args.how_scale = args.how_scale or 'cubic'
-        if not (0.0 < args.t_0 <= 1.0):
-            raise UserError(f'--t_0 {args.t_0}: must be in (0, 1] (1 = never freeze)')
-    elif not args.freezeout and (args.not_scale_lr or args.non_layerwise_lr or args.dont_freeze_pe):
-        print('note: --not_scale_lr/--non_layerwise_lr/--dont_freeze_pe only act with FreezeOut (--t_0/--how_scale)')
-
-
-def format_decision(ev: Dict[str, Any], epoch: int) -> str:
-    """The one log line of an adaptive decision."""
-    return (f"FreezeOut adaptive: step {ev['step']} (epoch {epoch}): {ev['unit']} stalled (plasticity "
-            f"{ev['plasticity']:.3f} < {ev['threshold']:g} for {ev['patience']} evaluations); its LR anneals to 0 "
-            f"and it freezes at step {ev['freeze_step']}")
-
-
-ADAPTIVE_FLAGS = ('freeze_signal', 'freeze_per_lr', 'freeze_earliest', 'freeze_window', 'freeze_threshold',
-                  'freeze_patience', 'freeze_tail')
-
-
-def add_policy_args(g, earliest: float = 0.5) -> None:
-    """--freeze_policy and the adaptive policy's signal and bounds, in the argument group ``g``."""
-    g.add_argument('--freeze_policy', default='schedule', choices=['schedule', 'adaptive'],
-                   help='schedule = FreezeOut (unit i freezes at t_i, --t_0/--how_scale); adaptive = a unit freezes '
-                        'once its plasticity signal has stalled, in prefix order, within the --freeze_* bounds '
-                        '(turns freezing on by itself) (default: schedule)')
+def add_adaptive_args(g, earliest: float = 0.5) -> None:
+    """The adaptive policy's signal and bounds."""
     g.add_argument('--freeze_signal', default='weight', choices=list(SIGNALS),
                    help='adaptive signal: weight = relative change of the unit\'s weights over the window (no '
                         'extra forward, no communication); output = the same for its output on a fixed probe batch '
@@ -794,19 +997,61 @@ def add_policy_args(g, earliest: float = 0.5) -> None:
                         'before it freezes (default: one window)')
 
 
-def check_policy_args(args, argv: Sequence[str], schedule_flags: Sequence[str]) -> None:
-    """One-line errors for contradictory or out-of-range policy flags (``UserError``: exit status 2)."""
+def add_freeze_args(g, embed: str = 'patch embedding and cls token') -> None:
+    """--freeze_policy, --dont_freeze_pe and every built-in policy's flags, in the argument group ``g``. A plugin
+    policy's flags are added when it is named (util.plugins, at parse time)."""
+    g.add_argument('--freeze_policy', default='schedule', type=str, metavar='NAME',
+                   help=f"who decides what freezes when: {' | '.join(POLICIES)} (built in: schedule = FreezeOut, unit "
+                        f"i freezes at t_i, --t_0/--how_scale; adaptive = a unit freezes once its plasticity signal "
+                        f"has stalled, in prefix order, within the --freeze_* bounds), or module:Class, a "
+                        f"freezeout.FreezePolicy importable from PYTHONPATH (its flags then show in --help). Any "
+                        f"policy but schedule turns freezing on by itself (default: schedule)")
+    g.add_argument('--dont_freeze_pe', action='store_true',
+                   help=f'never freeze the {embed} (they follow the global schedule); blocks become units 0..N-1. '
+                        f'Without it the cls token freezes with unit 0 (ViTFreeze never freezes it) (default: off)')
+    for cls in POLICIES.values():
+        cls.add_args(g)
+
+
+def _plugin_policy_flags(parser, spec: str) -> None:
+    if spec in POLICIES:
+        return  # built-in flags are always declared
+    cls = resolve_policy(spec)
+    cls.add_args(parser.add_argument_group(f'freeze policy {spec}: {_first_line(cls.__doc__)}'))
+
+
+def policy_flag_dests(cls: type) -> List[str]:
+    """The flags a policy declares (they shape it: a resume with other values is refused), plus --dont_freeze_pe."""
+    import argparse
+    p = argparse.ArgumentParser(add_help=False)
+    cls.add_args(p)
+    return [a.dest for a in p._actions if a.option_strings] + ['dont_freeze_pe']
+
+
+def resolve_freeze_args(args, argv: Sequence[str]) -> None:
+    """``args.freezeout`` (on with --t_0/--how_scale or any --freeze_policy but schedule), the schedule's defaults
+    (cubic, t_0 0.8), and one-line errors for bad or contradictory values."""
     from util.args import explicit_flags
     given = set(explicit_flags(argv))
-    if args.freeze_policy == 'adaptive':
-        clash = [f'--{f}' for f in schedule_flags if f in given]
+    resolve_policy(args.freeze_policy)  # a bad name or module fails here, in one line
+    schedule = args.freeze_policy == 'schedule'
+    if not schedule:
+        clash = [f'--{f}' for f in SCHEDULE_FLAGS if f in given]
         if clash:
-            raise UserError(f"{'/'.join(clash)} shape the scheduled FreezeOut; with --freeze_policy adaptive there "
-                            f"is no t_i: drop {'them' if len(clash) > 1 else 'it'} or use --freeze_policy schedule")
-        # the numeric bounds of --freeze_* are checked once, at parse time (util/args.FLAG_DOMAINS)
-    elif any(f in given for f in ADAPTIVE_FLAGS):
+            raise UserError(f"{'/'.join(clash)} shape the scheduled FreezeOut; with --freeze_policy "
+                            f"{args.freeze_policy} there is no t_i: drop {'them' if len(clash) > 1 else 'it'} or use "
+                            f"--freeze_policy schedule")
+    if args.freeze_policy != 'adaptive' and any(f in given for f in ADAPTIVE_FLAGS):
         print('note: --freeze_signal/--freeze_per_lr/--freeze_earliest/--freeze_window/--freeze_threshold/'
               '--freeze_patience/--freeze_tail only act with --freeze_policy adaptive')
+    args.freezeout = args.t_0 is not None or args.how_scale is not None or not schedule
+    if args.freezeout and schedule:
+        args.t_0 = 0.8 if args.t_0 is None else args.t_0
+        args.how_scale = args.how_scale or 'cubic'
+        if not (0.0 < args.t_0 <= 1.0):
+            raise UserError(f'--t_0 {args.t_0}: must be in (0, 1] (1 = never freeze)')
+    elif not args.freezeout and (args.not_scale_lr or args.non_layerwise_lr or args.dont_freeze_pe):
+        print('note: --not_scale_lr/--non_layerwise_lr/--dont_freeze_pe only act with FreezeOut (--t_0/--how_scale)')
 
 
 def bounds_from_args(args, total_steps: int) -> AdaptiveBounds:
@@ -814,3 +1059,36 @@ def bounds_from_args(args, total_steps: int) -> AdaptiveBounds:
     return AdaptiveBounds(earliest=args.freeze_earliest, window=window, threshold=args.freeze_threshold,
                           patience=args.freeze_patience,
                           tail=window if args.freeze_tail is None else args.freeze_tail)
+
+
+def build_freezer(args, model: nn.Module, schedule: Any,
+                  make_probe: Optional[Callable[[], Callable[[], List[torch.Tensor]]]] = None,
+                  sync: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> 'FreezeOut':
+    """The freezer the flags ask for, over ``model``'s units (``args.freezeout`` must be set).
+
+    ``schedule`` is the run's global LR schedule (``WarmupCosine``: its ``lr_at`` is every policy's base LR, its
+    ``total_steps``/``warmup_steps`` are T and W). ``make_probe()`` builds the probe a ``needs_probe`` policy gets.
+    """
+    cls = resolve_policy(args.freeze_policy)
+    names = FreezeOut.unit_names(model, args.dont_freeze_pe)
+    policy = cls(args, names, schedule.total_steps, schedule.warmup_steps)
+    probe = make_probe() if policy.needs_probe and make_probe is not None else None
+    flags = {k: getattr(args, k) for k in policy_flag_dests(cls) if hasattr(args, k)}
+    return FreezeOut(model, policy, args.dont_freeze_pe, schedule.lr_at, probe=probe, sync=sync, flags=flags)
+
+
+def AdaptiveFreezeOut(model: nn.Module, total_steps: int, warmup_steps: int, base_lr: Callable[[int], float],
+                      bounds: AdaptiveBounds, signal: str = 'weight',
+                      probe: Optional[Callable[[], List[torch.Tensor]]] = None,
+                      sync: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, dont_freeze_pe: bool = False,
+                      per_lr: bool = False) -> 'FreezeOut':
+    """A freezer with the adaptive policy, built without flags (tests, benches)."""
+    import argparse
+    args = argparse.Namespace(freeze_signal=signal, freeze_per_lr=per_lr)
+    units = FreezeOut.unit_names(model, dont_freeze_pe)
+    policy = AdaptivePolicy(args, units, total_steps, warmup_steps, bounds=bounds)
+    return FreezeOut(model, policy, dont_freeze_pe, base_lr, probe=probe, sync=sync)
+
+
+from util import plugins as _plugins  # noqa: E402  (the hook needs the registry above)
+_plugins.register_plugin_flag('--freeze_policy', _plugin_policy_flags)

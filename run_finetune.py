@@ -19,16 +19,15 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import models_vit
 from engine_finetune import evaluate, fit
-from freezeout import (AdaptiveFreezeOut, FreezeOut, FreezeOutSchedule, add_policy_args, add_schedule_args,
-                       bounds_from_args, decided_saving, eval_mode_probe, format_adaptive_plan, format_plan,
-                       measure_unit_flops, resolve_freeze_args, tag_param_groups)
+from freezeout import (add_freeze_args, build_freezer, decided_saving, eval_mode_probe, measure_unit_flops,
+                       resolve_freeze_args, tag_param_groups)
 from eval_common import add_eval_args, add_model_args, build_datasets, build_loaders, \
     build_model, checkpoints_for, demo_defaults, init_run, lr_setup, prepare_args, restore, wrap_ddp
 from util import distributed as du
 from util.amp import make_amp
 from util.args import add_common_args, add_optim_args, run_main
 from util.datasets import finetune_transform
-from util.errors import UserError, check
+from util.errors import check
 from util.log import TensorBoard
 
 DEMO_DEFAULTS = demo_defaults('finetune')
@@ -73,10 +72,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group('FreezeOut in fine-tuning (on when --t_0 or --how_scale is given, or '
                                   '--freeze_policy adaptive): units = embedding, then one per block; fc_norm/head '
                                   'never freeze; the unit LR multiplies the layer-decay scale')
-    add_schedule_args(g, embed='patch embedding, cls token and pos embed')
     g.add_argument('--plan_only', action='store_true',
                    help='print the FreezeOut plan (or adaptive policy) with its FLOP saving and exit')
-    add_policy_args(g)
+    add_freeze_args(g, embed='patch embedding, cls token and pos embed')
 
     add_eval_args(parser, title='initialisation and evaluation',
                   finetune_help='pre-training checkpoint (ours incl. FreezeOut, MAE, LocalMIM) whose encoder '
@@ -95,29 +93,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def setup_freezeout(args: argparse.Namespace, model: nn.Module, schedule, spe: int, device: torch.device,
                     val_set) -> Tuple[Any, Dict[str, Any]]:
-    """The freezer (scheduled or adaptive) over the ViT's units, its FLOP model, and the printed plan."""
+    """The freezer (any --freeze_policy) over the ViT's units, its FLOP model, and the printed plan."""
     seam = models_vit.ViTUnits(model)
-    total, warm = schedule.total_steps, schedule.warmup_steps
     flops = measure_unit_flops(model, args.input_size, 0.0, device, args.dont_freeze_pe, time_targets=False,
                                forward=model, units=seam.units())
-    if args.freeze_policy == 'adaptive':
-        probe = None
-        if args.freeze_signal == 'output':
-            from util.vis import fixed_batch
-            imgs = fixed_batch(val_set, 16, device)  # val transform: deterministic, the same on every rank
-            probe = eval_mode_probe(model, seam.unit_features, imgs)
-        freezer = AdaptiveFreezeOut(seam, total, warm, schedule.lr_at, bounds_from_args(args, total),
-                                    args.freeze_signal, probe=probe,
-                                    sync=du.broadcast_from_rank0 if args.distributed else None,
-                                    dont_freeze_pe=args.dont_freeze_pe, per_lr=args.freeze_per_lr)
-        du.print0(format_adaptive_plan(freezer, spe, flops))
-    else:
-        names = FreezeOut.unit_names(seam, args.dont_freeze_pe)
-        plan = FreezeOutSchedule(names, total, warm, args.lr, args.min_lr, args.t_0, args.how_scale,
-                                 scale_lr=not args.not_scale_lr, layerwise_lr=not args.non_layerwise_lr,
-                                 freeze_schedule=args.freeze_schedule)
-        freezer = FreezeOut(seam, plan, args.dont_freeze_pe)
-        du.print0(format_plan(plan, spe, flops, args.dont_freeze_pe))
+
+    def make_probe():
+        from util.vis import fixed_batch
+        imgs = fixed_batch(val_set, 16, device)  # val transform: deterministic, the same on every rank
+        return eval_mode_probe(model, seam.unit_features, imgs)
+    freezer = build_freezer(args, seam, schedule, make_probe=make_probe,
+                            sync=du.broadcast_from_rank0 if args.distributed else None)
+    du.print0(freezer.format_plan(spe, flops))
     return freezer, flops
 
 
@@ -154,15 +141,7 @@ def main(args: argparse.Namespace) -> None:
         du.cleanup()
         return
     optimizer = torch.optim.AdamW(groups, lr=args.lr)
-    if resume:
-        saved = resume[1].get('freezeout') or {}
-        if freezer is not None:
-            freezer.load_state_dict(saved, optimizer)  # before the optimizer: its groups must match
-        elif saved.get('num_frozen', 0) and set(resume[1].get('model') or {}) == set(model.state_dict()):
-            # (a checkpoint of another model, e.g. a pre-training one, is refused by restore() with its own line)
-            raise UserError(f'--resume {resume[0]}: the checkpoint has frozen FreezeOut units; resume with the '
-                            f'same FreezeOut flags (--t_0/--how_scale/--freeze_policy)')
-    max_acc = restore(resume, model, optimizer, amp.scaler, args) if resume else 0.0
+    max_acc = restore(resume, model, optimizer, amp.scaler, args, freezer) if resume else 0.0
     model_ddp = wrap_ddp(model, args, device)  # after a resumed freeze: frozen parameters are not registered
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
@@ -181,16 +160,13 @@ def main(args: argparse.Namespace) -> None:
     if freezer is not None:
         def epoch_record(epoch: int) -> Dict[str, Any]:
             done = (epoch + 1) * spe
-            key = 'decided_saving_so_far' if args.freeze_policy == 'adaptive' else 'planned_saving_so_far'
-            rec = {'frozen_units': freezer.num_frozen, 'unit_lr': freezer.lr_by_unit(done),
-                   key: decided_saving(freezer, flops, done, args.dont_freeze_pe)}
-            if args.freeze_policy == 'adaptive':
-                rec.update(freeze_plasticity=freezer.plasticity,
-                           freeze_decisions=[d for d in freezer.decisions if epoch * spe <= d['step'] < done])
-            return rec
-    fit(model_ddp, model, criterion, optimizer, amp, freezer or schedule, spe, train_loader, val_loader, device,
+            key = 'planned_saving_so_far' if freezer.policy.plans_ahead else 'decided_saving_so_far'
+            return {'frozen_units': freezer.num_frozen, 'unit_lr': freezer.lr_by_unit(done),
+                    'freeze_policy': freezer.policy.name, key: decided_saving(freezer, flops, done),
+                    **freezer.policy.epoch_record(epoch * spe, done)}
+    fit(model_ddp, model, criterion, optimizer, amp, schedule, spe, train_loader, val_loader, device,
         args, tb, mixup_fn, max_acc, n_parameters, rewrap=lambda: wrap_ddp(model, args, device),
-        epoch_record=epoch_record)
+        epoch_record=epoch_record, freezer=freezer)
     tb.close()
     du.cleanup()
 

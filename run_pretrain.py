@@ -9,30 +9,26 @@
 import argparse
 import json
 import os
-import sys
-import time
 
 import torch
 import torch.nn as nn
 from timm.optim import param_groups_weight_decay
 
 import models_mim
-from engine_pretrain import NonFiniteLoss, PretrainState, train_one_epoch
-from freezeout import (AdaptiveFreezeOut, FreezeOut, FreezeOutSchedule, add_policy_args, add_schedule_args,
-                       bounds_from_args, decided_saving, eval_mode_probe, format_adaptive_plan, format_plan,
-                       measure_unit_flops, projected_saving, resolve_freeze_args)
+from engine_common import restore_training
+from engine_pretrain import PretrainState, fit
+from freezeout import add_freeze_args, build_freezer, eval_mode_probe, measure_unit_flops, projected_saving, \
+    resolve_freeze_args
 from util import distributed as du
 from util.amp import fused_attention_report, make_amp, set_cuda_speed_flags
 from util.args import (add_arch_args, add_common_args, add_optim_args, apply_demo_defaults, check_output_dir,
                        explicit_flags, resolve_device_flag, run_main)
-from util.checkpoint import resolve_resume, restore_rng_state, resume_hint, save_checkpoint, warn_changed_flags
-from util.compile import check_toolchain, eager as compile_eager, stats as compile_stats
-from util.datasets import (build_dataset, build_loader, check_min_images, eval_transform, pretrain_transform,
-                           seed_loader_epoch)
+from util.checkpoint import resolve_resume
+from util.compile import check_toolchain
+from util.datasets import build_dataset, build_loader, check_min_images, eval_transform, pretrain_transform
 from util.errors import UserError
-from util.log import TensorBoard, epoch_record, trim_json_log
+from util.log import TensorBoard
 from util.rundir import claim_run, lock_output_dir
-from util.signals import GracefulStop
 from util.lr_sched import WarmupCosine, absolute_lr, steps_per_epoch
 from util.vis import fixed_batch, render_stages
 
@@ -86,11 +82,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='stage-loss curriculum: every weight moves linearly over the optimizer steps from '
                         '--stage_weights (step 0) to this (reached at step T; preset or comma list, same rules); '
                         'logged per epoch (default: none, weights fixed)')
-    g = p.add_argument_group('FreezeOut (on when --t_0 or --how_scale is given, or --freeze_policy adaptive)')
-    add_schedule_args(g)
+    g = p.add_argument_group('FreezeOut (on when --t_0 or --how_scale is given, or any --freeze_policy but '
+                             'schedule)')
     g.add_argument('--plan_only', action='store_true',
                    help='print the FreezeOut plan (and projected saving) and exit without training')
-    add_policy_args(g)
+    add_freeze_args(g)
     g = p.add_argument_group('evaluation during pre-training')
     g.add_argument('--knn_eval_freq', default=0, type=int,
                    help='run weighted k-NN on the current encoder every N epochs and after the last (0 = off; '
@@ -179,10 +175,67 @@ def main(args: argparse.Namespace) -> None:
     if spe < 1:
         raise UserError(f'--accum_iter {args.accum_iter}: an epoch has only {len(loader)} batches of '
                         f'{args.batch_size}; lower --accum_iter or --batch_size')
-    total_steps, warmup_steps = spe * args.epochs, spe * args.warmup_epochs
-
     model.to(device)
-    eff_batch = absolute_lr(args, du.get_world_size())
+    _print_setup(args, dataset, loader, spe, model, cuda_flags, absolute_lr(args, du.get_world_size()))  # sets args.lr
+    schedule = WarmupCosine(args.lr, args.min_lr, spe * args.warmup_epochs, spe * args.epochs, shape=args.lr_schedule)
+    freezer, flops = None, None
+    if args.freezeout:
+        freezer = build_freezer(args, model, schedule, make_probe=lambda: _probe(args, model, device),
+                                sync=du.broadcast_from_rank0 if args.distributed else None)
+        flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
+        du.print0(freezer.format_plan(spe, flops))
+    if args.plan_only:
+        if not args.freezeout:
+            du.print0(f'no FreezeOut (--t_0/--how_scale not given): plain warm-up + {args.lr_schedule}, nothing '
+                      f'freezes; T={schedule.total_steps} steps, W={schedule.warmup_steps}')
+        du.cleanup()
+        return
+
+    groups = freezer.param_groups(args.weight_decay) if freezer else param_groups_weight_decay(model, args.weight_decay)
+    # fused: one kernel for all parameters (CPU and CUDA); 3-4x faster optimizer step than the per-tensor loop
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
+    amp = make_amp(device, args.amp)
+    # a fresh DDP reducer registers only parameters that still require grad: after a freeze, frozen ones stop
+    # being all-reduced and no find_unused_parameters traversal is needed
+    rewrap = (lambda: nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)) \
+        if args.distributed else (lambda: model)
+    state = PretrainState(model=model, model_without_ddp=model, optimizer=optimizer, amp=amp, schedule=schedule,
+                          freezer=freezer, steps_per_epoch=spe, total_steps=schedule.total_steps, rewrap=rewrap)
+    resumed = resolve_resume(args)
+    claim_run(args, resumed)  # before anything is written: refuses to mix runs in one folder
+    if resumed:
+        ckpt = restore_training(resumed, model, optimizer, amp.scaler, freezer, args,
+                                f'checkpoint does not match --model {args.model} with these flags ({{detail}})')
+        state.global_step = int(ckpt.get('step', args.start_epoch * spe))
+        du.print0(f'Resumed from {resumed[0]}: epoch {ckpt["epoch"]} done, optimizer step {state.global_step}')
+    if args.compile:
+        opts = {'backend': args.compile_backend}
+        if args.compile_mode and args.compile_backend == 'inductor':
+            opts['mode'] = args.compile_mode
+        limit = model.compile_regions(**opts)
+        du.print0(f'compile: {model.depth} encoder blocks and {len(model.decoder)} stage decoders compiled '
+                  f'({args.compile_backend}); at most {limit} variants per region, a hit is an error')
+    state.model = rewrap()
+
+    log_writer = TensorBoard(args.log_dir)
+    pictures = None
+    if log_writer and args.vis_freq > 0:
+        vis_batch = _vis_batch(args, device)
+        pictures = lambda m: render_stages(m, vis_batch, args.mask_ratio, seed=args.seed)  # noqa: E731
+    init_knn = {}
+    if knn is not None and args.knn_at_init and args.start_epoch == 0:
+        du.print0('k-NN of the randomly initialised encoder (the baseline):')
+        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):  # the run is unchanged
+            init_knn = {k.replace('knn_', 'knn_init_', 1): v for k, v in knn(model).items()}
+    fit(state, loader, args, log_writer, flops=flops, knn=knn, init_record=init_knn, pictures=pictures)
+    log_writer.close()
+    if args.demo and du.is_main_process():
+        print(demo_summary(args, freezer, flops, spe), flush=True)
+    du.cleanup()
+
+
+def _print_setup(args, dataset, loader, spe: int, model, cuda_flags, eff_batch: int) -> None:
     du.print0(f'{dataset.root}: {len(dataset)} images, {len(loader)} iterations/epoch, {spe} optimizer steps/epoch')
     du.print0(f'base lr: {args.lr * 256 / eff_batch:.2e}  actual lr: {args.lr:.2e}  accumulate grad iterations: '
               f'{args.accum_iter}  effective batch size: {eff_batch} ({args.batch_size} x {args.accum_iter} x '
@@ -196,170 +249,6 @@ def main(args: argparse.Namespace) -> None:
     if note:
         du.print0(note)
 
-    freezer, flops = None, None
-    if args.freezeout and args.freeze_policy == 'adaptive':
-        freezer = AdaptiveFreezeOut(
-            model, total_steps, warmup_steps, WarmupCosine(args.lr, args.min_lr, warmup_steps, total_steps).lr_at,
-            bounds_from_args(args, total_steps), args.freeze_signal, probe=_probe(args, model, device),
-            sync=du.broadcast_from_rank0 if args.distributed else None, dont_freeze_pe=args.dont_freeze_pe,
-            per_lr=args.freeze_per_lr)
-        flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
-        du.print0(format_adaptive_plan(freezer, spe, flops))
-        param_groups = freezer.param_groups(args.weight_decay)
-    elif args.freezeout:
-        schedule = FreezeOutSchedule(FreezeOut.unit_names(model, args.dont_freeze_pe), total_steps, warmup_steps,
-                                     args.lr, args.min_lr, args.t_0, args.how_scale, scale_lr=not args.not_scale_lr,
-                                     layerwise_lr=not args.non_layerwise_lr, freeze_schedule=args.freeze_schedule,
-                                     lr_schedule=args.lr_schedule, constant_tail=args.constant_tail)
-        freezer = FreezeOut(model, schedule, args.dont_freeze_pe)
-        flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
-        du.print0(format_plan(schedule, spe, flops, args.dont_freeze_pe))
-        param_groups = freezer.param_groups(args.weight_decay)
-    else:
-        param_groups = param_groups_weight_decay(model, args.weight_decay)
-    if args.plan_only:
-        if not args.freezeout:
-            du.print0(f'no FreezeOut (--t_0/--how_scale not given): plain warm-up + {args.lr_schedule}, nothing '
-                      f'freezes; T={total_steps} steps, W={warmup_steps}')
-        du.cleanup()
-        return
-
-    # fused: one kernel for all parameters (CPU and CUDA); 3-4x faster optimizer step than the per-tensor loop
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
-    amp = make_amp(device, args.amp)
-    lr_control = freezer if freezer is not None else WarmupCosine(args.lr, args.min_lr, warmup_steps, total_steps,
-                                                                  shape=args.lr_schedule)
-
-    def rewrap() -> nn.Module:
-        # A fresh DDP reducer only registers parameters that still require grad, so frozen ones stop being
-        # all-reduced and no find_unused_parameters traversal is needed.
-        if not args.distributed:
-            return model
-        return nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
-
-    state = PretrainState(model=model, model_without_ddp=model, optimizer=optimizer, amp=amp,
-                          lr_control=lr_control, steps_per_epoch=spe, total_steps=total_steps, rewrap=rewrap)
-    resumed = resolve_resume(args)
-    claim_run(args, resumed)  # before anything is written: refuses to mix runs in one folder
-    if resumed:
-        path, ckpt = resumed
-        warn_changed_flags(ckpt.get('args', {}), args)
-        saved = ckpt.get('args', {})
-        if (freezer is not None and saved.get('freezeout') and 'freeze_schedule' not in saved
-                and args.freeze_schedule != 'freezeout'):
-            du.print0(f'warning: {path} predates --freeze_schedule and was trained with the freezeout schedule; '
-                      f'continuing it with --freeze_schedule {args.freeze_schedule} changes the run (pass '
-                      f'--freeze_schedule freezeout to continue it unchanged)')
-        if freezer is not None:
-            freezer.load_state_dict(ckpt.get('freezeout', {}), optimizer)  # before the optimizer: groups must match
-        elif ckpt.get('freezeout', {}).get('num_frozen', 0):
-            raise UserError(f'--resume {path}: the checkpoint has frozen FreezeOut units; resume with the same '
-                            f'--t_0/--how_scale flags')
-        try:
-            model.load_state_dict(ckpt['model'])
-        except RuntimeError as e:
-            detail = '; '.join(l.strip() for l in str(e).splitlines()[1:3]) or str(e).splitlines()[0]
-            raise UserError(f'--resume {path}: checkpoint does not match --model {args.model} with these flags '
-                            f'({detail[:300]})') from None
-        if 'optimizer' in ckpt:
-            try:
-                optimizer.load_state_dict(ckpt['optimizer'])
-            except ValueError as e:  # e.g. saved without FreezeOut, resumed with --t_0/--how_scale (other groups)
-                raise UserError(f'--resume {path}: optimizer state does not match these flags ({e}); resume with the '
-                                f'FreezeOut flags (--t_0/--how_scale/--dont_freeze_pe) the run was started with') from None
-        if amp.scaler is not None and ckpt.get('scaler'):
-            amp.scaler.load_state_dict(ckpt['scaler'])
-        args.start_epoch = int(ckpt['epoch']) + 1
-        state.global_step = int(ckpt.get('step', args.start_epoch * spe))
-        restore_rng_state(ckpt.get('rng'))
-        du.print0(f'Resumed from {path}: epoch {ckpt["epoch"]} done, optimizer step {state.global_step}')
-    if args.compile:
-        opts = {'backend': args.compile_backend}
-        if args.compile_mode and args.compile_backend == 'inductor':
-            opts['mode'] = args.compile_mode
-        limit = model.compile_regions(**opts)
-        du.print0(f'compile: {model.depth} encoder blocks and {len(model.decoder)} stage decoders compiled '
-                  f'({args.compile_backend}); at most {limit} variants per region, a hit is an error')
-    state.model = rewrap() if args.distributed else state.model
-
-    log_writer = TensorBoard(args.log_dir)
-    vis_batch = _vis_batch(args, device) if (log_writer and args.vis_freq > 0) else None
-    init_knn = {}
-    if knn is not None and args.knn_at_init and args.start_epoch == 0:
-        du.print0('k-NN of the randomly initialised encoder (the baseline):')
-        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):  # the run is unchanged
-            init_knn = {k.replace('knn_', 'knn_init_', 1): v for k, v in knn(model).items()}
-    du.print0(f'Start training for {args.epochs} epochs (from epoch {args.start_epoch})')
-    start = time.time()
-    saving = {'base_step_time': None, 'time': 0.0, 'steps': 0}
-    trim_json_log(args.output_dir, args.start_epoch - 1, run_id=args.run_id)  # epochs redone now (logged, not saved)
-    warned_data_bound = False  # the data-bound note is printed once per run
-    stop = GracefulStop().start()  # SIGINT/SIGTERM: stop at a micro-batch boundary, keep checkpoint-last as is
-    for epoch in range(args.start_epoch, args.epochs):
-        seed_loader_epoch(loader, args.seed, epoch, du.get_rank())
-        stats = train_one_epoch(state, loader, epoch, args, log_writer, stop=stop)
-        record = {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch, 'step': state.global_step,
-                  'stage_weights': model.current_stage_weights()}
-        if epoch == 0:
-            record.update(init_knn)
-        if freezer is not None:
-            record.update(frozen_units=freezer.num_frozen, active_stages=model.active_stages(),
-                          unit_lr=freezer.lr_by_unit(state.global_step))
-            record.update(_saving_so_far(saving, stats, epoch, args, freezer, flops, spe))
-            if args.freeze_policy == 'adaptive':
-                record.update(freeze_plasticity=freezer.plasticity,
-                              freeze_decisions=[d for d in freezer.decisions
-                                                if epoch * spe <= d['step'] < (epoch + 1) * spe])
-        if args.compile:
-            record.update({f'compile_{k}': v for k, v in compile_stats().items()})
-        if knn is not None and ((epoch + 1) % args.knn_eval_freq == 0 or epoch + 1 == args.epochs):
-            record.update(knn(model))
-        if vis_batch is not None and ((epoch + 1) % args.vis_freq == 0 or epoch + 1 == args.epochs):
-            with compile_eager():  # another batch size and the full decode: not worth compiled variants
-                pics = render_stages(model, vis_batch, args.mask_ratio, seed=args.seed)
-            for tag, img in pics.items():
-                log_writer.image(tag, img, (epoch + 1) * 1000)
-        _log_epoch(log_writer, record, epoch, freezer)
-        note = data_bound_note(stats, epoch, args) if (epoch > args.start_epoch and not warned_data_bound) else None
-        if note:
-            du.print0(note)
-            warned_data_bound = True
-        numbered = (epoch % args.save_freq == 0) or (epoch + 1 == args.epochs)
-        with epoch_record(args.output_dir, record, args.run_id):  # a failed save takes its record back out
-            save_checkpoint(args.output_dir, epoch, {
-                'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                'scaler': amp.scaler.state_dict() if amp.scaler is not None else None, 'step': state.global_step,
-                'freezeout': freezer.state_dict() if freezer is not None else {},
-            }, args, numbered=numbered)
-        lrs = [g['lr'] for g in optimizer.param_groups]
-        du.print0(f'epoch {epoch}: loss {stats["loss"]:.4f}  lr {min(lrs):.2e}..{max(lrs):.2e}  '
-                  f'frozen units {freezer.num_frozen if freezer else 0}  {stats["img_per_s"]:.1f} img/s  '
-                  f'time left {_eta(start, epoch - args.start_epoch + 1, args.epochs - epoch - 1)}')
-    log_writer.close()
-    du.print0(f'Training time {time.strftime("%H:%M:%S", time.gmtime(time.time() - start))}')
-    if args.demo and du.is_main_process():
-        print(demo_summary(args, freezer, flops, spe), flush=True)
-    stop.close()
-    du.cleanup()
-
-
-def _saving_so_far(acc: dict, stats: dict, epoch: int, args, freezer, flops, spe: int) -> dict:
-    """Planned saving of the run so far (FLOP model over optimizer steps [0, end of this epoch)) and the measured
-    saving over the epochs this process ran: compute time actually spent vs the step time of the latest epoch with
-    nothing frozen (after the first, whose warm-up is noisy), for the same number of steps."""
-    if freezer.num_frozen == 0 and (epoch > args.start_epoch or acc['base_step_time'] is None):
-        acc['base_step_time'] = stats['step_time']
-    acc['time'] += stats['compute_time']
-    acc['steps'] += spe
-    # adaptive: the decisions taken so far (a decided unit's freeze step may lie in the future: it is counted
-    # only from that step on, and only within [0, done))
-    key = 'decided_saving_so_far' if args.freeze_policy == 'adaptive' else 'planned_saving_so_far'
-    out = {key: decided_saving(freezer, flops, (epoch + 1) * spe, args.dont_freeze_pe)}
-    if acc['base_step_time']:
-        out['measured_saving_so_far'] = 1.0 - acc['time'] / (acc['base_step_time'] * acc['steps'])
-    return out
-
 
 def demo_summary(args, freezer, flops, spe: int) -> str:
     """The end-of-demo block: freeze events, measured vs planned saving, k-NN lift, where the files are, what next.
@@ -371,9 +260,10 @@ def demo_summary(args, freezer, flops, spe: int) -> str:
             recs = [json.loads(l) for l in f if l.strip()]
     last = recs[-1] if recs else {}
     lines = ['', '=' * 30 + ' ViTFreeze demo: summary ' + '=' * 30]
-    if freezer is not None and getattr(freezer, 'schedule', None) is None:  # adaptive: decisions, no fixed plan
-        lines.append(f'FreezeOut: adaptive policy; frozen by the end: {freezer.num_frozen} units; decided saving '
-                     f'{100 * last.get("decided_saving_so_far", 0.0):.1f}% (FLOP model), measured '
+    if freezer is not None and freezer.schedule is None:  # a policy without a per-unit schedule (adaptive, plugins)
+        key = 'planned_saving_so_far' if freezer.policy.plans_ahead else 'decided_saving_so_far'
+        lines.append(f'FreezeOut: {freezer.policy.name} policy; frozen by the end: {freezer.num_frozen} units; '
+                     f'{key.split("_")[0]} saving {100 * last.get(key, 0.0):.1f}% (FLOP model), measured '
                      f'{100 * last.get("measured_saving_so_far", 0.0):.1f}%')
     elif freezer is not None:
         s = freezer.schedule
@@ -428,49 +318,6 @@ def _curriculum_note(args, model) -> str:
     return f' -> {end} at step T (linear in the optimizer step)'
 
 
-DATA_BOUND_SHARE = 0.10
-
-
-def data_bound_note(stats: dict, epoch: int, args) -> str:
-    """One line when the epoch spent more than 10% of its wall time waiting for data ('' otherwise). Call after
-    the first epoch of a process (worker start-up and compilation make the first one unrepresentative)."""
-    share = stats.get('data_wait_share', 0.0)
-    if share <= DATA_BOUND_SHARE:
-        return ''
-    return (f'note: data-bound: epoch {epoch} waited for data {100 * share:.0f}% of its wall time (> '
-            f'{100 * DATA_BOUND_SHARE:.0f}%); steps wait for the loader, so faster steps (FreezeOut freezing '
-            f'layers, --compile) save less wall time than planned. Raise --num_workers (now {args.num_workers}; '
-            f'see bench/data_pipeline.py), read from faster local storage, or pre-resize the images '
-            f'(e.g. shorter side 256-320 px)')
-
-
-def _eta(start: float, done: int, left: int) -> str:
-    per = (time.time() - start) / max(1, done)
-    return time.strftime('%H:%M:%S', time.gmtime(per * left))
-
-
-def _log_epoch(tb: TensorBoard, record: dict, epoch: int, freezer) -> None:
-    if not tb:
-        return
-    x = (epoch + 1) * 1000
-    for k in ('train_img_per_s', 'train_step_time', 'train_epoch_time', 'train_data_time', 'train_data_wait_share',
-              'train_max_mem_mb'):
-        if k in record:
-            tb.scalar(f'perf/{k[6:]}', record[k], x)
-    for k, w in enumerate(record.get('stage_weights', [])):
-        tb.scalar(f'stage_weight/stage{k}', w, x)
-    if freezer is not None:  # (the per-unit LR goes to TensorBoard from the training loop, per optimizer step)
-        tb.scalar('freezeout/frozen_units', record['frozen_units'], x)
-        tb.scalar('freezeout/active_stages', len(record['active_stages']), x)
-        for k in ('planned_saving_so_far', 'decided_saving_so_far', 'measured_saving_so_far'):
-            if k in record:
-                tb.scalar(f'freezeout/{k}', record[k], x)
-    for k, v in record.items():
-        if k.startswith('knn_'):
-            tb.scalar(f'knn/{k[4:]}', v, x)
-    tb.flush()
-
-
 PROBE_IMAGES = 16  # the output signal's probe batch: 16 fixed images
 
 
@@ -514,10 +361,4 @@ def _knn_setup(args, device):
 
 
 if __name__ == '__main__':
-    def _main(args):
-        try:
-            main(args)
-        except NonFiniteLoss as e:
-            print(f'error: {e}. {resume_hint(args)}', file=sys.stderr, flush=True)
-            sys.exit(3)
-    run_main(_main, get_args_parser())
+    run_main(main, get_args_parser())

@@ -61,15 +61,15 @@ def test_unit_that_cannot_change_freezes_first_moving_units_do_not():
     fo, opt, lr_fn = make(model)
     n = len(fo.sched_units)
     drive(model, fo, opt, 60, moving=range(1, n), lr_fn=lr_fn)
-    assert [d['unit'] for d in fo.decisions] == ['embed']
-    d = fo.decisions[0]
+    assert [d['unit'] for d in fo.policy.decisions] == ['embed']
+    d = fo.policy.decisions[0]
     # evaluations at 6, 9, 12, ...: the first measurement is at 9 (plasticity 0 < 0.5), patience 2 -> decided at 12
     assert d['step'] == 12 and d['freeze_step'] == 16 and d['plasticity'] == 0.0
     assert fo.num_frozen == 1 and model.embed_frozen and model.num_frozen_blocks == 0
     assert all(not p.requires_grad for p in fo.sched_units[0].params.values())
     assert {g['unit'] for g in opt.param_groups} == set(range(1, n))
     # the blocks keep moving: plastic (~1) to the end
-    assert all(v > 0.9 for v in fo.plasticity.values()) and set(fo.plasticity) == {'block1', 'block2', 'block3'}
+    assert all(v > 0.9 for v in fo.policy.plasticity.values()) and set(fo.policy.plasticity) == {'block1', 'block2', 'block3'}
 
 
 def test_per_lr_judges_change_per_unit_lr():
@@ -78,19 +78,19 @@ def test_per_lr_judges_change_per_unit_lr():
     model = tiny_model()
     fo, opt, lr_fn = make(model, per_lr=True)
     drive(model, fo, opt, 60, moving=range(1, 5), lr_fn=lr_fn, per_lr=True)
-    assert [d['unit'] for d in fo.decisions] == ['embed'] and all(v > 0.9 for v in fo.plasticity.values())
+    assert [d['unit'] for d in fo.policy.decisions] == ['embed'] and all(v > 0.9 for v in fo.policy.plasticity.values())
     model = tiny_model()
     fo, opt, lr_fn = make(model)
     drive(model, fo, opt, 60, moving=range(1, 5), lr_fn=lr_fn, per_lr=True)
-    assert [d['unit'] for d in fo.decisions][:2] == ['embed', 'block1']
+    assert [d['unit'] for d in fo.policy.decisions][:2] == ['embed', 'block1']
 
 
 def test_prefix_order_a_stalled_block_waits_for_the_unit_before_it():
     model = tiny_model()
     fo, opt, lr_fn = make(model)
     drive(model, fo, opt, 60, moving=[0, 2, 3, 4], lr_fn=lr_fn)  # block1 (unit 1) cannot change, embed moves
-    assert fo.decisions == [] and fo.num_frozen == 0
-    assert fo.plasticity['block1'] == 0.0 and fo.below[1] >= 2 and fo.plasticity['embed'] > 0.9
+    assert fo.policy.decisions == [] and fo.num_frozen == 0
+    assert fo.policy.plasticity['block1'] == 0.0 and fo.policy.below[1] >= 2 and fo.policy.plasticity['embed'] > 0.9
 
 
 def test_lr_tail_bounds_last_unit_never_and_saving():
@@ -99,11 +99,11 @@ def test_lr_tail_bounds_last_unit_never_and_saving():
     bounds = AdaptiveBounds(earliest=0.5, window=3, threshold=0.5, patience=1, tail=5)
     fo, opt, lr_fn = make(model, total, warm, bounds)
     lrs = drive(model, fo, opt, total, moving=[], lr_fn=lr_fn)  # nothing moves: everything stalls at once
-    steps = [d['step'] for d in fo.decisions]
+    steps = [d['step'] for d in fo.policy.decisions]
     # first step with step + tail >= earliest (30) on the evaluation grid 6, 9, ...: 27; all chained at once
-    assert steps == [27] * 4 and [d['unit'] for d in fo.decisions] == ['embed', 'block1', 'block2', 'block3']
-    assert all(d['freeze_step'] == 32 >= bounds.earliest * total for d in fo.decisions)
-    assert fo.num_frozen == 4 and 'block4' not in {d['unit'] for d in fo.decisions}  # the last unit never
+    assert steps == [27] * 4 and [d['unit'] for d in fo.policy.decisions] == ['embed', 'block1', 'block2', 'block3']
+    assert all(d['freeze_step'] == 32 >= bounds.earliest * total for d in fo.policy.decisions)
+    assert fo.num_frozen == 4 and 'block4' not in {d['unit'] for d in fo.policy.decisions}  # the last unit never
     for j in range(27, 32):  # tail: LR x 1/2(1 + cos(pi (j - 27) / 5))
         assert lrs[j]['embed'] == pytest.approx(lr_fn(j) * 0.5 * (1 + math.cos(math.pi * (j - 27) / 5)), rel=1e-12)
         assert lrs[j]['block4'] == lr_fn(j)
@@ -125,7 +125,7 @@ def test_dont_freeze_pe_and_all_stages():
     assert [u.name for u in fo.sched_units] == ['block1', 'block2', 'block3', 'block4']
     assert any(n.startswith('decoder.0.') for n in fo.sched_units[0].params)  # --all_stages: block1 feeds stage 0
     lrs = drive(model, fo, opt, 60, moving=[1, 2, 3], lr_fn=lr_fn)  # block1 (with its decoder) cannot change
-    assert [d['unit'] for d in fo.decisions] == ['block1'] and fo.num_frozen == 1
+    assert [d['unit'] for d in fo.policy.decisions] == ['block1'] and fo.num_frozen == 1
     assert model.num_frozen_blocks == 1 and not model.embed_frozen and model.active_stages() == [1, 2, 3]
     assert lrs[-1]['embed'] == lr_fn(59)  # the embedding is never frozen and follows the global schedule
     assert all(p.requires_grad for p in model.units()[0].params.values())
@@ -137,7 +137,7 @@ def test_no_decision_whose_freeze_falls_at_or_after_the_end():
     fo, opt, lr_fn = make(model, 60, 6, bounds)
     drive(model, fo, opt, 60, moving=[], lr_fn=lr_fn)
     # earliest step 54: decisions need step >= 48 and step + 6 < 60: only the evaluation at 48 or 51
-    assert fo.decisions and all(48 <= d['step'] <= 53 and d['freeze_step'] < 60 for d in fo.decisions)
+    assert fo.policy.decisions and all(48 <= d['step'] <= 53 and d['freeze_step'] < 60 for d in fo.policy.decisions)
 
 
 def test_no_decision_is_plain_lr_and_state_dict_roundtrip():
@@ -147,14 +147,14 @@ def test_no_decision_is_plain_lr_and_state_dict_roundtrip():
     for j in range(12):
         assert set(lrs[j].values()) == {lr_fn(j)}  # bit-identical to the global schedule before any decision
     state = fo.state_dict()
-    assert state['tails'] == {'0': [12, 16]} and state['snapshot_step'] == 12
+    assert state['policy_state']['tails'] == {'0': [12, 16]} and state['policy_state']['snapshot_step'] == 12
     torch.save(state, '/dev/null')  # plain tensors and containers only
     model2 = tiny_model()
     model2.load_state_dict(model.state_dict())
     fo2, opt2, _ = make(model2)
     fo2.load_state_dict(state, opt2)
-    assert fo2.tails == {0: [12, 16]} and fo2.peak == fo.peak and fo2.below == fo.below
-    assert all(torch.equal(a, b) for i in fo.snapshot for a, b in zip(fo.snapshot[i], fo2.snapshot[i]))
+    assert fo2.policy.tails == {0: [12, 16]} and fo2.policy.peak == fo.policy.peak and fo2.policy.below == fo.policy.below
+    assert all(torch.equal(a, b) for i in fo.policy.snapshot for a, b in zip(fo.policy.snapshot[i], fo2.policy.snapshot[i]))
 
 
 def test_output_signal_uses_the_probe():
@@ -169,8 +169,8 @@ def test_output_signal_uses_the_probe():
     drive(model, fo, opt, 30, moving=range(1, 5), lr_fn=lr_fn)
     # evaluations at 6, 9, ..., 27; the embedding's output cannot change (its weights do not), the blocks' can
     assert len(calls) == 8
-    assert [d['unit'] for d in fo.decisions] == ['embed']
-    assert fo.plasticity['block1'] > 0.5
+    assert [d['unit'] for d in fo.policy.decisions] == ['embed']
+    assert fo.policy.plasticity['block1'] > 0.5
 
 
 # ---- through the CLI ---------------------------------------------------------------------------------------------

@@ -169,6 +169,11 @@ def run_main(main, parser: argparse.ArgumentParser) -> None:
         print(f'error: {message} (see --help)', file=sys.stderr, flush=True)
         sys.exit(2)
     parser.error = _one_line_error
+    from util.plugins import extend_parser
+    try:
+        extend_parser(parser, argv)  # flags of a plugin the command line names (--freeze_policy module:Class)
+    except UserError as e:
+        _one_line_error(str(e))
     args = parser.parse_args(argv)
     check_flags(args, parser, argv)
     args.argv = argv
@@ -208,6 +213,9 @@ def _stopped(e: Exception, args: argparse.Namespace) -> None:
         msg = signals.interrupted_message(e, args)
     else:
         msg = f'error: {one_line(str(e))}'
+        if e.resume_hint:
+            from util.checkpoint import resume_hint
+            msg += f'. {resume_hint(args)}'
     if du.is_main_process():
         print(msg, file=sys.stderr, flush=True)
     sys.exit(getattr(e, 'exit_code', 1))
@@ -371,6 +379,8 @@ def domain_errors(args: argparse.Namespace, parser: argparse.ArgumentParser,
             continue
         if a.type in (int, float):
             dom = FLAG_DOMAINS.get(a.dest)
+            if dom is None and getattr(a, 'plugin', False):
+                continue  # a plugin's own flag (util.plugins): its class checks its values
             if dom is None:
                 errors.append(f'{flag}: no domain declared in util/args.FLAG_DOMAINS (a bug, please report it)')
                 continue

@@ -73,6 +73,14 @@ class WarmupCosine:
             g['lr'] = lr * g.get('lr_scale', 1.0)
         return lr
 
+    # the LR-control interface the training loops call (freezeout.FreezeOut offers the same): nothing ever freezes
+    def step(self, optimizer: torch.optim.Optimizer, step: int) -> bool:
+        self.apply(optimizer, step)
+        return False
+
+    def drain_events(self) -> list:
+        return []
+
 
 def steps_per_epoch(loader_len: int, accum_iter: int, debug_iters: Optional[int] = None) -> int:
     """Optimizer steps in one epoch: the trailing micro-batches that do not fill an accumulation window are

@@ -35,8 +35,17 @@ _active: list = []  # the installed GracefulStop (at most one)
 
 
 class TrainingStopped(Exception):
-    """Training stopped early on purpose; nothing of the unfinished epoch was written. ``exit_code`` for sys.exit."""
+    """Training stopped early on purpose; nothing of the unfinished epoch was written. ``exit_code`` for sys.exit;
+    ``resume_hint``: the error line says which checkpoint to resume from, with what LR."""
     exit_code = 1
+    resume_hint = False
+
+
+class NonFiniteLoss(TrainingStopped, RuntimeError):
+    """The loss became NaN/inf (every rank stops at the same flush); the message names epoch, iteration and the loss
+    parts. Exit status 3, as for non-finite weights (util.checkpoint.NonFiniteWeights): the run diverged."""
+    exit_code = 3
+    resume_hint = True
 
 
 class Interrupted(TrainingStopped):
