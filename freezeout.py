@@ -268,6 +268,8 @@ class UnitView:
         return [p.detach() for p in self.units[unit].params.values()]
 
     def outputs(self, units: Sequence[int]) -> Dict[int, torch.Tensor]:
+        if self.probe is None:
+            raise ValueError('this policy needs a probe() returning one feature tensor per unit (needs_probe)')
         feats = self.probe()
         return {i: feats[i + self.offset].detach().float() for i in units}
 
@@ -323,8 +325,6 @@ class FreezeOut:
         self.sched_units = units[1:] if dont_freeze_pe else units
         if len(self.sched_units) != len(policy.units):
             raise ValueError(f'policy has {len(policy.units)} units, model {len(self.sched_units)}')
-        if policy.needs_probe and probe is None:
-            raise ValueError(f'policy {policy.name} needs a probe() returning one feature tensor per unit')
         self.view = UnitView(self.sched_units, 0, probe, sync or (lambda v: v), 1 if dont_freeze_pe else 0,
                              base_lr)
         self.flags = dict(flags or {})  # the policy-shaping flags, checked on resume

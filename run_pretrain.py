@@ -171,13 +171,9 @@ def main(args: argparse.Namespace) -> None:
                           pin_mem=args.pin_mem, seed=args.seed, distributed=args.distributed,
                           world_size=du.get_world_size(), rank=du.get_rank(), prefetch_factor=args.prefetch_factor)
     knn = _knn_setup(args, device) if args.knn_eval_freq > 0 and not args.plan_only else None  # data checked now
-    spe = steps_per_epoch(len(loader), args.accum_iter, 5 if args.debug else None)
-    if spe < 1:
-        raise UserError(f'--accum_iter {args.accum_iter}: an epoch has only {len(loader)} batches of '
-                        f'{args.batch_size}; lower --accum_iter or --batch_size')
     model.to(device)
-    _print_setup(args, dataset, loader, spe, model, cuda_flags, absolute_lr(args, du.get_world_size()))  # sets args.lr
-    schedule = WarmupCosine(args.lr, args.min_lr, spe * args.warmup_epochs, spe * args.epochs, shape=args.lr_schedule)
+    schedule, spe = make_schedule(args, len(loader), du.get_world_size())
+    _print_setup(args, dataset, loader, spe, model, cuda_flags)
     freezer, flops = None, None
     if args.freezeout:
         freezer = build_freezer(args, model, schedule, make_probe=lambda: _probe(args, model, device),
@@ -235,7 +231,34 @@ def main(args: argparse.Namespace) -> None:
     du.cleanup()
 
 
-def _print_setup(args, dataset, loader, spe: int, model, cuda_flags, eff_batch: int) -> None:
+def make_schedule(args: argparse.Namespace, loader_len: int, world_size: int):
+    """``(global LR schedule, optimizer steps per epoch)`` from the real loader length, accumulation and world size;
+    sets ``args.lr`` from ``--blr`` (and ``args.eff_batch``)."""
+    spe = steps_per_epoch(loader_len, args.accum_iter, 5 if args.debug else None)
+    if spe < 1:
+        raise UserError(f'--accum_iter {args.accum_iter}: an epoch has only {loader_len} batches of '
+                        f'{args.batch_size}; lower --accum_iter or --batch_size')
+    args.eff_batch = absolute_lr(args, world_size)
+    return WarmupCosine(args.lr, args.min_lr, spe * args.warmup_epochs, spe * args.epochs,
+                        shape=args.lr_schedule), spe
+
+
+def plan(args: argparse.Namespace, world_size: int = 1):
+    """``(freezer or None, schedule, steps_per_epoch)`` of this command line on ``world_size`` processes, without
+    training or a process group: what ``--plan_only`` prints (tools/plot_schedule.py)."""
+    prepare_args(args)
+    torch.manual_seed(args.seed)
+    model = build_model(args)
+    dataset = build_dataset(args.data_path, 'train', pretrain_transform(args.input_size), allow_root=True,
+                            bad_images=args.bad_images, seed=args.seed)
+    loader = build_loader(dataset, args.batch_size, shuffle=True, drop_last=True, num_workers=0, pin_mem=False,
+                          seed=args.seed, distributed=world_size > 1, world_size=world_size, rank=0)
+    schedule, spe = make_schedule(args, len(loader), world_size)
+    return (build_freezer(args, model, schedule) if args.freezeout else None), schedule, spe
+
+
+def _print_setup(args, dataset, loader, spe: int, model, cuda_flags) -> None:
+    eff_batch = args.eff_batch
     du.print0(f'{dataset.root}: {len(dataset)} images, {len(loader)} iterations/epoch, {spe} optimizer steps/epoch')
     du.print0(f'base lr: {args.lr * 256 / eff_batch:.2e}  actual lr: {args.lr:.2e}  accumulate grad iterations: '
               f'{args.accum_iter}  effective batch size: {eff_batch} ({args.batch_size} x {args.accum_iter} x '

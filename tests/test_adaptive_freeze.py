@@ -324,4 +324,4 @@ def test_ddp_two_ranks_take_identical_decisions(demo_root, tmp_path):
         d = [json.loads((dumps / f'rank{k}-epoch{epoch}.json').read_text()) for k in (0, 1)]
         assert d[0]['freezeout'] == d[1]['freezeout'], epoch
         assert d[0]['model'] == d[1]['model'] and d[0]['optimizer'] == d[1]['optimizer'], epoch
-    assert d[0]['freezeout']['decisions'] and d[0]['freezeout']['num_frozen'] >= 1
+    assert d[0]['freezeout']['policy_state']['decisions'] and d[0]['freezeout']['num_frozen'] >= 1

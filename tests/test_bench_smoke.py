@@ -91,36 +91,6 @@ def test_freezeout_saving_sweep(tmp_path):
     assert 'FLOP model' in p.stdout
 
 
-def test_plot_schedule_png(tmp_path):
-    pytest.importorskip('matplotlib', reason='matplotlib is a dev-only dependency (requirements-dev.txt)')
-    out = tmp_path / 'sched.png'
-    _run(['tools/plot_schedule.py', '--epochs', '20', '--warmup_epochs', '2', '--how_scale', 'cubic', '--t_0', '0.8',
-          '--depth', '4', '--steps_per_epoch', '10', '--out', out])
-    data = out.read_bytes()
-    assert data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) > 5000
-    out2 = tmp_path / 'sched2.png'
-    _run(['tools/plot_schedule.py', '--how_scale', 'linear', '--t_0', '0.5', '--not_scale_lr', '--non_layerwise_lr',
-          '--dont_freeze_pe', '--lr', '1e-3', '--min_lr', '0', '--out', out2])
-    assert out2.read_bytes()[:4] == b'\x89PNG'
-
-
-def test_plot_schedule_uses_freezeout_schedule():
-    pytest.importorskip('matplotlib', reason='matplotlib is a dev-only dependency (requirements-dev.txt)')
-    sys.path.insert(0, str(REPO))
-    from tools.plot_schedule import build_schedule, get_parser
-    a = get_parser().parse_args(['--epochs', '10', '--warmup_epochs', '1', '--depth', '4', '--steps_per_epoch', '10',
-                                 '--blr', '1e-3', '--batch_size', '512', '--out', 'x.png'])
-    s = build_schedule(a)
-    assert [u.name for u in s.units] == ['embed', 'block1', 'block2', 'block3', 'block4']
-    assert s.total_steps == 100 and s.warmup_steps == 10 and s.lr == pytest.approx(2e-3)
-    assert s.freeze_schedule == 'vitfreeze' and s.units[0].freeze_step == 10 + math.ceil(0.512 * 90)
-    a = get_parser().parse_args(['--dont_freeze_pe', '--depth', '4', '--out', 'x.png', '--freeze_schedule',
-                                 'freezeout', '--lr_schedule', 'constant'])
-    s = build_schedule(a)
-    assert [u.name for u in s.units][0] == 'block1'
-    assert (s.freeze_schedule, s.lr_schedule) == ('freezeout', 'constant')
-
-
 def test_scaling_smoke(tmp_path):
     out = tmp_path / 'scaling.json'
     _run(['bench/scaling.py', '--models', 'MIM_vit_tiny_patch16', '--batches', '1,2', '--sizes', '32,64',

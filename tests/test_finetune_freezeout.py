@@ -242,7 +242,7 @@ def test_cli_finetune_adaptive_decides_and_freezes(signal, pretrain_ckpt, demo_r
     assert decisions and [d['unit'] for d in decisions] == ['embed', 'block1', 'block2', 'block3'][:len(decisions)]
     assert out.count('FreezeOut adaptive: step') == len(decisions)
     assert recs[-1]['frozen_units'] >= 1 and recs[-1]['decided_saving_so_far'] > 0
-    assert ckpt(out_dir)['freezeout']['policy'] == 'adaptive' and ckpt(out_dir)['freezeout']['signal'] == signal
+    assert ckpt(out_dir)['freezeout']['policy'] == 'adaptive' and ckpt(out_dir)['freezeout']['policy_state']['signal'] == signal
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     ea = EventAccumulator(str(tmp_path / 'tb')).Reload()
     assert [e.value for e in ea.Scalars('freezeout/decided_unit')] == [d['index'] for d in decisions]

@@ -161,22 +161,27 @@ def check_output_dir(path: str, flag: str = '--output_dir') -> None:
         raise UserError(f'{flag} {path}: directory is not writable; choose another {flag}')
 
 
-def run_main(main, parser: argparse.ArgumentParser) -> None:
-    """Parse, run ``main(args)``, and turn UserError into one line on stderr with exit status 2."""
-    argv = sys.argv[1:]
-
+def parse_script_args(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.Namespace:
+    """A script's command line as ``run_main`` parses it: plugin flags added (``--freeze_policy module:Class``),
+    domains and paths checked (one ``error:`` line, exit 2), ``args.argv`` kept (demo defaults, resume checks)."""
     def _one_line_error(message: str) -> None:  # argparse would print the whole usage block first
         print(f'error: {message} (see --help)', file=sys.stderr, flush=True)
         sys.exit(2)
     parser.error = _one_line_error
     from util.plugins import extend_parser
     try:
-        extend_parser(parser, argv)  # flags of a plugin the command line names (--freeze_policy module:Class)
+        extend_parser(parser, argv)
     except UserError as e:
         _one_line_error(str(e))
     args = parser.parse_args(argv)
     check_flags(args, parser, argv)
-    args.argv = argv
+    args.argv = list(argv)
+    return args
+
+
+def run_main(main, parser: argparse.ArgumentParser) -> None:
+    """Parse, run ``main(args)``, and turn UserError into one line on stderr with exit status 2."""
+    args = parse_script_args(parser, sys.argv[1:])
     from util import signals
     old_handlers = signals.install_default_handlers()
     try:
