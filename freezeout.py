@@ -507,8 +507,8 @@ def measure_unit_flops(model: nn.Module, input_size: int, mask_ratio: float, dev
                        units: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
     """Forward FLOPs of one image, per unit, measured on the actual model with torch's FlopCounterMode.
 
-    Each unit counts its block plus the norms/decoders of the stages it feeds; attention matmuls are added
-    analytically (4·N²·C per attention call) because fused SDPA kernels are not counted on every backend.
+    Each unit counts its block plus the norms/decoders of the stages it feeds; attention is counted as its explicit
+    matmuls (timm's non-fused path during the count), so CPU and CUDA plans agree and nothing is counted twice.
     Everything else (HOG targets, masking) is ``shared``, paid in every freeze state. HOG is mostly binning and
     scatter, which FLOP counters do not see, so with ``time_targets`` it is timed against the rest of the forward on
     ``device`` and added to ``shared`` as FLOP-equivalents (``hog_fwd``). The model's RNG use is isolated
@@ -520,14 +520,11 @@ def measure_unit_flops(model: nn.Module, input_size: int, mask_ratio: float, dev
     from torch.utils.flop_counter import FlopCounterMode
     from timm.models.vision_transformer import Attention
 
-    attn_extra: Dict[str, float] = {}
-    hooks = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, Attention):
-            def hook(m, inp, _name=name):
-                b, n, c = inp[0].shape
-                attn_extra[_name] = attn_extra.get(_name, 0.0) + 4.0 * b * n * n * c
-            hooks.append(mod.register_forward_pre_hook(hook))
+    # Count attention as explicit matmuls on every backend: FlopCounterMode counts the fused SDPA kernels on CUDA
+    # but not on CPU, so a hand-added term would double-count on one of them (timm's non-fused path is the same math)
+    fused = [(m, m.fused_attn) for m in model.modules() if isinstance(m, Attention)]
+    for m, _ in fused:
+        m.fused_attn = False
     was_training = model.training
     model.eval()
     try:
@@ -536,16 +533,14 @@ def measure_unit_flops(model: nn.Module, input_size: int, mask_ratio: float, dev
             with FlopCounterMode(display=False) as fc:
                 model(x, mask_ratio=mask_ratio) if forward is None else forward(x)
     finally:
-        for h in hooks:
-            h.remove()
+        for m, f in fused:
+            m.fused_attn = f
         model.train(was_training)
     counts = {k: float(sum(v.values())) for k, v in fc.get_flop_counts().items()}
     root = type(model).__name__
 
     def under(prefix: str) -> float:
-        total = counts.get(f'{root}.{prefix}', 0.0)
-        total += sum(v for k, v in attn_extra.items() if k == prefix or k.startswith(prefix + '.'))
-        return total
+        return counts.get(f'{root}.{prefix}', 0.0)
 
     units = model.units() if units is None else units
     per_unit, per_unit_enc = [], []
@@ -554,7 +549,7 @@ def measure_unit_flops(model: nn.Module, input_size: int, mask_ratio: float, dev
                        else n.split('.')[0] for n in u.params})
         per_unit.append(sum(under(m) for m in mods))
         per_unit_enc.append(sum(under(m) for m in mods if not m.startswith(('norm.', 'decoder.'))))
-    total = counts.get('Global', 0.0) + sum(attn_extra.values())
+    total = counts.get('Global', 0.0)
     hog = _hog_flop_equivalent(model, input_size, mask_ratio, device, total) if time_targets else 0.0
     return {'names': [u.name for u in units], 'unit_fwd': per_unit, 'unit_enc_fwd': per_unit_enc,
             'total_fwd': total + hog, 'hog_fwd': hog, 'shared_fwd': max(0.0, total - sum(per_unit)) + hog}

@@ -655,3 +655,20 @@ def test_measured_flops_and_format_plan():
     assert 'embed' in text_pe and 'never' in text_pe and 'backward still runs through frozen blocks' in text_pe
     text_t1 = format_plan(FreezeOutSchedule(flops['names'], 12, 4, 6.25e-5, 1e-6, 1.0, 'cubic'), 4, flops)
     assert len(re.findall(r'^\s*\d+ \S+ .* never ', text_t1, re.M)) == 5 and ': 0.0%' in text_t1
+
+
+def test_flop_model_counts_attention_once_whatever_the_kernel():
+    """The FLOP model counts a block's attention as its two matmuls (4·N²·C) whether the model runs fused SDPA
+    (not seen by the CPU counter, seen by the CUDA one) or the explicit path: a ViT block's forward equals the
+    formula with the attention term exactly once."""
+    import timm.models.vision_transformer as tv
+    from models_mim import create_model
+    torch.manual_seed(0)
+    model = create_model('MIM_vit_tiny_patch16', img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4)
+    assert all(m.fused_attn for m in model.modules() if isinstance(m, tv.Attention))
+    flops = measure_unit_flops(model, 32, 0.0, torch.device('cpu'), time_targets=False)
+    n, c = 64 + 1, 64  # tokens (no masking) and width
+    block = 2 * n * c * 3 * c + 4 * n * n * c + 2 * n * c * c + 2 * (2 * n * c * 4 * c)
+    # unit 'block1' (blocks.0) feeds no stage at depth 4: its count is the block alone
+    assert flops['unit_enc_fwd'][1] == pytest.approx(block, rel=1e-9)
+    assert all(m.fused_attn for m in model.modules() if isinstance(m, tv.Attention))  # restored
