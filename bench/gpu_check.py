@@ -1,20 +1,27 @@
-"""The GPU check: everything CUDA-specific, in one run of under 5 minutes, into one JSON.
+"""The GPU check: what will break first on a GPU, in one run of under 5 minutes on one GPU, into one JSON.
 
-    python bench/gpu_check.py --json gpu_check.json          # on a machine with a CUDA GPU
+    python -m bench.gpu_check --json gpu_check.json                     # on a machine with a CUDA GPU
+    python -m bench.gpu_check --quick --allow_cpu --timeout_scale 10   # CPU dry run of the check itself (a test)
 
-Parts (each a subprocess with its own time limit; a failing part is recorded, the others still run):
+Parts (each a subprocess with its own time limit; a failing part is recorded, the others still run). Every
+pre-training part trains the demo data with ``--warmup_epochs 0 --t_0 0.3 --how_scale linear`` so units freeze
+inside the run:
 
-    tests        the tests that exercise CUDA paths when a GPU is present (AMP, k-NN device code, bench smoke)
-    amp_bf16     one bench/pretrain_step.py step at --amp bf16 (ViT-Ti/16 224 px, batch 32)
-    amp_fp16     the same at --amp fp16 (GradScaler)
-    ddp_nccl     torchrun --nproc_per_node=1 run_pretrain.py --dist_backend nccl on generated demo data with
-                 FreezeOut set so that units freeze during the run; passes when it exits 0, logged freeze events
-    step_eager   bench/pretrain_step.py ViT-B/16 224 px batch 64, eager: img/s, peak memory
+    ddp          torchrun, 2 processes (NCCL; 1 process when the machine has one GPU), 3 epochs with freeze
+                 events; then the same run resumed from its epoch-0 checkpoint: passes when both exit 0, freezes
+                 happened, and the resumed run's final weights and optimizer step equal the uninterrupted run's
+    amp_bf16     one process, --amp bf16, across the freeze events; per-epoch peak memory logged and not growing
+                 once units are frozen (it is reset every epoch)
+    amp_fp16     the same with --amp fp16 (GradScaler)
+    compile      --compile (inductor; aot_eager on CPU) across the freeze events; the number of compiled graphs
+                 (log.txt compile_graphs) must stay within a bound
+    finetune     one fine-tune epoch of the ddp run's encoder with --amp fp16, --clip_grad 1 and FreezeOut
+    flops        the FLOP plan of ViT-Ti/16 224 px measured on CPU and on the GPU: equal (attention once)
+    step_eager   bench.pretrain_step ViT-B/16 224 px batch 64, eager: img/s, peak memory
     step_compile the same with --compile (inductor): img/s, peak memory, compile time of the first step
 
-Without CUDA it writes ``{"cuda": false, ...}`` with every part marked skipped and exits 0 (so CI can run it).
-``--quick`` shrinks every part to the tiny 32 px config (a smoke run of the check itself, also on CPU with
-``--allow_cpu``).
+Without CUDA it writes ``{"cuda": false, ...}`` with every part marked skipped and exits 0, unless
+``--allow_cpu``: then the parts run on CPU (``--quick``: tiny step configs; fp16 parts run in fp32 there).
 """
 import argparse
 import json
@@ -28,9 +35,10 @@ from typing import Dict, List
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 TINY = ['--input_size', '32', '--patch_size', '4', '--depth', '4', '--embed_dim', '48', '--num_heads', '3']
-
-
-TIMEOUT_SCALE = [1.0]  # --timeout_scale (a CPU smoke run of the check is far slower than the GPU it is sized for)
+FREEZING = ['--demo', '--epochs', '3', '--warmup_epochs', '0', '--t_0', '0.3', '--how_scale', 'linear',
+            '--knn_eval_freq', '0', '--vis_freq', '0', '--save_freq', '1']
+GRAPH_BOUND = 16  # compiled graphs over a whole FreezeOut demo (measured: 8 on CPU; a hit means recompiles)
+TIMEOUT_SCALE = [1.0]  # --timeout_scale (a CPU dry run of the check is far slower than the GPU it is sized for)
 
 
 def _run(name: str, cmd: List[str], timeout: int, env=None) -> Dict[str, object]:
@@ -46,12 +54,114 @@ def _run(name: str, cmd: List[str], timeout: int, env=None) -> Dict[str, object]
             'stdout_tail': out[-1500:], 'stderr_tail': err[-1500:], 'freeze_lines': out.count('FreezeOut: step')}
 
 
+def _records(out_dir: str) -> List[dict]:
+    path = os.path.join(out_dir, 'log.txt')
+    return [json.loads(l) for l in open(path) if l.strip()] if os.path.isfile(path) else []
+
+
+def _fail(r: Dict[str, object], why: str) -> Dict[str, object]:
+    r['ok'], r['why'] = False, why
+    return r
+
+
+def _pretrain(name: str, out: str, device: str, extra: List[str], timeout: int, nproc: int = 0,
+              env=None) -> Dict[str, object]:
+    launch = [PY, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] if nproc else [PY]
+    r = _run(name, [*launch, 'run_pretrain.py', *FREEZING, '--device', device, '--output_dir', out,
+                    '--log_dir', os.path.join(out, 'tb'), *extra], timeout, env)
+    if r['ok'] and r['freeze_lines'] == 0:
+        return _fail(r, 'no freeze event happened')
+    return r
+
+
+def _ddp(tmp: str, device: str, demo_env) -> Dict[str, object]:
+    import torch
+    nproc = 2 if device == 'cpu' or torch.cuda.device_count() >= 2 else 1  # NCCL: one rank per GPU
+    backend = ['--dist_backend', 'nccl' if device == 'cuda' else 'gloo']
+    ref, res = os.path.join(tmp, 'ddp'), os.path.join(tmp, 'ddp_resumed')
+    r = _pretrain('ddp', ref, device, backend, 120, nproc, demo_env)
+    r['processes'] = nproc
+    if not r['ok']:
+        return r
+    r2 = _pretrain('ddp_resume', res, device, backend + ['--resume', os.path.join(ref, 'checkpoint-0.pth')], 120,
+                   nproc, demo_env)
+    r['seconds'] += r2['seconds']
+    if not r2['ok']:
+        return _fail(r, f"resumed run failed: {r2['stderr_tail'][-500:]}")
+    a, b = (torch.load(os.path.join(d, 'checkpoint-last.pth'), map_location='cpu', weights_only=True)
+            for d in (ref, res))
+    same = a['step'] == b['step'] and all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    r['resume_exact'] = same
+    return r if same else _fail(r, 'the resumed run differs from the uninterrupted one')
+
+
+def _amp(name: str, tmp: str, device: str, demo_env) -> Dict[str, object]:
+    out = os.path.join(tmp, name)
+    r = _pretrain(name, out, device, ['--amp', name.split('_')[1] if device == 'cuda' else 'none'], 60,
+                  env=demo_env)
+    recs = _records(out)
+    r['peak_mem_mb'] = [rec.get('train_max_mem_mb') for rec in recs]
+    r['frozen_units'] = [rec.get('frozen_units') for rec in recs]
+    if r['ok'] and (len(recs) != 3 or None in r['peak_mem_mb']):
+        return _fail(r, 'log.txt lacks the per-epoch peak memory')
+    if r['ok'] and device == 'cuda' and r['peak_mem_mb'][-1] > r['peak_mem_mb'][0] * 1.05:
+        return _fail(r, 'peak memory grew although units froze (not reset per epoch, or freezing frees nothing)')
+    return r
+
+
+def _compile(tmp: str, device: str, demo_env) -> Dict[str, object]:
+    out = os.path.join(tmp, 'compile')
+    backend = 'inductor' if device == 'cuda' else 'aot_eager'
+    r = _pretrain('compile', out, device, ['--compile', '--compile_backend', backend], 180, env=demo_env)
+    graphs = [rec.get('compile_graphs') for rec in _records(out)]
+    r['compile_graphs'] = graphs
+    if r['ok'] and (not graphs or graphs[-1] is None or graphs[-1] > GRAPH_BOUND):
+        return _fail(r, f'compiled graphs {graphs}: more than {GRAPH_BOUND} (recompiles at freeze events?)')
+    return r
+
+
+def _finetune(tmp: str, device: str, demo_env) -> Dict[str, object]:
+    ck = os.path.join(tmp, 'ddp', 'checkpoint-last.pth')
+    if not os.path.isfile(ck):
+        return {'part': 'finetune', 'ok': False, 'why': 'needs the ddp part\'s checkpoint', 'seconds': 0}
+    r = _run('finetune', [PY, 'run_finetune.py', '--demo', '--finetune', ck, '--epochs', '1', '--warmup_epochs', '0',
+                          '--device', device, '--amp', 'fp16' if device == 'cuda' else 'none', '--clip_grad', '1.0',
+                          '--t_0', '0.3', '--how_scale', 'linear', '--output_dir', os.path.join(tmp, 'ft')], 90,
+             demo_env)
+    if r['ok'] and r['freeze_lines'] == 0:
+        return _fail(r, 'no freeze event in the fine-tune epoch')
+    return r
+
+
+FLOPS_SNIPPET = '''
+import json, sys, torch
+from freezeout import measure_unit_flops
+from models_mim import create_model
+out = {}
+for dev in ['cpu'] + (['cuda'] if torch.cuda.is_available() else []):
+    torch.manual_seed(0)
+    m = create_model('MIM_vit_tiny_patch16', img_size=224).to(dev)
+    f = measure_unit_flops(m, 224, 0.75, torch.device(dev), time_targets=False)
+    out[dev] = f['total_fwd']
+print(json.dumps(out))
+'''
+
+
+def _flops() -> Dict[str, object]:
+    r = _run('flops', [PY, '-c', FLOPS_SNIPPET], 60)
+    if r['ok']:
+        vals = json.loads(r['stdout_tail'].strip().splitlines()[-1])
+        r['total_fwd'] = vals
+        if 'cuda' in vals and abs(vals['cuda'] - vals['cpu']) > 1e-6 * vals['cpu']:
+            return _fail(r, f'CPU and CUDA FLOP plans differ: {vals}')
+    return r
+
+
 def _step(name, args, timeout, device, quick, tmp) -> Dict[str, object]:
     out = os.path.join(tmp, f'{name}.json')
     size = TINY + ['--batch_size', '4'] if quick else args
-    r = _run(name, [PY, 'bench/pretrain_step.py', '--device', device, '--steps', '3', '--warmup', '1', *size,
-                    '--json', out] + (['--amp', name.split('_')[1]] if name.startswith('amp_') else [])
-             + (['--compile'] if name == 'step_compile' else []), timeout)
+    r = _run(name, [PY, '-m', 'bench.pretrain_step', '--device', device, '--steps', '3', '--warmup', '1', *size,
+                    '--json', out] + (['--compile'] if name == 'step_compile' else []), timeout)
     if r['ok'] and os.path.isfile(out):
         res = json.load(open(out))
         r.update({k: res.get(k) for k in ('model', 'batch_size', 'amp', 'img_per_s', 'step_ms', 'peak_mem_mb',
@@ -59,42 +169,30 @@ def _step(name, args, timeout, device, quick, tmp) -> Dict[str, object]:
     return r
 
 
-def _ddp(r: Dict[str, object]) -> Dict[str, object]:
-    """A DDP run passes when it exits 0 *and* crossed at least one freeze event (DDP re-wrapped)."""
-    r['freeze_events'] = r.pop('freeze_lines') if r['ok'] else 0
-    r['ok'] = bool(r['ok'] and r['freeze_events'] > 0)
-    return r
-
-
 def plan(args, tmp: str, device: str) -> List:
     q = args.quick
-    vit_ti = ['--model', 'MIM_vit_tiny_patch16', '--input_size', '224', '--batch_size', '32']
     vit_b = ['--model', 'MIM_vit_base_patch16', '--input_size', '224', '--batch_size', '64']
-    demo = os.path.join(tmp, 'demo')
-    ddp = [PY, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1', 'run_pretrain.py', '--dist_backend',
-           'nccl' if device == 'cuda' else 'gloo', '--device', device, '--demo', '--epochs', '2', '--t_0', '0.3',
-           '--how_scale', 'linear', '--knn_eval_freq', '0', '--vis_freq', '0', '--output_dir',
-           os.path.join(tmp, 'ddp'), '--log_dir', os.path.join(tmp, 'ddp', 'tb')]
+    demo_env = {'VITFREEZE_DEMO_DIR': os.path.join(tmp, 'demo')}
     return [
-        ('tests', lambda: _run('tests', [PY, '-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider',
-                                         'tests/test_masked_decode.py', 'tests/test_compile.py', '-m',
-                                         'not slow'], 90)),
-        ('amp_bf16', lambda: _step('amp_bf16', vit_ti, 45, device, q, tmp)),
-        ('amp_fp16', lambda: _step('amp_fp16', vit_ti, 45, device, q, tmp)),
-        ('ddp_nccl', lambda: _ddp(_run('ddp_nccl', ddp, 75, env={'VITFREEZE_DEMO_DIR': demo}))),
+        ('ddp', lambda: _ddp(tmp, device, demo_env)),
+        ('amp_bf16', lambda: _amp('amp_bf16', tmp, device, demo_env)),
+        ('amp_fp16', lambda: _amp('amp_fp16', tmp, device, demo_env)),
+        ('compile', lambda: _compile(tmp, device, demo_env)),
+        ('finetune', lambda: _finetune(tmp, device, demo_env)),
+        ('flops', _flops),
         ('step_eager', lambda: _step('step_eager', vit_b, 45, device, q, tmp)),
-        ('step_compile', lambda: _step('step_compile', vit_b, 180, device, q, tmp)),
+        ('step_compile', lambda: _step('step_compile', vit_b, 180, device, q or device == 'cpu', tmp)),
     ]
 
 
 def main(argv=None) -> Dict[str, object]:
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], allow_abbrev=False)
     p.add_argument('--json', default='gpu_check.json', help='output file (default: gpu_check.json)')
     p.add_argument('--parts', default=None, help='comma list of parts to run (default: all)')
-    p.add_argument('--quick', action='store_true', help='tiny 32 px configs everywhere (smoke run of the check)')
-    p.add_argument('--allow_cpu', action='store_true', help='run the parts on CPU when there is no GPU (with --quick)')
+    p.add_argument('--quick', action='store_true', help='tiny 32 px configs for the step parts (smoke run)')
+    p.add_argument('--allow_cpu', action='store_true', help='run the parts on CPU when there is no GPU')
     p.add_argument('--timeout_scale', default=1.0, type=float,
-                   help='multiply every part\'s time limit (default: 1; e.g. 10 for a --quick --allow_cpu smoke run)')
+                   help='multiply every part\'s time limit (default: 1; e.g. 10 for a --quick --allow_cpu dry run)')
     args = p.parse_args(argv)
     TIMEOUT_SCALE[0] = args.timeout_scale
     import torch
@@ -112,19 +210,21 @@ def main(argv=None) -> Dict[str, object]:
         for name, fn in parts:
             if name not in want:
                 continue
-            if not cuda and (not args.allow_cpu or name == 'amp_fp16'):
+            if not cuda and not args.allow_cpu:
                 res['parts'].append({'part': name, 'skipped': 'no CUDA device'})
                 continue
             r = fn()
             res['parts'].append(r)
-            print(f"{name:<13} {'ok' if r['ok'] else 'FAILED (rc ' + str(r['rc']) + ')'}  {r['seconds']:.0f} s"
-                  + (f"  {r['img_per_s']:.1f} img/s, peak {r['peak_mem_mb']:.0f} MiB" if r.get('img_per_s') else ''))
+            print(f"{name:<13} {'ok' if r['ok'] else 'FAILED (' + str(r.get('why') or 'rc ' + str(r.get('rc'))) + ')'}"
+                  f"  {r['seconds']:.0f} s"
+                  + (f"  {r['img_per_s']:.1f} img/s, peak {r['peak_mem_mb']:.0f} MiB" if r.get('img_per_s') else ''),
+                  flush=True)
     res['seconds'] = sum(r.get('seconds', 0) for r in res['parts'])
     res['all_ok'] = all(r.get('ok', False) for r in res['parts'] if 'skipped' not in r)
     with open(args.json, 'w') as f:
         json.dump(res, f, indent=1)
     if not cuda:
-        print(('no CUDA device: ran on CPU (--allow_cpu), amp_fp16 skipped' if args.allow_cpu else
+        print(('no CUDA device: ran on CPU (--allow_cpu; fp16/bf16 run in fp32 there)' if args.allow_cpu else
                'no CUDA device: every part skipped') + f'; wrote {args.json}')
     return res
 
