@@ -76,16 +76,16 @@ def test_logged_lr_is_the_global_schedule_and_memory_is_per_epoch(demo_root, tmp
     """Item 6: the logged lr was the max over groups (lr/t_0^3 under vitfreeze after warm-up)."""
     out = tmp_path / 'run'
     rc, _, err = cli('run_pretrain.py', [*TINY_PRETRAIN_FLAGS, '--data_path', demo_root, '--output_dir', out,
-                                         '--epochs', '3', '--t_0', '0.5', '--how_scale', 'cubic', '--vis_freq', '0'])
+                                         '--epochs', '6', '--t_0', '0.5', '--how_scale', 'cubic', '--vis_freq', '0'])
     assert rc == 0, err[-2000:]
     recs = [json.loads(l) for l in (out / 'log.txt').read_text().splitlines()]
     lr = recs[0]['train_lr']  # (4 steps/epoch, W = 4): after warm-up the units jump to lr / t_i > lr
-    sched = WarmupCosine(1e-3 * 8 / 256, 1e-6, 4, 12)
+    sched = WarmupCosine(1e-3 * 8 / 256, 1e-6, 4, 24)
     for r in recs:
         assert r['lr'] == pytest.approx(sched.lr_at(r['step'] - 1), rel=1e-12)
         assert r['train_max_mem_mb'] > 0
     # right after warm-up the scaled units run above the global LR: the max over groups is not what is logged
-    assert max(recs[1]['unit_lr'].values()) > 1.5 * recs[1]['lr']
+    assert max(recs[1]['unit_lr'].values()) > 1.1 * recs[1]['lr']
     assert lr <= sched.peak
 
 
