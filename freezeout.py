@@ -690,7 +690,7 @@ class SchedulePolicy(FreezePolicy):
         return format_plan(self.schedule, steps_per_epoch, flops, freezer.dont_freeze_pe)
 
 
-SIGNALS = ('weight', 'output')
+SIGNALS = ('coherence', 'weight', 'output')
 
 
 @dataclass
@@ -701,6 +701,12 @@ class AdaptiveBounds:
     threshold: float    # a unit is stalled when its plasticity (rate / its peak rate) is below this
     patience: int       # consecutive stalled evaluations before the decision
     tail: int           # steps of LR anneal between the decision and the freeze
+    spacing: int = 0    # steps from one decision to the next (0: a stalled prefix may be decided at once)
+
+
+def coherence_stride(window: int) -> int:
+    """Sub-step of the coherence signal's path: ~8 segments per window (a ‖ΔW‖ per segment, on the device)."""
+    return max(1, window // 8)
 
 
 def auto_window(total_steps: int) -> int:
@@ -726,17 +732,24 @@ def eval_mode_probe(model: nn.Module, features: Callable[[torch.Tensor], List[to
 class AdaptivePolicy(FreezePolicy):
     """Freezes unit i once its training has stalled, judged by a per-unit signal, instead of at a planned t_i.
 
-    Every ``K = bounds.window`` steps after warm-up it measures, for every unit still training, ``rate`` = the
-    relative change over the last K steps (‖ΔW‖/‖W‖, or the same of the unit's output on a fixed probe batch);
-    ``plasticity = rate / peak rate`` (its own peak since warm-up; a unit that has never moved has plasticity 0).
-    With ``per_lr`` the rate is divided by the base LR summed over the window. Signals:
+    Every ``K = bounds.window`` steps after warm-up it measures a ``plasticity`` in [0, 1] for every unit still
+    training. Signals:
 
-    * ``weight``: change of the unit's parameters (bit-identical on every rank under DDP: no communication).
-    * ``output``: change of the unit's output on the probe batch (Egeria-style); ``view.sync`` makes the numbers
-      identical on every rank.
+    * ``coherence`` (default): the unit's *update coherence* over the window, ‖ΣΔ‖ / Σ‖Δ‖ = the net displacement of
+      its weights over the window divided by the path they travelled (summed over ~8 segments of the window, see
+      :func:`coherence_stride`). A unit still learning moves consistently (→ 1); one that only jitters around its
+      minimum goes nowhere (→ 0). It is scale-free: an LR decay shrinks both terms alike, so the cosine's decay
+      is not mistaken for convergence (AdamW moves every weight by ~LR per step, which made the raw rate below
+      mostly a measure of the LR). Computed from the weights (bit-identical on every rank under DDP).
+    * ``weight``: ``rate`` = ‖ΔW‖/‖W‖ over the window, ``plasticity = rate / its peak since warm-up`` (with
+      ``per_lr`` divided by the base LR summed over the window). LR-dependent: under a cosine all units cross the
+      threshold together.
+    * ``output``: the same rate of the unit's output on the probe batch (Egeria-style); ``view.sync`` makes the
+      numbers identical on every rank.
 
     A unit whose plasticity stays below ``threshold`` for ``patience`` evaluations is *decided*: its LR is
-    multiplied by ½(1 + cos(π·(j − j_d)/tail)) for ``tail`` steps, then it freezes. Decisions follow prefix order,
+    multiplied by ½(1 + cos(π·(j − j_d)/tail)) for ``tail`` steps, then it freezes. With ``spacing`` > 0 at most one
+    unit is decided per evaluation and the next decision waits ``spacing`` steps. Decisions follow prefix order,
     the last unit is never frozen, nothing freezes before ``earliest · T``, and no decision is taken whose freeze
     would fall at or after T. Every other unit follows the run's global schedule (``base_lr``, with its
     --lr_schedule shape); with no decision the run is plain training, number for number.
@@ -747,7 +760,7 @@ class AdaptivePolicy(FreezePolicy):
                  bounds: Optional[AdaptiveBounds] = None):
         super().__init__(args, units, total_steps, warmup_steps)
         self.bounds = bounds or bounds_from_args(args, total_steps)
-        self.signal = args.freeze_signal if args is not None else 'weight'
+        self.signal = args.freeze_signal if args is not None else 'coherence'
         self.per_lr = bool(args.freeze_per_lr) if args is not None else False
         if self.signal not in SIGNALS:
             raise UserError(f"--freeze_signal {self.signal!r}: choose {' or '.join(SIGNALS)}")
@@ -761,6 +774,10 @@ class AdaptivePolicy(FreezePolicy):
         self.decisions: List[Dict[str, Any]] = []       # every decision so far (also the saving's frozen history)
         self.snapshot: Dict[int, List[torch.Tensor]] = {}
         self.snapshot_step: Optional[int] = None
+        # coherence: the weights at the last segment boundary and the path since the window started (device)
+        self.stride = coherence_stride(self.bounds.window)
+        self.prev: Dict[int, List[torch.Tensor]] = {}
+        self.path: Dict[int, torch.Tensor] = {}
 
     @classmethod
     def add_args(cls, g) -> None:
@@ -778,6 +795,8 @@ class AdaptivePolicy(FreezePolicy):
             del self.tails[i]
         for i in [i for i in self.snapshot if i < view.num_frozen]:
             del self.snapshot[i]
+        if self.signal == 'coherence':
+            return self._observe_coherence(step, view)
         if not self.is_eval_step(step) or step == self.snapshot_step:
             return []
         units = self._candidates(view.num_frozen)
@@ -812,13 +831,57 @@ class AdaptivePolicy(FreezePolicy):
         self.snapshot_step = step
         return events
 
+    def _observe_coherence(self, step: int, view: UnitView) -> List[Dict[str, Any]]:
+        """Segment boundaries: add ‖W - W_prev‖ to each unit's path (device ops, no host read). Evaluation steps:
+        one host read of [net_0, path_0, net_1, path_1, ...], coherence = net / path, a new window."""
+        if step < self.warmup_steps or step == self.snapshot_step:
+            return []
+        evaluate = self.is_eval_step(step)
+        if not evaluate and (step - self.warmup_steps) % self.stride:
+            return []
+        units = self._candidates(view.num_frozen)
+        now = {i: view.params(i) for i in units}
+
+        def dist(a: List[torch.Tensor], b: List[torch.Tensor]) -> torch.Tensor:
+            return torch.stack([torch.linalg.vector_norm(x.float() - y.to(x.device).float()) for x, y in zip(a, b)]
+                               ).pow(2).sum().sqrt()
+        for i in units:
+            if i in self.prev:
+                d = dist(now[i], self.prev[i])
+                self.path[i] = self.path[i] + d if i in self.path else d
+        events: List[Dict[str, Any]] = []
+        if evaluate:
+            measured = [i for i in units if i in self.snapshot and i in self.path]
+            if measured:
+                vals = view.sync(torch.stack([v for i in measured for v in (dist(now[i], self.snapshot[i]),
+                                                                              self.path[i])])).tolist()
+                plast = {}
+                for k, i in enumerate(measured):
+                    net, path = vals[2 * k], vals[2 * k + 1]
+                    p = min(1.0, net / path) if path > 0 else 0.0
+                    self.peak[i] = max(self.peak[i], p)
+                    self.below[i] = self.below[i] + 1 if p < self.bounds.threshold else 0
+                    plast[self.units[i]] = p
+                self.plasticity = plast
+                events.append({'kind': 'signal', 'step': step, 'plasticity': dict(plast)})
+                events += self._decide(step)
+            keep = self._candidates(view.num_frozen)
+            self.snapshot = {i: [t.clone() for t in now[i]] for i in keep if i in now}
+            self.snapshot_step = step
+            self.path = {}
+        keep = self._candidates(view.num_frozen)
+        self.prev = {i: [t.clone() for t in now[i]] for i in keep if i in now}
+        return events
+
     def _decide(self, step: int) -> List[Dict[str, Any]]:
         b = self.bounds
         if step + b.tail < self.earliest_step or step + b.tail >= self.total_steps:
             return []  # too early (the freeze would precede the earliest step), or it would never take effect
+        if b.spacing and self.decisions and step < self.decisions[-1]['step'] + b.spacing:
+            return []  # too soon after the last decision
         out = []
         i = len(self.decisions)   # decisions are a prefix: the next undecided unit
-        while i < len(self.units) - 1 and self.below[i] >= b.patience:
+        while i < len(self.units) - 1 and self.below[i] >= b.patience and not (b.spacing and out):
             self.tails[i] = [step, step + b.tail]
             d = {'step': step, 'unit': self.units[i], 'index': i, 'freeze_step': step + b.tail,
                  'plasticity': self.plasticity.get(self.units[i], 0.0), 'threshold': b.threshold,
@@ -853,7 +916,8 @@ class AdaptivePolicy(FreezePolicy):
                 'plasticity': dict(self.plasticity), 'tails': {str(k): list(v) for k, v in self.tails.items()},
                 'decisions': [dict(d) for d in self.decisions],
                 'snapshot': {str(k): list(v) for k, v in self.snapshot.items()},
-                'snapshot_step': self.snapshot_step}
+                'snapshot_step': self.snapshot_step, 'prev': {str(k): list(v) for k, v in self.prev.items()},
+                'path': {str(k): v for k, v in self.path.items()}}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state and state.get('signal', self.signal) != self.signal:
@@ -868,6 +932,8 @@ class AdaptivePolicy(FreezePolicy):
         # snapshots come back on the CPU; observe() compares them on the units' device
         self.snapshot = {int(k): list(v) for k, v in state.get('snapshot', {}).items()}
         self.snapshot_step = state.get('snapshot_step')
+        self.prev = {int(k): list(v) for k, v in state.get('prev', {}).items()}
+        self.path = {int(k): v for k, v in state.get('path', {}).items()}
 
 
 def decided_saving(freezer: 'FreezeOut', flops: Dict[str, Any], done: int,
@@ -899,18 +965,23 @@ def format_adaptive_plan(policy: 'AdaptivePolicy', freezer: 'FreezeOut', steps_p
     f, b = policy, policy.bounds
     spe = max(1, steps_per_epoch)
     evals = max(0, (f.total_steps - 1 - f.warmup_steps) // b.window + 1) if f.total_steps > f.warmup_steps else 0
-    change = 'change per unit LR' if f.per_lr else 'relative change'
+    what = {'coherence': 'update coherence = net displacement / path of the weights over the window',
+            'weight': f"{'change per unit LR' if f.per_lr else 'relative change'} of the weights over the window / "
+                      f"its peak since warm-up",
+            'output': f"{'change per unit LR' if f.per_lr else 'relative change'} of the output on the probe batch "
+                      f"over the window / its peak since warm-up"}[f.signal]
     shape = getattr(f.args, 'lr_schedule', 'cosine') if f.args is not None else 'cosine'
     units = freezer.sched_units
-    lines = [f'FreezeOut policy: adaptive, signal={f.signal} (plasticity = {change} over the window / its '
-             f'peak since warm-up), T={f.total_steps} optimizer steps ({steps_per_epoch}/epoch), warm-up '
-             f'W={f.warmup_steps}',
+    lines = [f'FreezeOut policy: adaptive, signal={f.signal} (plasticity = {what}), T={f.total_steps} optimizer '
+             f'steps ({steps_per_epoch}/epoch), warm-up W={f.warmup_steps}',
              f'  earliest freeze: {b.earliest:g} of training = step {f.earliest_step} '
              f'(epoch {f.earliest_step / spe:.2f})',
              f'  window: every {b.window} steps ({b.window / spe:.2f} epochs) from step {f.warmup_steps}: {evals} '
              f'evaluations',
              f'  threshold: plasticity < {b.threshold:g} for {b.patience} consecutive evaluations',
              f'  tail: LR x 1/2(1 + cos) over {b.tail} steps ({b.tail / spe:.2f} epochs) before each freeze',
+             f'  spacing: ' + (f'one decision per evaluation, the next at least {b.spacing} steps later'
+                               if b.spacing else 'a stalled prefix is decided at once'),
              f'  order: prefix ({", ".join(u.name for u in units[:-1])}); {units[-1].name} never '
              f'freezes' + ('; embed never freezes (--dont_freeze_pe)' if freezer.dont_freeze_pe else ''),
              f'  LR: the global warm-up + {shape} schedule for every unit (no per-unit t_i, so no 1/t_i scaling)']
@@ -922,11 +993,15 @@ def format_adaptive_plan(policy: 'AdaptivePolicy', freezer: 'FreezeOut', steps_p
     else:
         lines.append(f'  first possible freeze: step {first} (epoch {first / spe:.2f})')
     if flops is not None:
-        n = len(units) - 1
-        c0, cn = step_cost(flops, 0, freezer.dont_freeze_pe), step_cost(flops, n, freezer.dont_freeze_pe)
-        best = 0.0 if first is None else 1.0 - (first * c0 + (f.total_steps - first) * cn) / (c0 * f.total_steps)
-        lines.append(f'FLOP model: at most {100 * best:.1f}% saving of training FLOPs (every unit but the last frozen '
-                     f'at the first possible step); the run logs the saving of its decisions so far')
+        pe, T = freezer.dont_freeze_pe, f.total_steps
+        # the fastest the bounds allow: unit j freezes at first + j * (spacing rounded up to the evaluation grid)
+        gap = -(-b.spacing // b.window) * b.window if b.spacing else 0
+        steps = [] if first is None else [s for s in (first + j * gap for j in range(len(units) - 1)) if s < T]
+        bounds = [0] + steps + [T]
+        run = sum((hi - lo) * step_cost(flops, k, pe) for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])))
+        best = 1.0 - run / (step_cost(flops, 0, pe) * T)
+        lines.append(f'FLOP model: at most {100 * best:.1f}% saving of training FLOPs (each unit but the last frozen '
+                     f'as early as the bounds allow); the run logs the saving of its decisions so far')
     return '\n'.join(lines)
 
 
@@ -945,7 +1020,7 @@ def format_decision(ev: Dict[str, Any], epoch: int) -> str:
 
 SCHEDULE_FLAGS = ('t_0', 'how_scale', 'not_scale_lr', 'non_layerwise_lr')
 ADAPTIVE_FLAGS = ('freeze_signal', 'freeze_per_lr', 'freeze_earliest', 'freeze_window', 'freeze_threshold',
-                  'freeze_patience', 'freeze_tail')
+                  'freeze_patience', 'freeze_tail', 'freeze_spacing')
 
 
 def add_schedule_args(g) -> None:
@@ -969,10 +1044,12 @@ def add_schedule_args(g) -> None:
 
 def add_adaptive_args(g, earliest: float = 0.5) -> None:
     """The adaptive policy's signal and bounds."""
-    g.add_argument('--freeze_signal', default='weight', choices=list(SIGNALS),
-                   help='adaptive signal: weight = relative change of the unit\'s weights over the window (no '
-                        'extra forward, no communication); output = the same for its output on a fixed probe batch '
-                        'of 16 images (one extra forward per window) (default: weight)')
+    g.add_argument('--freeze_signal', default='coherence', choices=list(SIGNALS),
+                   help='adaptive signal: coherence = net displacement of the unit\'s weights over the window / the '
+                        'path they travelled (scale-free, so the LR decay is not read as convergence; no extra '
+                        'forward, no communication); weight = relative change of the weights over the window / its '
+                        'peak (LR-dependent); output = the same for its output on a fixed probe batch of 16 images '
+                        '(one extra forward per window) (default: coherence)')
     g.add_argument('--freeze_per_lr', action='store_true',
                    help='adaptive: divide the change by the LR summed over the window (how consistently a unit '
                         'moves, not how far); under a cosine LR this rarely stalls (default: off)')
@@ -990,6 +1067,9 @@ def add_adaptive_args(g, earliest: float = 0.5) -> None:
     g.add_argument('--freeze_tail', default=None, type=int, metavar='STEPS',
                    help='adaptive: optimizer steps over which a decided unit\'s LR anneals (half cosine to 0) '
                         'before it freezes (default: one window)')
+    g.add_argument('--freeze_spacing', default=None, type=int, metavar='STEPS',
+                   help='adaptive: at most one unit decided per evaluation, and the next decision at least STEPS '
+                        'optimizer steps later (0 = a stalled prefix is decided at once) (default: one window)')
 
 
 def add_freeze_args(g, embed: str = 'patch embedding and cls token') -> None:
@@ -1038,7 +1118,7 @@ def resolve_freeze_args(args, argv: Sequence[str]) -> None:
                             f"--freeze_policy schedule")
     if args.freeze_policy != 'adaptive' and any(f in given for f in ADAPTIVE_FLAGS):
         print('note: --freeze_signal/--freeze_per_lr/--freeze_earliest/--freeze_window/--freeze_threshold/'
-              '--freeze_patience/--freeze_tail only act with --freeze_policy adaptive')
+              '--freeze_patience/--freeze_tail/--freeze_spacing only act with --freeze_policy adaptive')
     args.freezeout = args.t_0 is not None or args.how_scale is not None or not schedule
     if args.freezeout and schedule:
         args.t_0 = 0.8 if args.t_0 is None else args.t_0
@@ -1053,7 +1133,8 @@ def bounds_from_args(args, total_steps: int) -> AdaptiveBounds:
     window = args.freeze_window or auto_window(total_steps)
     return AdaptiveBounds(earliest=args.freeze_earliest, window=window, threshold=args.freeze_threshold,
                           patience=args.freeze_patience,
-                          tail=window if args.freeze_tail is None else args.freeze_tail)
+                          tail=window if args.freeze_tail is None else args.freeze_tail,
+                          spacing=window if getattr(args, 'freeze_spacing', None) is None else args.freeze_spacing)
 
 
 def build_freezer(args, model: nn.Module, schedule: Any,

@@ -177,9 +177,13 @@ def test_output_signal_uses_the_probe():
 
 # 32 train images, batch 4: 8 steps/epoch, T = 24, W = 8; evaluations every 3 steps from 8 (8, 11, 14, 17, 20, 23):
 # the epoch-1 checkpoint (step 16) lies inside a window, so resuming needs the saved snapshot. Threshold 0.845 and
-# patience 1: at step 14 the plasticities are ~0.83-0.85 (the LR is decaying fast in this 3-epoch run), so embed and
-# block1 are decided (freezing after the checkpoint) while block2 and block3 are still measured.
-ADAPTIVE = ['--freeze_policy', 'adaptive', '--freeze_window', '3', '--freeze_tail', '3', '--freeze_threshold', '0.845',
+# The CLI tests check the mechanism (evaluation grid, patience, spacing, earliest step, resume), not the signal's
+# meaning (the drive() tests above do that, numbers against formulas): threshold 1 makes every measured evaluation
+# stalled, so the decisions fall exactly where the bounds put them. 8 steps/epoch, T = 24, W = 8, window 3:
+# snapshot at 8, first measurement at 11; one decision per evaluation (spacing = one window): embed at 11,
+# block1 at 14, block2 at 17, block3 at 20 (freezing 3 steps later). The epoch-1 checkpoint (step 16) holds block1
+# decided but not yet frozen and block2/block3 still measured.
+ADAPTIVE = ['--freeze_policy', 'adaptive', '--freeze_window', '3', '--freeze_tail', '3', '--freeze_threshold', '1',
             '--freeze_patience', '1', '--freeze_earliest', '0.3']
 TINY = [*TINY_PRETRAIN_FLAGS[:TINY_PRETRAIN_FLAGS.index('--batch_size')], '--batch_size', '4',
         *TINY_PRETRAIN_FLAGS[TINY_PRETRAIN_FLAGS.index('--batch_size') + 2:], '--seed', '3']
@@ -215,9 +219,10 @@ def test_cli_adaptive_resume_is_bit_exact(demo_root, tmp_path, run_pretrain, sig
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = re.findall(r'FreezeOut adaptive: step (\d+) \(epoch \d\): (\w+) stalled .* freezes at step (\d+)',
                        r.stdout)
-    assert lines, r.stdout[-3000:]
+    assert lines == [('11', 'embed', '14'), ('14', 'block1', '17'), ('17', 'block2', '20'), ('20', 'block3', '23')], \
+        r.stdout[-3000:]
     ck1 = torch.load(ref / 'checkpoint-1.pth', map_location='cpu', weights_only=True)
-    fo1 = ck1['freezeout']
+    fo1 = ck1['freezeout']['policy_state']
     assert ck1['step'] == 16 and fo1['snapshot_step'] == 14 and max(fo1['peak']) > 0
     # a decided unit whose freeze is after the checkpoint, and undecided ones with their snapshot (from step 14)
     assert fo1['tails'] and fo1['snapshot'] and not set(fo1['tails']) & set(fo1['snapshot'])
@@ -258,7 +263,11 @@ def test_cli_plan_only(demo_root, tmp_path, monkeypatch, capsys):
                                 '--freeze_policy', 'adaptive', '--freeze_window', '3', '--plan_only'],
                                monkeypatch, capsys)
     assert code == 0, err
-    assert 'FreezeOut policy: adaptive, signal=weight (plasticity = relative change over the window' in out
+    assert ('FreezeOut policy: adaptive, signal=coherence (plasticity = update coherence = net displacement / path '
+            'of the weights over the window)') in out
+    assert 'spacing: one decision per evaluation, the next at least 3 steps later' in out
+    # W = 8, window 3, patience 2: first decision at 14 >= earliest 12 - tail 3; it freezes at 17
+    assert 'first possible freeze: step 17 (epoch 2.12)' in out
     assert 'earliest freeze: 0.5 of training = step 12 (epoch 1.50)' in out
     assert 'window: every 3 steps (0.38 epochs) from step 8: 6 evaluations' in out
     assert 'threshold: plasticity < 0.5 for 2 consecutive evaluations' in out
@@ -325,3 +334,92 @@ def test_ddp_two_ranks_take_identical_decisions(demo_root, tmp_path):
         assert d[0]['freezeout'] == d[1]['freezeout'], epoch
         assert d[0]['model'] == d[1]['model'] and d[0]['optimizer'] == d[1]['optimizer'], epoch
     assert d[0]['freezeout']['policy_state']['decisions'] and d[0]['freezeout']['num_frozen'] >= 1
+
+
+# ---- the coherence signal (default): scale-free, so the LR decay is not read as convergence -------------------
+
+
+def _drive_pattern(model, fo, opt, steps, pattern):
+    """``pattern(unit, j) -> (direction sign, scale)``: unit i moves by sign·scale·1e-5 along its fixed direction."""
+    gen = torch.Generator().manual_seed(1)
+    dirs = {id(p): torch.randn(p.shape, generator=gen) for p in model.parameters()}
+    for j in range(steps):
+        fo.step(opt, j)
+        with torch.no_grad():
+            for i in range(fo.num_frozen, len(fo.sched_units)):
+                sign, scale = pattern(i, j)
+                for p in fo.sched_units[i].params.values():
+                    p.add_(dirs[id(p)], alpha=sign * scale * 1e-5)
+
+
+def _coherence(model, total=60, warm=6, **bounds):
+    lr_fn = lambda j: warmup_cosine(j, 1e-3, 1e-6, warm, total)  # noqa: E731
+    b = dict(earliest=0.0, window=8, threshold=0.5, patience=2, tail=4, spacing=0)
+    b.update(bounds)
+    fo = AdaptiveFreezeOut(model, total, warm, lr_fn, AdaptiveBounds(**b), signal='coherence')
+    return fo, torch.optim.AdamW(fo.param_groups(0.05), lr=1e-3), lr_fn
+
+
+def test_coherence_ignores_the_lr_decay_and_catches_jitter():
+    """Units moving along one direction with a step that decays like the cosine stay coherent (plasticity 1);
+    under the weight signal the same drift reads as a stall. A unit whose steps alternate in sign (jitter around a
+    minimum: it goes nowhere) has coherence ~0 and is the one decided."""
+    model = tiny_model()
+    fo, opt, lr_fn = _coherence(model)
+    _drive_pattern(model, fo, opt, 60, lambda i, j: ((-1) ** j, 1.0) if i == 0 else (1.0, lr_fn(j) / 1e-3 + 1e-3))
+    assert [d['unit'] for d in fo.policy.decisions] == ['embed']
+    assert fo.policy.decisions[0]['plasticity'] < 0.2
+    assert all(v > 0.99 for v in fo.policy.plasticity.values()), fo.policy.plasticity
+    # the same decaying drift under the LR-dependent weight signal: everything stalls
+    model = tiny_model()
+    lr2 = lambda j: warmup_cosine(j, 1e-3, 1e-6, 6, 60)  # noqa: E731
+    fo_w = AdaptiveFreezeOut(model, 60, 6, lr2, AdaptiveBounds(earliest=0.0, window=8, threshold=0.5, patience=2,
+                                                               tail=4), signal='weight')
+    opt_w = torch.optim.AdamW(fo_w.param_groups(0.05), lr=1e-3)
+    _drive_pattern(model, fo_w, opt_w, 60, lambda i, j: (1.0, lr2(j) / 1e-3 + 1e-3))
+    assert len(fo_w.policy.decisions) >= 2
+
+
+def test_coherence_value_is_net_over_path():
+    """A unit that moves +1, +1, -1 per segment (stride 1 with window 3... here window 8 -> stride 1): coherence =
+    |sum| / sum |.| exactly, per the definition."""
+    model = tiny_model()
+    fo, opt, _ = _coherence(model, window=8, patience=99)
+    pattern = [1, 1, 1, -1, 1, 1, -1, 1]  # net 4, path 8 over each window after W = 6
+    _drive_pattern(model, fo, opt, 6 + 8 + 8 + 1, lambda i, j: (pattern[(j - 6) % 8] if j >= 6 else 1.0, 1.0))
+    assert fo.policy.stride == 1
+    assert all(abs(v - 0.5) < 1e-4 for v in fo.policy.plasticity.values()), fo.policy.plasticity
+
+
+def test_spacing_decides_one_unit_at_a_time():
+    model = tiny_model()
+    fo, opt, _ = _coherence(model, window=4, patience=1, spacing=8, tail=2)
+    _drive_pattern(model, fo, opt, 60, lambda i, j: ((-1) ** j, 1.0))  # every unit jitters: all stalled
+    steps = [d['step'] for d in fo.policy.decisions]
+    assert len(steps) == 4 and all(b - a >= 8 for a, b in zip(steps, steps[1:])), steps
+    assert [d['unit'] for d in fo.policy.decisions] == ['embed', 'block1', 'block2', 'block3']
+
+
+def test_coherence_state_resumes_exactly():
+    model = tiny_model()
+    fo, opt, _ = _coherence(model, patience=99)
+    _drive_pattern(model, fo, opt, 17, lambda i, j: ((-1) ** (j // 3), 1.0))  # mid-window: prev and path are live
+    state = fo.state_dict()
+    assert state['policy_state']['path'] and state['policy_state']['prev']
+    model2 = tiny_model()
+    model2.load_state_dict(model.state_dict())
+    fo2, opt2, _ = _coherence(model2, patience=99)
+    fo2.load_state_dict(state, opt2)
+    for f, m, o in ((fo, model, opt), (fo2, model2, opt2)):
+        _drive_pattern(m, f, o, 0, lambda i, j: (1.0, 1.0))
+    # continue both for the rest of the run from step 17
+    for f, m, o in ((fo, model, opt), (fo2, model2, opt2)):
+        gen = torch.Generator().manual_seed(5)
+        dirs = {n: torch.randn(p.shape, generator=gen) for n, p in m.named_parameters()}
+        for j in range(17, 40):
+            f.step(o, j)
+            with torch.no_grad():
+                for n, p in m.named_parameters():
+                    if p.requires_grad:
+                        p.add_(dirs[n], alpha=1e-5 * (-1) ** (j // 3))
+    assert fo.policy.plasticity == fo2.policy.plasticity and fo.policy.below == fo2.policy.below

@@ -299,7 +299,7 @@ FLAG_DOMAINS: Dict[str, Domain] = {
     'drop_path': _real(0.0, 1.0, hi_open=True), 'nb_classes': _int(1),
     # FreezeOut
     't_0': _real(0.0, 1.0, lo_open=True), 'freeze_earliest': _real(0.0, 1.0, hi_open=True), 'freeze_window': _int(1),
-    'freeze_threshold': _real(0.0, 1.0, lo_open=True), 'freeze_patience': _int(1), 'freeze_tail': _int(0),
+    'freeze_threshold': _real(0.0, 1.0, lo_open=True), 'freeze_patience': _int(1), 'freeze_tail': _int(0), 'freeze_spacing': _int(0),
     'constant_tail': _real(0.0, 1.0),
     # augmentation
     'color_jitter': _real(0.0), 'smoothing': _real(0.0, 1.0, hi_open=True), 'reprob': _PROB, 'recount': _int(1),
