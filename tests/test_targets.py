@@ -284,3 +284,98 @@ def test_mean_color_checkpoint_is_read_by_every_evaluator(mean_color_run, demo_r
                                     '--warmup_epochs', '0'])
         assert rc == 0, (script, err[-3000:])
         assert '* Acc@1' in out and re.search(r'--finetune \S+: loaded \d+ tensors', out), script
+
+
+# ---- pixel target and --stage_targets -------------------------------------------------------------------------------
+
+def _mae_norm_pix(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """MAE's patchify + norm_pix_loss target, written as MAE does (einsum 'nchpwq->nhwpqc', var unbiased)."""
+    n, c, h, _ = imgs.shape
+    g = h // p
+    x = torch.einsum('nchpwq->nhwpqc', imgs.reshape(n, c, g, p, g, p)).reshape(n, g * g, p * p * c)
+    mean, var = x.mean(dim=-1, keepdim=True), x.var(dim=-1, keepdim=True)
+    return (x - mean) / (var + 1.e-6) ** .5
+
+
+def test_pixel_target_shapes_and_normalisation_formula():
+    m = tiny(target='pixel')
+    assert m.target_dims == [3 * c * c for c in (1, 2, 4, 8)] == [3, 12, 48, 192]
+    imgs = _imgs(b=2)
+    t = m.compute_targets(imgs, [0, 1, 2, 3])
+    for s in m.stages:
+        assert t[s.index].shape == (2, s.grid ** 2, 3 * s.cell_size ** 2) and t[s.index].dtype == torch.float32
+        torch.testing.assert_close(t[s.index], _mae_norm_pix(imgs, s.cell_size), atol=0, rtol=0)
+    # literally, for one cell: its pixels in (row, column, channel) order, minus their mean, over sqrt(var + 1e-6)
+    s = m.stages[2]
+    i, j = 3, 5
+    v = imgs[1, :, i * 4:(i + 1) * 4, j * 4:(j + 1) * 4].permute(1, 2, 0).reshape(-1).double()
+    lit = (v - v.mean()) / math.sqrt(float(v.var(unbiased=True)) + 1e-6)
+    torch.testing.assert_close(t[2][1, i * s.grid + j].double(), lit, atol=1e-5, rtol=1e-5)
+    c = t[2][1, i * s.grid + j]
+    assert abs(float(c.mean())) < 1e-5 and abs(float(c.var()) - 1) < 1e-3  # every cell: mean 0, variance ~1
+    # fp32 under autocast, and the loss trains every decoder
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert m.compute_targets(imgs, [3])[3].dtype == torch.float32
+    out = m(imgs)
+    out['loss'].backward()
+    assert all(d.pred[-1].weight.grad is not None for d in m.decoder)
+    assert m.target.flop_counted and m.target.uncounted_stages(m.stages) == []
+
+
+def test_pixel_target_rejects_one_value_cells():
+    with pytest.raises(UserError, match=r'pixel target at stage 0: a 1-px cell of 1 channel has one value'):
+        tiny(target='pixel', in_chans=1)
+
+
+def test_stage_targets_mix_hog_and_pixel():
+    m = tiny(stage_targets='hog,hog,pixel,pixel')
+    assert isinstance(m.target, targets.StageTargets) and len(m.target.parts) == 2  # one instance per name
+    assert m.target.target_name == 'hog,hog,pixel,pixel'
+    assert m.target_dims == [27, 27, 48, 192]
+    assert [d.pred[-1].out_channels for d in m.decoder] == m.target_dims
+    imgs = _imgs()
+    t = m.compute_targets(imgs, [0, 1, 2, 3])
+    hog = HOGTargets(9, m.cell_sizes)(imgs, [0, 1])
+    assert torch.equal(t[0], hog[0]) and torch.equal(t[1], hog[1])
+    assert torch.equal(t[2], _mae_norm_pix(imgs, 4)) and torch.equal(t[3], _mae_norm_pix(imgs, 8))
+    assert list(m.compute_targets(imgs, [3, 1])) == [3, 1]  # exactly the stages asked for
+    assert [s.index for s in m.target.uncounted_stages(m.stages)] == [0, 1]  # the FLOP plan times HOG only
+    out = m(imgs)
+    assert torch.isfinite(out['loss']) and sorted(out['stage_losses']) == [0, 1, 2, 3]
+    from util.vis import render_stages
+    assert len(render_stages(m, imgs, 0.75)) == 5
+
+
+@pytest.mark.parametrize('spec', ['hog', 'hog,hog,hog,hog', ['hog'] * 4])
+def test_stage_targets_default_unchanged(spec):
+    """No --stage_targets, --stage_targets hog and one hog per stage are the same run, bit for bit."""
+    a, b = tiny(), tiny(stage_targets=spec)
+    assert isinstance(b.target, targets.HOGTarget)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    imgs = _imgs()
+    torch.manual_seed(3)
+    la = a(imgs)['loss']
+    torch.manual_seed(3)
+    assert torch.equal(la, b(imgs)['loss'])
+
+
+def test_stage_targets_single_value_applies_to_all():
+    assert targets.parse_stage_targets('pixel', 4) == ['pixel'] * 4
+    assert targets.parse_stage_targets(' hog , pixel ,hog,hog ', 4) == ['hog', 'pixel', 'hog', 'hog']
+    m = tiny(stage_targets='pixel', all_stages=True)
+    assert len(m.stages) == 4 and isinstance(m.target, targets.PixelTarget)
+    with pytest.raises(UserError, match=r"--stage_targets 'hog,pixel,hog': 3 targets for 4 stages"):
+        tiny(stage_targets='hog,pixel,hog')
+
+
+def test_cli_stage_targets_trains(demo_root, tmp_path):
+    out = tmp_path / 'run'
+    rc, _, err = cli('run_pretrain.py', [*CLI_TINY, '--data_path', demo_root, '--output_dir', out, '--epochs', '2',
+                                         '--warmup_epochs', '1', '--stage_targets', 'hog,hog,pixel,pixel'])
+    assert rc == 0, err[-3000:]
+    losses = _train_loss(out)
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    ckpt = torch.load(out / 'checkpoint-last.pth', map_location='cpu', weights_only=True)
+    assert ckpt['args']['stage_targets'] == 'hog,hog,pixel,pixel'
+    assert ckpt['model']['decoder.3.pred.1.weight'].shape[0] == 192  # scale 0.5: pool + 1x1 conv to 3·8·8
