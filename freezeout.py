@@ -509,10 +509,12 @@ def measure_unit_flops(model: nn.Module, input_size: int, mask_ratio: float, dev
 
     Each unit counts its block plus the norms/decoders of the stages it feeds; attention is counted as its explicit
     matmuls (timm's non-fused path during the count), so CPU and CUDA plans agree and nothing is counted twice.
-    Everything else (HOG targets, masking) is ``shared``, paid in every freeze state. HOG is mostly binning and
-    scatter, which FLOP counters do not see, so with ``time_targets`` it is timed against the rest of the forward on
-    ``device`` and added to ``shared`` as FLOP-equivalents (``hog_fwd``). The model's RNG use is isolated
-    (fork_rng) so measuring does not change the run.
+    Everything else (the reconstruction targets, masking) is ``shared``, paid in every freeze state. Targets whose
+    work FLOP counters do not see (``Target.uncounted_stages``: HOG is mostly binning and scatter) are, with
+    ``time_targets``, timed against the rest of the forward on ``device`` and added to ``shared`` as
+    FLOP-equivalents (``target_fwd``; ``hog_fwd`` is the same number under its old name); counted targets (a
+    teacher encoder's matmuls) are in ``shared`` already. The model's RNG use is isolated (fork_rng) so measuring
+    does not change the run.
 
     Other models: ``forward(x)`` runs one image (default ``model(x, mask_ratio=...)``) and ``units`` are their
     FreezeOut units (default ``model.units()``); parameters outside every unit (a classifier head) count as shared.
@@ -550,15 +552,22 @@ def measure_unit_flops(model: nn.Module, input_size: int, mask_ratio: float, dev
         per_unit.append(sum(under(m) for m in mods))
         per_unit_enc.append(sum(under(m) for m in mods if not m.startswith(('norm.', 'decoder.'))))
     total = counts.get('Global', 0.0)
-    hog = _hog_flop_equivalent(model, input_size, mask_ratio, device, total) if time_targets else 0.0
+    tgt = _hog_flop_equivalent(model, input_size, mask_ratio, device, total) if time_targets else 0.0
     return {'names': [u.name for u in units], 'unit_fwd': per_unit, 'unit_enc_fwd': per_unit_enc,
-            'total_fwd': total + hog, 'hog_fwd': hog, 'shared_fwd': max(0.0, total - sum(per_unit)) + hog}
+            'total_fwd': total + tgt, 'target_fwd': tgt, 'hog_fwd': tgt,
+            'shared_fwd': max(0.0, total - sum(per_unit)) + tgt}
 
 
 def _hog_flop_equivalent(model: nn.Module, input_size: int, mask_ratio: float, device: torch.device,
                          counted_fwd: float, batch: int = 4, reps: int = 3) -> float:
-    """Per-image FLOP-equivalent of the HOG targets: their time × the FLOP rate of the rest of the forward."""
+    """Per-image FLOP-equivalent of the target work FLOP counters miss (``Target.uncounted_stages`` of every
+    stage; HOG): its time × the FLOP rate of the rest of the forward. 0 for models without such targets."""
     import time
+
+    target = getattr(model, 'target', None)
+    uncounted = target.uncounted_stages(model.stages) if target is not None else []
+    if not uncounted:
+        return 0.0
 
     def timed(fn) -> float:
         out = []
@@ -577,12 +586,12 @@ def _hog_flop_equivalent(model: nn.Module, input_size: int, mask_ratio: float, d
     try:
         with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []), torch.no_grad():
             x = torch.randn(batch, 3, input_size, input_size, device=device)
-            t_hog = timed(lambda: model.hog(x))
+            t_tgt = timed(lambda: target.forward_stages(x, uncounted))
             t_all = timed(lambda: model(x, mask_ratio=mask_ratio))
     finally:
         model.train(was_training)
-    rest = max(t_all - t_hog, 1e-9)
-    return counted_fwd * t_hog / rest
+    rest = max(t_all - t_tgt, 1e-9)
+    return counted_fwd * t_tgt / rest
 
 
 def step_cost(flops: Dict[str, Any], num_frozen: int, dont_freeze_pe: bool) -> float:
@@ -980,7 +989,7 @@ def format_adaptive_plan(policy: 'AdaptivePolicy', freezer: 'FreezeOut', steps_p
              f'evaluations',
              f'  threshold: plasticity < {b.threshold:g} for {b.patience} consecutive evaluations',
              f'  tail: LR x 1/2(1 + cos) over {b.tail} steps ({b.tail / spe:.2f} epochs) before each freeze',
-             f'  spacing: ' + (f'one decision per evaluation, the next at least {b.spacing} steps later'
+             '  spacing: ' + (f'one decision per evaluation, the next at least {b.spacing} steps later'
                                if b.spacing else 'a stalled prefix is decided at once'),
              f'  order: prefix ({", ".join(u.name for u in units[:-1])}); {units[-1].name} never '
              f'freezes' + ('; embed never freezes (--dont_freeze_pe)' if freezer.dont_freeze_pe else ''),

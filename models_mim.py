@@ -1,17 +1,19 @@
-"""LocalMIM for ViT on timm 1.0: encoder, per-stage decoders, multi-scale HOG targets, loss, FreezeOut units.
+"""LocalMIM for ViT on timm 1.0: encoder, per-stage decoders, reconstruction targets, loss, FreezeOut units.
 
 Data flow of one forward pass (B images of H×W, patch p, grid g = H/p, L = g² tokens):
 
-    imgs [B,3,H,W] -> HOG targets (fp32, autocast off, no grad), only for ACTIVE stages
+    imgs [B,3,H,W] -> targets (``targets.py``; default HOG, fp32), no grad, only for ACTIVE stages
                    -> patch embed + fixed sin-cos pos -> random mask (keep L·(1-r)) -> [cls | visible]
                    -> blocks; after each tap block b (stage k): stage norm k -> latent_k [B,1+keep,D]
-                   -> decoder k (embed 256, mask tokens, unshuffle, 1 block, norm, scale head) -> [B,(g·s_k)²,3·nb]
+                   -> decoder k (embed 256, mask tokens, unshuffle, 1 block, norm, scale head) -> [B,(g·s_k)²,dim_k]
                    -> masked-mean MSE per stage (mask resampled to g·s_k) -> total = Σ_k w_k · loss_k
 
 Differences from the reference code (all deliberate, see ``docs/``): ``img_size``/``patch_size`` reach the model;
 HOG cells are ``patch / scale`` (integer, checked) instead of hard-coded 4/8/16/32 px; ViT-H/14 uses scales
 (2, 2, 1, 0.5) because 14/4 = 3.5 px cells do not exist; the HOG pass is shared by all stages; the forward returns
 per-stage losses too; and a FreezeOut-frozen prefix runs under ``no_grad`` with the stages it feeds switched off.
+The target is a plugin (``targets.Target``): the model describes each stage by a ``targets.Stage`` and sizes each
+decoder's head by ``target.dim(stage)``.
 """
 import math
 from contextlib import nullcontext
@@ -25,128 +27,14 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
+import targets as targets_lib
+from targets import HOGTargets, Stage, Target  # noqa: F401 - HOGTargets re-exported (it lived here)
 from util.errors import UserError
 from util.pos_embed import sincos_2d_tensor
 
-__all__ = ['HOGTargets', 'LocalMIM', 'ParamUnit', 'stage_layout', 'parse_stage_weights', 'stage_weights_for',
+__all__ = ['HOGTargets', 'Stage', 'Target', 'LocalMIM', 'ParamUnit', 'stage_layout', 'parse_stage_weights', 'stage_weights_for',
            'StageWeightSchedule', 'create_model',
            'MODEL_NAMES']
-
-# ---------------------------------------------------------------------------------------------------------------------
-# HOG targets
-
-
-class HOGTargets(nn.Module):
-    """Multi-scale HOG maps of an image batch, computed in one pass (reference maths, different order of work).
-
-    Per colour channel: Sobel (reflect padding) -> magnitude and atan2(ch0, ch1) -> unsigned hard binning
-    ``floor(phi / pi * nb) mod nb`` -> mean magnitude per bin per ``c×c`` cell -> L2 normalisation of each cell's
-    nb-vector -> R, G, B concatenated. No Gaussian window, no block normalisation, no interpolation between bins.
-
-    The reference builds a full-resolution one-hot [B, nb, H, W] and average-pools it once per stage. Here the
-    gradients and bins are computed once, the finest requested cell histogram is built by a scatter-add into
-    cells, and coarser cell sizes that are multiples of it are sum-pooled from it (averaging averages of equal-size
-    cells is exact), so the cost is one full-resolution pass regardless of the number of stages.
-
-    With ``bias=True`` (``--hog_bias``) each stage has its own frozen random gradient bias drawn from U(-1/3, 1/3)
-    (PyTorch's default conv-bias init for fan-in 9, as the reference's four HOG layers get). The bias changes the
-    bins, so then the Sobel convolution is still shared but binning runs once per stage.
-
-    Args:
-        nbins: orientation bins over [0, pi).
-        cell_sizes: cell size in pixels for each stage.
-        bias: add a frozen random bias to the gradients (``--hog_bias``).
-        bias_seed: seed of the bias draw, the same on every rank (default 0).
-    """
-
-    def __init__(self, nbins: int, cell_sizes: Sequence[int], bias: bool = False, bias_seed: int = 0):
-        super().__init__()
-        self.nbins = nbins
-        self.cell_sizes = [int(c) for c in cell_sizes]
-        sobel = torch.tensor([[1., 0., -1.], [2., 0., -2.], [1., 0., -1.]])
-        self.register_buffer('weight', torch.stack([sobel, sobel.t()]).unsqueeze(1), persistent=False)  # [2,1,3,3]
-        if bias:
-            g = torch.Generator().manual_seed(bias_seed)
-            b = (torch.rand(len(self.cell_sizes), 2, generator=g) * 2 - 1) / 3.0
-            self.register_buffer('bias', b)  # in the state dict, so a run's targets can be reproduced exactly
-        else:
-            self.bias = None
-        self._cell_index_cache: Dict[Tuple[int, int, int, str], torch.Tensor] = {}
-
-    def _cell_index(self, h: int, w: int, cell: int, device: torch.device) -> torch.Tensor:
-        key = (h, w, cell, str(device))
-        idx = self._cell_index_cache.get(key)
-        if idx is None:
-            rows = torch.arange(h, device=device) // cell
-            cols = torch.arange(w, device=device) // cell
-            idx = (rows[:, None] * (w // cell) + cols[None, :]).reshape(-1)
-            self._cell_index_cache[key] = idx
-        return idx
-
-    def _histogram(self, mag: torch.Tensor, bins: torch.Tensor, cell: int) -> torch.Tensor:
-        """[N,H,W] magnitudes and bins -> [N, H/c, W/c, nb] mean magnitude per cell and bin."""
-        n, h, w = mag.shape
-        hc, wc = h // cell, w // cell
-        if hc * cell != h or wc * cell != w:
-            mag, bins = mag[:, :hc * cell, :wc * cell], bins[:, :hc * cell, :wc * cell]
-            h, w = hc * cell, wc * cell
-        index = self._cell_index(h, w, cell, mag.device)[None, :] * self.nbins + bins.reshape(n, -1)
-        hist = mag.new_zeros(n, hc * wc * self.nbins)
-        hist.scatter_add_(1, index, mag.reshape(n, -1))
-        return (hist / float(cell * cell)).view(n, hc, wc, self.nbins)
-
-    def _bins(self, gxy: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        if bias is not None:
-            gxy = gxy + bias.view(1, 2, 1, 1)
-        mag = torch.hypot(gxy[:, 0], gxy[:, 1])  # 2-3x faster than vector_norm over dim 1 on CPU, same values
-        phase = torch.atan2(gxy[:, 0], gxy[:, 1])
-        bins = torch.floor(phase / math.pi * self.nbins).long().remainder_(self.nbins)
-        return mag, bins
-
-    @torch.no_grad()
-    def maps(self, imgs: torch.Tensor, stages: Optional[Sequence[int]] = None) -> Dict[int, torch.Tensor]:
-        """HOG maps ``{stage: [B, 3·nb, H/c, W/c]}`` (channel-first, R bins then G then B) for ``stages``."""
-        return {k: h.permute(0, 1, 4, 2, 3).flatten(1, 2) for k, h in self._per_image(imgs, stages).items()}
-
-    @torch.no_grad()
-    def forward(self, imgs: torch.Tensor, stages: Optional[Sequence[int]] = None) -> Dict[int, torch.Tensor]:
-        """Targets ``{stage: [B, (H/c)·(W/c), 3·nb]}`` in row-major cell order, ready for the loss."""
-        return {k: h.permute(0, 2, 3, 1, 4).flatten(3).flatten(1, 2) for k, h in self._per_image(imgs, stages).items()}
-
-    def _per_image(self, imgs: torch.Tensor, stages: Optional[Sequence[int]]) -> Dict[int, torch.Tensor]:
-        """``{stage: [B, C, H/c, W/c, nb]}`` normalised cell histograms."""
-        stages = list(range(len(self.cell_sizes))) if stages is None else list(stages)
-        b = imgs.shape[0]
-        return {k: h.view(b, -1, *h.shape[1:]) for k, h in self._cell_histograms(imgs, stages).items()}
-
-    def _cell_histograms(self, imgs: torch.Tensor, stages: List[int]) -> Dict[int, torch.Tensor]:
-        """Normalised [B·C, H/c, W/c, nb] histograms for each requested stage."""
-        with torch.autocast(device_type=imgs.device.type, enabled=False):
-            x = imgs.float()
-            b, c, h, w = x.shape
-            x = F.pad(x.reshape(b * c, 1, h, w), (1, 1, 1, 1), mode='reflect')
-            gxy = F.conv2d(x, self.weight.to(x.device))  # [B·C, 2, H, W]
-            raw: Dict[int, torch.Tensor] = {}
-            if self.bias is None:
-                mag, bins = self._bins(gxy, None)
-                base = min(self.cell_sizes[k] for k in stages) if stages else 1
-                finest = None
-                for k in sorted(stages, key=lambda s: self.cell_sizes[s]):
-                    cell = self.cell_sizes[k]
-                    if cell % base == 0 and finest is not None and h % cell == 0 and w % cell == 0:
-                        f = cell // base
-                        n, hc, wc, nb = finest.shape
-                        raw[k] = finest.view(n, hc // f, f, wc // f, f, nb).mean(dim=(2, 4))
-                    else:
-                        raw[k] = self._histogram(mag, bins, cell)
-                        if cell == base:
-                            finest = raw[k]
-            else:
-                for k in stages:
-                    mag, bins = self._bins(gxy, self.bias[k].to(gxy.device))
-                    raw[k] = self._histogram(mag, bins, self.cell_sizes[k])
-            return {k: F.normalize(v, p=2, dim=-1) for k, v in raw.items()}
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Stage layout
@@ -445,13 +333,14 @@ class ParamUnit:
 
 
 class LocalMIM(nn.Module):
-    """LocalMIM ViT: MAE encoder with stage taps, one decoder per stage, HOG targets, masked multi-scale loss.
+    """LocalMIM ViT: MAE encoder with stage taps, one decoder per stage, a reconstruction target (HOG by default),
+    masked multi-scale loss.
 
     Args:
         img_size: square input size in pixels (an int, or an (h, w) pair with h == w).
         patch_size: patch size in pixels; ``img_size`` must be divisible by it.
         embed_dim, depth, num_heads, mlp_ratio: encoder shape.
-        hog_nbins: orientation bins; targets have ``3·hog_nbins`` features.
+        hog_nbins: orientation bins of the ``hog`` target (``in_chans·hog_nbins`` values per cell).
         hog_bias: frozen random gradient bias in the HOG (``--hog_bias``).
         all_stages: every block feeds a decoder (see :func:`stage_layout`).
         stage_weights: loss weight per stage (see :func:`stage_weights_for`).
@@ -460,6 +349,11 @@ class LocalMIM(nn.Module):
         stage_scales: scales of the four default taps (4, 2, 1, 0.5).
         decoder_embed_dim, decoder_depth, decoder_num_heads: per-stage decoder shape (256, 1, 8).
         hog_bias_seed: seed of the hog bias draw (same on all ranks).
+        target: the reconstruction target of every stage (``--target``): a registered name (``hog``, ``pixel``),
+            ``module:Class``, a ``targets.Target`` subclass or instance; built with the model's :class:`Stage` list.
+        stage_targets: one target name per stage, or one for all (``--stage_targets``); overrides ``target``.
+        target_options: settings for the targets (``run_pretrain.py`` passes all its flags); ``hog_nbins``,
+            ``hog_bias``, ``hog_bias_seed`` and ``in_chans`` are set from the arguments above.
     """
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 16, embed_dim: int = 1024,
@@ -468,7 +362,9 @@ class LocalMIM(nn.Module):
                  stage_weights: Union[str, Sequence[float], None] = 'equal',
                  stage_scales: Sequence[float] = (4, 2, 1, 0.5), decoder_embed_dim: int = 256,
                  decoder_depth: int = 1, decoder_num_heads: int = 8, hog_bias_seed: int = 0, in_chans: int = 3,
-                 stage_weights_end: Union[str, Sequence[float], None] = None):
+                 stage_weights_end: Union[str, Sequence[float], None] = None,
+                 target: Union[str, type, Target] = 'hog', stage_targets: Union[str, Sequence[str], None] = None,
+                 target_options: Optional[Dict[str, object]] = None):
         super().__init__()
         if isinstance(img_size, (tuple, list)):
             if len(img_size) != 2 or img_size[0] != img_size[1]:
@@ -509,11 +405,17 @@ class LocalMIM(nn.Module):
         self.norm = nn.ModuleList([_ln(embed_dim) for _ in self.layout])
 
         self._init_encoder()  # before the decoders, as in the reference: decoders initialise themselves
-        out_dim = in_chans * hog_nbins
+        self.stages = [Stage(index=k, block=b, scale=s, cell_size=c, grid=img_size // c, patch_size=patch_size,
+                             img_size=img_size, in_chans=in_chans)
+                       for k, ((b, s), c) in enumerate(zip(self.layout, self.cell_sizes))]
+        # the built-in targets draw no global random numbers, so the decoders' init is the same for any of them
+        options = dict(target_options or {}, hog_nbins=hog_nbins, hog_bias=hog_bias, hog_bias_seed=hog_bias_seed,
+                       in_chans=in_chans)
+        self.target = targets_lib.build_target(target, stage_targets, self.stages, options)
+        self.target_dims = [int(self.target.dim(st)) for st in self.stages]
         self.decoder = nn.ModuleList([
-            StageDecoder(embed_dim, self.grid, out_dim, s, decoder_embed_dim, decoder_depth, decoder_num_heads)
-            for s in self.stage_scales])
-        self.hog = HOGTargets(hog_nbins, self.cell_sizes, bias=hog_bias, bias_seed=hog_bias_seed)
+            StageDecoder(embed_dim, self.grid, d, s, decoder_embed_dim, decoder_depth, decoder_num_heads)
+            for s, d in zip(self.stage_scales, self.target_dims)])
 
         # FreezeOut state (declared here, driven by freezeout.py through set_frozen)
         self.num_frozen_blocks = 0
@@ -598,9 +500,9 @@ class LocalMIM(nn.Module):
     def active_stages(self) -> List[int]:
         return [k for k, b in enumerate(self.stage_blocks) if b >= self.num_frozen_blocks]
 
-    def compile_regions(self, hog: bool = False, **opts) -> int:
-        """``nn.Module.compile(**opts)`` on every encoder block and every stage decoder (and the HOG targets with
-        ``hog=True``), in place; returns the per-function variant limit it set.
+    def compile_regions(self, targets: bool = False, **opts) -> int:
+        """``nn.Module.compile(**opts)`` on every encoder block and every stage decoder (and, with ``targets=True``,
+        the target's work: ``Target.compile_regions``), in place; returns the per-function variant limit it set.
 
         Regions, not the whole model: the Python loop over blocks stays eager, so a FreezeOut event only changes
         which blocks run inside ``torch.no_grad()`` (grad mode, the blocks' train/eval flag and requires_grad are
@@ -619,8 +521,8 @@ class LocalMIM(nn.Module):
             blk.compile(**opts)
         for dec in self.decoder:
             dec.compile(**opts)
-        if hog:
-            self.hog.compile(**{**opts, 'fullgraph': False})  # its cell-index cache is Python state
+        if targets:
+            self.target.compile_regions(**opts)
         return limit
 
     # ---- forward ----------------------------------------------------------------------------------------------
@@ -716,26 +618,63 @@ class LocalMIM(nn.Module):
             losses[k] = per_cell.sum() / max(1, per_cell.numel())  # = masked mean: every selected cell has weight 1
         return losses, preds
 
+    def compute_targets(self, imgs: torch.Tensor, stages: Sequence[int]) -> Dict[int, torch.Tensor]:
+        """``{k: [B, cells_k, dim_k]}`` target values of the stages ``stages`` (indices), under ``no_grad``.
+
+        Every cell, not only the masked ones: the 0.5-scale stage reads (nearly) all of them, and HOG pools the
+        finer stages from one full-resolution pass, so restricting the pixel work to masked cells would not save
+        work. Shapes are checked (host-side, no sync) so that a plugin's mistake is one line, not a broadcast."""
+        with torch.no_grad():
+            out = self.target.forward_stages(imgs, [self.stages[k] for k in stages])
+        for k in stages:
+            t = out.get(k)
+            want = (imgs.shape[0], self.stages[k].num_cells, self.target_dims[k])
+            if t is None or tuple(t.shape) != want:
+                got = 'nothing' if t is None else list(t.shape)
+                raise UserError(f'target {targets_lib.target_name(self.target, self.stages[k])} returned {got} for '
+                                f'stage {k}; expected [B, cells, dim] = {list(want)} (cells of '
+                                f'{self.stages[k].cell_size} px, row-major)')
+        return out
+
+    def total_loss(self, stage_losses: Dict[int, torch.Tensor], imgs: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of the active stages' losses (0 when every stage is frozen)."""
+        if stage_losses:
+            return sum(self.stage_weight[k] * stage_losses[k] for k in self.active_stages())
+        return imgs.new_zeros(())
+
+    @property
+    def hog(self) -> HOGTargets:
+        """The HOG engine of the ``hog`` target (direct access for HOG-specific code; the toolkit asks
+        ``self.target``). AttributeError when no stage uses HOG."""
+        for m in self.target.modules():
+            if isinstance(m, HOGTargets):
+                return m
+        raise AttributeError(f'model has no HOG target (target {targets_lib.target_name(self.target)})')
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before the target seam hold the HOG bias as 'hog.bias' (now inside self.target)
+        old = [k for k in state_dict if k.startswith(prefix + 'hog.')]
+        if old:
+            where = next((n for n, m in self.named_modules() if isinstance(m, HOGTargets)), None)
+            if where is not None:
+                for k in old:
+                    state_dict[prefix + where + k[len(prefix + 'hog'):]] = state_dict.pop(k)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, return_vis: bool = False,
                 full_decode: Optional[bool] = None) -> Dict[str, object]:
         """imgs [B,3,H,W] (normalised) -> dict with
         ``loss`` (weighted sum over active stages), ``stage_losses`` ({stage: scalar}, graph kept),
-        and with ``return_vis``: ``pred``/``target`` ({stage: [B,cells,3·nb]}, every cell) and ``mask`` [B,L].
+        and with ``return_vis``: ``pred``/``target`` ({stage: [B,cells,dim]}, every cell) and ``mask`` [B,L].
         ``full_decode`` (default: ``return_vis``) predicts every cell of every stage instead of only the masked
         ones; the loss is the same up to float rounding, the work is not."""
         if not 0.0 <= mask_ratio < 1.0:
             raise UserError(f'--mask_ratio {mask_ratio}: must be in [0, 1)')
         full = return_vis if full_decode is None else full_decode
-        active = self.active_stages()
-        # HOG maps for every cell: the 0.5-scale stage reads (nearly) all of them, and the finer stages are pooled
-        # from the same full-resolution pass, so restricting the pixel work to masked cells would not save work
-        targets = self.hog(imgs, active)
+        targets = self.compute_targets(imgs, self.active_stages())
         latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio)
         stage_losses, preds = self.decode(latents, mask, ids_restore, targets, mask_ratio, full)
-        if stage_losses:
-            loss = sum(self.stage_weight[k] * stage_losses[k] for k in active)
-        else:
-            loss = imgs.new_zeros(())
+        loss = self.total_loss(stage_losses, imgs)
         out: Dict[str, object] = {'loss': loss, 'stage_losses': stage_losses}
         if return_vis:
             out.update(pred=preds, target=targets, mask=mask)

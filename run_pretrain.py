@@ -71,6 +71,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'encoder) (default: 256)')
     g.add_argument('--mask_ratio', default=0.75, type=float,
                    help='fraction of patches removed from the encoder input, in [0, 1) (default: 0.75)')
+    g.add_argument('--target', default='hog', type=str, metavar='NAME',
+                   help='reconstruction target of every stage: hog (LocalMIM: per-cell gradient-orientation '
+                        'histograms), pixel (MAE norm_pix: each cell\'s pixels normalised by their own mean and '
+                        'variance), or module:Class, a targets.Target subclass importable from PYTHONPATH '
+                        '(default: hog)')
+    g.add_argument('--stage_targets', default=None, type=str, metavar='T0,T1,..',
+                   help='one target per stage, shallow to deep (e.g. hog,hog,pixel,pixel), each as for --target; '
+                        'a single name applies to every stage; overrides --target (default: none, --target '
+                        'everywhere)')
     g.add_argument('--hog_nbins', default=9, type=int, help='HOG orientation bins over 180 degrees (default: 9)')
     g.add_argument('--hog_bias', action='store_true',
                    help='frozen random bias on the HOG gradients, as in the ViT-L recipe (default: off)')
@@ -98,7 +107,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--knn_data_path', default=None, type=str,
                    help='ImageNet-style root with train/ and val/ for the online k-NN (default: --data_path)')
     g.add_argument('--vis_freq', default=20, type=int,
-                   help='every N epochs write TensorBoard images of a fixed batch: input, mask, and HOG target vs '
+                   help='every N epochs write TensorBoard images of a fixed batch: input, mask, and target vs '
                         'prediction of each active stage (0 = off; needs --log_dir) (default: 20; --demo: 10)')
     g.add_argument('--vis_images', default=4, type=int, help='images in the visualisation batch (default: 4)')
     g = p.add_argument_group('speed')
@@ -153,7 +162,8 @@ def build_model(args: argparse.Namespace) -> models_mim.LocalMIM:
         args.model, img_size=args.input_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
         depth=args.depth, num_heads=args.num_heads, hog_nbins=args.hog_nbins, hog_bias=args.hog_bias,
         all_stages=args.all_stages, stage_weights=args.stage_weights, hog_bias_seed=args.seed,
-        stage_weights_end=args.stage_weights_end, decoder_embed_dim=args.decoder_embed_dim)
+        stage_weights_end=args.stage_weights_end, decoder_embed_dim=args.decoder_embed_dim,
+        target=args.target, stage_targets=args.stage_targets, target_options=vars(args))
 
 
 def main(args: argparse.Namespace) -> None:

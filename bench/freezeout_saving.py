@@ -311,7 +311,7 @@ def print_report(res: Dict[str, object], metric: str = 'wall') -> None:
           f"{cfg['batch_size']}, {cfg['threads']} threads; T = {cfg['epochs']} epochs x {cfg['steps_per_epoch']} "
           f"steps; median of {cfg['steps']} steps x {cfg['rounds']} rounds per state; phases in {metric} ms")
     hdr = (f"{'state':>5} {'frozen units':<16} {'active stages':<13} {'wall ms':>8} {'CPU ms':>8} {'rel':>5} "
-           f"{'FLOP rel':>8} {'hog':>6} {'enc':>6} {'dec':>6} {'bwd':>6} {'opt':>6} {'act MB':>7} {'grad+Adam MB':>12}")
+           f"{'FLOP rel':>8} {'target':>6} {'enc':>6} {'dec':>6} {'bwd':>6} {'opt':>6} {'act MB':>7} {'grad+Adam MB':>12}")
     if ddp:
         hdr += f" {'DDP ms':>8} {'DDP rel':>7}"
     steps_cols = [f"{r['how_scale']} {r['t_0']:g}" for r in res['summary']]

@@ -6,7 +6,7 @@
 One step = what ``engine_pretrain.train_one_epoch`` does per iteration, split into timed phases:
 
     data     copy of a pre-made CPU batch to the device (a no-op on CPU, pinned + non_blocking on CUDA)
-    hog      ``model.hog(imgs, active_stages)``            (targets, fp32, no grad)
+    targets  ``model.compute_targets(imgs, active_stages)`` (the --target's values, no grad; HOG: fp32)
     encoder  ``model.forward_encoder(imgs, mask_ratio)``   (patch embed, masking, blocks, stage norms)
     decoders ``model.decode`` (the active stage decoders, masked tokens only where exact) + masked MSE per stage
              + weighted sum
@@ -45,9 +45,10 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import models_mim  # noqa: E402
+import targets as targets_lib  # noqa: E402
 from util.log import write_json  # noqa: E402
 
-PHASES = ['data', 'hog', 'encoder', 'decoders', 'backward', 'optim']
+PHASES = ['data', 'targets', 'encoder', 'decoders', 'backward', 'optim']
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -95,9 +96,16 @@ def build_model(args: argparse.Namespace) -> models_mim.LocalMIM:
     model = models_mim.create_model(args.model, img_size=args.input_size, patch_size=args.patch_size,
                                     embed_dim=getattr(args, 'embed_dim', None), depth=getattr(args, 'depth', None),
                                     num_heads=getattr(args, 'num_heads', None), hog_nbins=args.hog_nbins,
-                                    decoder_embed_dim=getattr(args, 'decoder_embed_dim', None) or 256)
+                                    decoder_embed_dim=getattr(args, 'decoder_embed_dim', None) or 256,
+                                    target=getattr(args, 'target', None), target_options=vars(args))
+    hog_only = [f for f, on in (('--hog_impl hypot', getattr(args, 'hog_impl', 'ours') == 'hypot'),
+                                ('--compare_hog_reference', getattr(args, 'compare_hog_reference', False)),
+                                ('--hog_profile', getattr(args, 'hog_profile', False))) if on]
+    if hog_only and not isinstance(model.target, targets_lib.HOGTarget):
+        from util.errors import UserError
+        raise UserError(f'{hog_only[0]} measures the HOG target; drop it or use --target hog')
     if getattr(args, 'hog_impl', 'ours') == 'hypot':
-        model.hog = hypot_hog_for(model)  # bench-only: measure the proposed fix in the whole step
+        model.target.hog = hypot_hog_for(model)  # bench-only: measure the proposed fix in the whole step
     return model
 
 
@@ -109,6 +117,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--embed_dim', default=None, type=int, help="encoder width override (default: the model's)")
     p.add_argument('--num_heads', default=None, type=int, help="heads override (default: the model's)")
     p.add_argument('--hog_nbins', default=9, type=int)
+    p.add_argument('--target', default='hog',
+                   help='reconstruction target: a registered name (hog, pixel) or module:Class (default: hog)')
     p.add_argument('--mask_ratio', default=0.75, type=float)
     p.add_argument('--batch_size', default=32, type=int)
     p.add_argument('--threads', default=2, type=int, help='torch intra-op threads (default: 2)')
@@ -240,18 +250,17 @@ def make_optimizer(model: nn.Module, lr: float = 1.5e-4, weight_decay: float = 0
 
 def phased_forward(model: models_mim.LocalMIM, imgs: torch.Tensor, mask_ratio: float, amp,
                    clock: Optional[Callable[[str], None]] = None, full_decode: bool = False) -> torch.Tensor:
-    """``LocalMIM.forward`` split into hog / encoder / decoders (same ops, same order, same RNG use)."""
+    """``LocalMIM.forward`` split into targets / encoder / decoders (its own methods, same order, same RNG use)."""
     tick = clock or (lambda name: None)
-    active = model.active_stages()
     with amp.autocast():
-        targets = model.hog(imgs, active)
-    tick('hog')
+        targets = model.compute_targets(imgs, model.active_stages())
+    tick('targets')
     with amp.autocast():
         latents, mask, ids_restore = model.forward_encoder(imgs, mask_ratio)
     tick('encoder')
     with amp.autocast():
         losses, _ = model.decode(latents, mask, ids_restore, targets, mask_ratio, full_decode)
-        loss = sum(model.stage_weight[k] * losses[k] for k in active) if losses else imgs.new_zeros(())
+        loss = model.total_loss(losses, imgs)
     tick('decoders')
     return loss
 
@@ -367,9 +376,9 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         uc.check_toolchain(args.compile_backend, device)
         before = uc.stats()
         if args.compile:
-            model.compile_regions(backend=args.compile_backend, hog=args.compile_hog)
+            model.compile_regions(backend=args.compile_backend, targets=args.compile_hog)
         else:
-            model.hog.compile(backend=args.compile_backend)
+            model.target.compile_regions(backend=args.compile_backend)
         t = time.perf_counter()
         timed_step(model, optimizer, cpu_batch, device, amp, args.mask_ratio, sync, args.full_decode)
         after = uc.stats()
@@ -387,7 +396,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         'hog_impl': args.hog_impl, 'adamw': args.adamw, 'full_decode': args.full_decode, 'model': args.model, 'input_size': args.input_size, 'patch_size': model.patch_size, 'depth': model.depth,
         'embed_dim': model.embed_dim, 'batch_size': args.batch_size, 'threads': args.threads,
         'steps': args.steps, 'warmup': args.warmup, 'amp': amp.name, 'mask_ratio': args.mask_ratio,
-        'hog_cells': model.hog.cell_sizes, 'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
+        'target': targets_lib.target_name(model.target), 'cells': model.cell_sizes, 'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
         'machine': machine_info(device, args.threads), 'decomposition_abs_err': decomposition_err,
         'compile': args.compile, 'compile_hog': args.compile_hog, 'compile_backend': args.compile_backend,
         **compile_info}
@@ -431,7 +440,7 @@ def print_table(r: Dict[str, object]) -> None:
         print(f"compiled ({r['compile_backend']}, {what}): first step {r['compile_first_step_s']:.1f} s, "
               f"{r['compile_graphs']} graphs, dynamo {r['compile_dynamo_s']:.1f} s")
     if 'hog_ref_ms' in r:
-        print(f"HOG targets, all {len(r['hog_stages'])} stages (cells {r['hog_cells']} px), batch {r['batch_size']}:")
+        print(f"HOG targets, all {len(r['hog_stages'])} stages (cells {r['cells']} px), batch {r['batch_size']}:")
         print(f"  reference-style design : {r['hog_ref_ms']:>9.1f} ms")
         print(f"  ours (model.hog)       : {r['hog_ours_ms']:>9.1f} ms"
               + ('   (--hog_impl hypot: model.hog is the hypot variant)' if r.get('hog_impl') == 'hypot' else ''))
@@ -464,7 +473,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help='LocalMIM.compile_regions (every block and decoder) before timing; the first step (with '
                         'the compilation) is reported apart as compile_first_step_s (default: off)')
     p.add_argument('--compile_hog', action='store_true',
-                   help='also compile the HOG targets (alone without --compile), to measure whether they gain')
+                   help='also compile the targets (Target.compile_regions; alone without --compile), to measure '
+                        'whether they gain')
     p.add_argument('--compile_backend', default='inductor', choices=['inductor', 'aot_eager', 'eager'],
                    help='torch.compile backend (default: inductor)')
     p.add_argument('--full_decode', action='store_true',

@@ -351,6 +351,20 @@ def _check_stage_weights(flag: str, value: str) -> Optional[str]:
     return None
 
 
+_TARGET = re.compile(r'^([A-Za-z_]\w*|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$')
+
+
+def _check_targets(flag: str, value: str) -> Optional[str]:
+    """Syntax of --target / --stage_targets (a name or module:Class each); the names are resolved by targets.py
+    when the model is built (util imports nothing above it)."""
+    items = [s.strip() for s in value.split(',')] if flag == '--stage_targets' else [value.strip()]
+    bad = next((s for s in items if not _TARGET.match(s)), None)
+    if bad is not None:
+        return (f"{flag} {value!r}: {bad!r} is neither a target name (hog, pixel, ...) nor module:Class"
+                + (' (comma list, one per stage)' if flag == '--stage_targets' else ''))
+    return None
+
+
 # String flags with a fixed vocabulary or syntax that argparse ``choices`` do not already express.
 STRING_DOMAINS = {
     'device': lambda f, v: None if _DEVICE.match(v) else f'{f} {v!r}: must be cpu, cuda, cuda:N or mps',
@@ -359,6 +373,8 @@ STRING_DOMAINS = {
     'aa': _check_aa,
     'stage_weights': _check_stage_weights,
     'stage_weights_end': _check_stage_weights,
+    'target': _check_targets,
+    'stage_targets': _check_targets,
 }
 
 

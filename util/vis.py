@@ -1,9 +1,10 @@
-"""What each LocalMIM stage learns, as pictures for TensorBoard: input, mask, and HOG target vs prediction.
+"""What each LocalMIM stage learns, as pictures for TensorBoard: input, mask, and target vs prediction.
 
-HOG maps are drawn as orientation glyphs: every cell becomes a small tile with one line per orientation bin, drawn
-along the *edge* direction of that bin (perpendicular to its gradient) with brightness = the bin's value. The
-colour channels' histograms are averaged. Predictions are clamped at 0 and L2-normalised per cell like targets,
-so both sides of a pair use the same scale.
+Each stage's target draws its own values (``Target.picture`` of ``targets.py``). HOG maps are drawn as orientation
+glyphs (:func:`hog_glyphs`): every cell becomes a small tile with one line per orientation bin, drawn along the
+*edge* direction of that bin (perpendicular to its gradient) with brightness = the bin's value. The colour
+channels' histograms are averaged. HOG predictions are clamped at 0 and L2-normalised per cell like targets, so both
+sides of a pair use the same scale.
 """
 import math
 from typing import Dict, List, Optional
@@ -66,15 +67,11 @@ def render_stages(model, imgs: torch.Tensor, mask_ratio: float, seed: int = 0, c
     mask_px = mask.repeat_interleave(p, 2).repeat_interleave(p, 3)
     masked = pics * (1 - mask_px) + 0.5 * mask_px
     result = {'vis/input_mask': make_grid(torch.cat([pics, masked]), nrow=pics.shape[0], padding=2, pad_value=1.0)}
-    nb = model.hog.nbins
     for k, pred in out['pred'].items():
-        side = int(round(math.sqrt(pred.shape[1])))
-        target = tokens_to_maps(out['target'][k].float().cpu(), side)
-        pm = tokens_to_maps(pred.float().cpu(), side).clamp_min(0)
-        pm = pm.view(pm.shape[0], -1, nb, side, side)
-        pm = F.normalize(pm, dim=2).view_as(target)
-        px = max(3, min(cell_px, 256 // side))
-        tg, pg = hog_glyphs(target, nb, px), hog_glyphs(pm, nb, px)
+        stage = model.stages[k]
+        px = max(3, min(cell_px, 256 // stage.grid))
+        tg = model.target.picture(out['target'][k].float().cpu(), stage, prediction=False, cell_px=px)
+        pg = model.target.picture(pred.float().cpu(), stage, prediction=True, cell_px=px)
         rows: List[torch.Tensor] = []
         for i in range(tg.shape[0]):
             rows += [tg[i], pg[i]]
