@@ -24,10 +24,11 @@ from util.errors import UserError, check
 from util.knn import ShardSampler
 from util.lr_sched import WarmupCosine, absolute_lr, steps_per_epoch
 from util.rundir import claim_run, lock_output_dir
+from util import demo_data
 
-# Tiny CPU defaults matching run_pretrain.py --demo (input 32, patch 4, width 96, depth 6, 3 heads); the architecture
-# recorded in a --finetune checkpoint still wins over them.
-DEMO_ARCH = dict(model='vit_tiny_patch16', input_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3)
+# run_pretrain.py --demo's architecture (util.demo_data.DEMO_ARCH) as a ViT; the architecture recorded in a
+# --finetune checkpoint still wins over it.
+DEMO_ARCH = dict(model='vit_tiny_patch16', **demo_data.DEMO_ARCH)
 DEFAULT_MODEL = 'vit_large_patch16'  # MAE's default when neither --model nor the checkpoint names one
 
 

@@ -30,6 +30,7 @@ from util.errors import UserError
 from util.log import TensorBoard
 from util.rundir import claim_run, lock_output_dir
 from util.lr_sched import WarmupCosine, absolute_lr, steps_per_epoch
+from util.demo_data import DEMO_ARCH
 from util.vis import fixed_batch, render_stages
 
 # The demo shows FreezeOut with the seed's recipe, scaled cubic t_0 0.8 (ViTFreeze schedule): the embedding freezes
@@ -39,7 +40,7 @@ from util.vis import fixed_batch, render_stages
 # decoders (LocalMIM: 256 for a 768-wide ViT-B; a 64-wide step costs ~1/3 of a 256-wide one here), and the first
 # freeze comes after the plateau. Measured: ~90 s on 2 idle cores, k-NN top-1 11% -> 44%. ``--demo --t_0 1`` is the
 # plain LocalMIM demo (bit-identical to no FreezeOut). The encoder is the evaluators' --demo architecture.
-DEMO_DEFAULTS = dict(model='MIM_vit_tiny_patch16', input_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3,
+DEMO_DEFAULTS = dict(model='MIM_vit_tiny_patch16', **DEMO_ARCH,
                      decoder_embed_dim=64, batch_size=16, epochs=20, warmup_epochs=2, blr=1e-2, num_workers=0,
                      save_freq=10,
                      how_scale='cubic', t_0=0.8, knn_eval_freq=10, knn_at_init=True, vis_freq=10,

@@ -40,6 +40,10 @@ from util.errors import UserError, check  # noqa: E402
 
 MARKER = ".demo_complete.json"
 ENV_VAR = "VITFREEZE_DEMO_DIR"
+
+# The one tiny architecture every script's --demo uses (pre-training and the evaluators derive theirs from it):
+# 32 px demo images, patch 4 (an 8 x 8 grid), 6 blocks x 96 wide, 3 heads.
+DEMO_ARCH = dict(input_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3)
 # Bump whenever the pixels change, so a cached set made by older code is regenerated.
 GENERATOR_VERSION = 1
 _SPLITS = ("train", "val")
