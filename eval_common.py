@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, SequentialSampler
 
 import models_vit
 from util import distributed as du
-from util.args import add_arch_args, apply_demo_defaults, check_output_dir, explicit_flags, resolve_device_flag
+from util.args import (add_arch_args, apply_demo_defaults, check_output_dir, explicit_flags, integer, real,
+                       resolve_device_flag)
 from util.checkpoint import resolve_resume
 from util.datasets import build_dataset, build_loader, check_min_images
 from util.errors import UserError, check
@@ -55,7 +56,8 @@ def add_model_args(parser: argparse.ArgumentParser, drop_path: Optional[float], 
                              f"{DEFAULT_MODEL})")
     if drop_path is not None:
         g.add_argument('--drop_path', default=drop_path, type=float, metavar='PCT',
-                       help=f'stochastic depth rate, linear over blocks (default: {drop_path})')
+                       help=f'stochastic depth rate, linear over blocks (default: {drop_path})',
+                       domain=real(0, 1, hi_open=True), defines_run=True)
 
 
 def add_eval_args(parser: argparse.ArgumentParser, *, title: str, finetune_help: str, global_pool: bool,
@@ -67,7 +69,8 @@ def add_eval_args(parser: argparse.ArgumentParser, *, title: str, finetune_help:
     g.add_argument('--cls_token', action='store_false', dest='global_pool', help=cls_help)
     if trains:
         g.add_argument('--nb_classes', default=None, type=int,
-                       help='classifier outputs (default: the number of class folders in train/)')
+                       help='classifier outputs (default: the number of class folders in train/)',
+                       domain=integer(1), defines_run=True)
         g.add_argument('--eval', action='store_true',
                        help='only evaluate the weights from --resume / auto-resume (else --finetune) and exit')
     g.add_argument('--dist_eval', action='store_true', help=dist_eval_help)

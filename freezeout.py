@@ -51,6 +51,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from util.args import integer, real
 from util.errors import UserError
 from util.lr_sched import LR_SCHEDULES, global_lr, warmup_cosine
 
@@ -1038,17 +1039,19 @@ def add_schedule_args(g) -> None:
                    help="vitfreeze = ViTFreeze's code: every unit warms up to lr, a scaled unit jumps to lr/t_i at "
                         "the end of warm-up W, its cosine runs from W over t_i*(T-W) steps to --min_lr and it "
                         "freezes at step W + t_i*(T-W); freezeout = the FreezeOut paper's convention: warm-up to "
-                        "lr/t_i, cosine to --min_lr ending (and freezing) at t_i*T (default: vitfreeze)")
+                        "lr/t_i, cosine to --min_lr ending (and freezing) at t_i*T (default: vitfreeze)",
+                   defines_run=True)
     g.add_argument('--t_0', default=None, type=float,
                    help='freeze point of the first unit before scaling, in (0, 1]; 1 = never freeze (default when '
-                        'FreezeOut is on: 0.8)')
+                        'FreezeOut is on: 0.8)', domain=real(0, 1, lo_open=True), defines_run=True)
     g.add_argument('--how_scale', default=None, choices=['linear', 'squared', 'cubic'],
-                   help='t_i = s(t_0 + (1 - t_0) i / N) with s = identity/square/cube (default when on: cubic)')
+                   help='t_i = s(t_0 + (1 - t_0) i / N) with s = identity/square/cube (default when on: cubic)',
+                   defines_run=True)
     g.add_argument('--not_scale_lr', action='store_true',
-                   help='initial LR of every unit = lr, instead of lr / t_i (default: scaled)')
+                   help='initial LR of every unit = lr, instead of lr / t_i (default: scaled)', defines_run=True)
     g.add_argument('--non_layerwise_lr', action='store_true',
                    help='all units follow the global warm-up + cosine (or constant); each is still frozen at its '
-                        'freeze step (default: off)')
+                        'freeze step (default: off)', defines_run=True)
 
 
 def add_adaptive_args(g, earliest: float = 0.5) -> None:
@@ -1058,27 +1061,30 @@ def add_adaptive_args(g, earliest: float = 0.5) -> None:
                         'path they travelled (scale-free, so the LR decay is not read as convergence; no extra '
                         'forward, no communication); weight = relative change of the weights over the window / its '
                         'peak (LR-dependent); output = the same for its output on a fixed probe batch of 16 images '
-                        '(one extra forward per window) (default: coherence)')
+                        '(one extra forward per window) (default: coherence)', defines_run=True)
     g.add_argument('--freeze_per_lr', action='store_true',
                    help='adaptive: divide the change by the LR summed over the window (how consistently a unit '
-                        'moves, not how far); under a cosine LR this rarely stalls (default: off)')
+                        'moves, not how far); under a cosine LR this rarely stalls (default: off)', defines_run=True)
     g.add_argument('--freeze_earliest', default=earliest, type=float, metavar='FRAC',
                    help=f'adaptive: nothing freezes before this fraction of the optimizer steps, in [0, 1) '
-                        f'(default: {earliest})')
+                        f'(default: {earliest})', domain=real(0, 1, hi_open=True), defines_run=True)
     g.add_argument('--freeze_window', default=None, type=int, metavar='STEPS',
                    help='adaptive: evaluate the signal every STEPS optimizer steps, as the change over them '
-                        '(default: 2%% of the run\'s steps, at least 1)')
+                        '(default: 2%% of the run\'s steps, at least 1)', domain=integer(1), defines_run=True)
     g.add_argument('--freeze_threshold', default=0.5, type=float, metavar='P',
                    help='adaptive: a unit is stalled when its plasticity (change over the window / its peak since '
-                        'warm-up) is below P, in (0, 1] (default: 0.5)')
+                        'warm-up) is below P, in (0, 1] (default: 0.5)',
+                   domain=real(0, 1, lo_open=True), defines_run=True)
     g.add_argument('--freeze_patience', default=2, type=int, metavar='N',
-                   help='adaptive: consecutive stalled evaluations before a unit is decided (default: 2)')
+                   help='adaptive: consecutive stalled evaluations before a unit is decided (default: 2)',
+                   domain=integer(1), defines_run=True)
     g.add_argument('--freeze_tail', default=None, type=int, metavar='STEPS',
                    help='adaptive: optimizer steps over which a decided unit\'s LR anneals (half cosine to 0) '
-                        'before it freezes (default: one window)')
+                        'before it freezes (default: one window)', domain=integer(0), defines_run=True)
     g.add_argument('--freeze_spacing', default=None, type=int, metavar='STEPS',
                    help='adaptive: at most one unit decided per evaluation, and the next decision at least STEPS '
-                        'optimizer steps later (0 = a stalled prefix is decided at once) (default: one window)')
+                        'optimizer steps later (0 = a stalled prefix is decided at once) (default: one window)',
+                   domain=integer(0), defines_run=True)
 
 
 def add_freeze_args(g, embed: str = 'patch embedding and cls token') -> None:
@@ -1089,10 +1095,11 @@ def add_freeze_args(g, embed: str = 'patch embedding and cls token') -> None:
                         f"i freezes at t_i, --t_0/--how_scale; adaptive = a unit freezes once its plasticity signal "
                         f"has stalled, in prefix order, within the --freeze_* bounds), or module:Class, a "
                         f"freezeout.FreezePolicy importable from PYTHONPATH (its flags then show in --help). Any "
-                        f"policy but schedule turns freezing on by itself (default: schedule)")
+                        f"policy but schedule turns freezing on by itself (default: schedule)", defines_run=True)
     g.add_argument('--dont_freeze_pe', action='store_true',
                    help=f'never freeze the {embed} (they follow the global schedule); blocks become units 0..N-1. '
-                        f'Without it the cls token freezes with unit 0 (ViTFreeze never freezes it) (default: off)')
+                        f'Without it the cls token freezes with unit 0 (ViTFreeze never freezes it) (default: off)',
+                   defines_run=True)
     for cls in POLICIES.values():
         cls.add_args(g)
 
@@ -1107,7 +1114,8 @@ def _plugin_policy_flags(parser, spec: str) -> None:
 def policy_flag_dests(cls: type) -> List[str]:
     """The flags a policy declares (they shape it: a resume with other values is refused), plus --dont_freeze_pe."""
     import argparse
-    p = argparse.ArgumentParser(add_help=False)
+    from util.args import ArgumentParser
+    p = ArgumentParser(add_help=False)
     cls.add_args(p)
     return [a.dest for a in p._actions if a.option_strings] + ['dont_freeze_pe']
 

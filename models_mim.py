@@ -110,6 +110,20 @@ def _parse_spec(spec: Union[str, Sequence[float], None], num_stages: int,
     return w
 
 
+def check_stage_weights(flag: str, value: str) -> Optional[str]:
+    """The string domain of --stage_weights/--stage_weights_end (util.args.domain_errors): a preset of
+    STAGE_WEIGHT_PRESETS or a comma list of finite weights >= 0, not all 0."""
+    if value in STAGE_WEIGHT_PRESETS:
+        return None
+    try:
+        w = [float(x) for x in value.split(',') if x.strip()]
+    except ValueError:
+        return f"{flag} {value!r}: must be {', '.join(STAGE_WEIGHT_PRESETS)} or a comma list of numbers"
+    if not w or any(not math.isfinite(x) or x < 0 for x in w) or not any(x > 0 for x in w):
+        return f"{flag} {value!r}: weights must be finite and >= 0, and not all 0"
+    return None
+
+
 def stage_weights_for(spec: Union[str, Sequence[float], None], num_stages: int,
                       active: Optional[Sequence[int]] = None) -> List[float]:
     """Loss weight of every stage (0 for inactive ones) given the ``active`` stages (default: all).

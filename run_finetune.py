@@ -25,7 +25,7 @@ from eval_common import add_eval_args, add_model_args, build_datasets, build_loa
     build_model, checkpoints_for, demo_defaults, init_run, lr_setup, prepare_args, restore, wrap_ddp
 from util import distributed as du
 from util.amp import make_amp
-from util.args import add_common_args, add_optim_args, run_main
+from util.args import PROB, ArgumentParser, add_common_args, add_optim_args, check_aa, integer, one_of, real, run_main
 from util.datasets import finetune_transform
 from util.errors import check
 from util.log import TensorBoard
@@ -34,40 +34,48 @@ DEMO_DEFAULTS = demo_defaults('finetune')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('MAE/LocalMIM fine-tuning for image classification', add_help=False)
+    parser = ArgumentParser('MAE/LocalMIM fine-tuning for image classification', add_help=False)
     g = add_optim_args(parser, title='optimizer (AdamW) and schedule', batch_size=64, epochs=50, blr=1e-3,
                        min_lr=1e-6, warmup_epochs=5, weight_decay=0.05,
                        weight_decay_help='AdamW weight decay; none for 1-D params, pos_embed and cls_token')
     g.add_argument('--clip_grad', default=None, type=float, metavar='NORM',
-                   help='clip the global gradient norm to NORM (default: None = no clipping)')
+                   help='clip the global gradient norm to NORM (default: None = no clipping)',
+                   domain=real(0, lo_open=True))
     g.add_argument('--layer_decay', default=0.75, type=float,
                    help='layer-wise lr decay: block i (1-based) gets decay^(depth+1-i), the embeddings '
-                        'decay^(depth+1), norm/head 1 (default: 0.75)')
+                        'decay^(depth+1), norm/head 1 (default: 0.75)',
+                   domain=real(0, 1, lo_open=True), defines_run=True)
     add_model_args(parser, drop_path=0.1)
 
     g = parser.add_argument_group('augmentation and regularisation (timm create_transform / Mixup)')
     g.add_argument('--color_jitter', default=None, type=float, metavar='PCT',
-                   help='colour jitter strength; ignored when --aa is set, as in timm (default: None)')
+                   help='colour jitter strength; ignored when --aa is set, as in timm (default: None)',
+                   domain=real(0))
     g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', type=str, metavar='NAME',
-                   help="timm auto-augment policy; 'none' disables (default: rand-m9-mstd0.5-inc1)")
-    g.add_argument('--smoothing', default=0.1, type=float, help='label smoothing (default: 0.1)')
+                   help="timm auto-augment policy; 'none' disables (default: rand-m9-mstd0.5-inc1)", domain=check_aa)
+    g.add_argument('--smoothing', default=0.1, type=float, help='label smoothing (default: 0.1)',
+                   domain=real(0, 1, hi_open=True), defines_run=True)
     g.add_argument('--reprob', default=0.25, type=float, metavar='PCT', help='random erasing probability '
-                   '(default: 0.25)')
+                   '(default: 0.25)', domain=PROB)
     g.add_argument('--remode', default='pixel', type=str, help="random erasing fill: pixel | rand | const "
-                   "(default: pixel)")
-    g.add_argument('--recount', default=1, type=int, help='random erasing boxes per image (default: 1)')
+                   "(default: pixel)", domain=one_of('pixel', 'rand', 'const'))
+    g.add_argument('--recount', default=1, type=int, help='random erasing boxes per image (default: 1)',
+                   domain=integer(1))
     g.add_argument('--resplit', action='store_true', default=False,
                    help='accepted for MAE compatibility; has no effect without augmentation splits (as in MAE)')
-    g.add_argument('--mixup', default=0, type=float, help='mixup alpha; active if > 0 (default: 0)')
-    g.add_argument('--cutmix', default=0, type=float, help='cutmix alpha; active if > 0 (default: 0)')
+    g.add_argument('--mixup', default=0, type=float, help='mixup alpha; active if > 0 (default: 0)',
+                   domain=real(0), defines_run=True)
+    g.add_argument('--cutmix', default=0, type=float, help='cutmix alpha; active if > 0 (default: 0)',
+                   domain=real(0), defines_run=True)
     g.add_argument('--cutmix_minmax', default=None, type=float, nargs='+', metavar='F',
-                   help='cutmix min/max box ratio; overrides --cutmix alpha when set (default: None)')
+                   help='cutmix min/max box ratio; overrides --cutmix alpha when set (default: None)', domain=PROB)
     g.add_argument('--mixup_prob', default=1.0, type=float,
-                   help='probability of applying mixup or cutmix to a batch (default: 1.0)')
+                   help='probability of applying mixup or cutmix to a batch (default: 1.0)', domain=PROB)
     g.add_argument('--mixup_switch_prob', default=0.5, type=float,
-                   help='probability of cutmix instead of mixup when both are on (default: 0.5)')
+                   help='probability of cutmix instead of mixup when both are on (default: 0.5)', domain=PROB)
     g.add_argument('--mixup_mode', default='batch', type=str,
-                   help='how to apply mixup/cutmix params: batch | pair | elem (default: batch)')
+                   help='how to apply mixup/cutmix params: batch | pair | elem (default: batch)',
+                   domain=one_of('batch', 'pair', 'elem'))
 
     g = parser.add_argument_group('FreezeOut in fine-tuning (on when --t_0 or --how_scale is given, or '
                                   '--freeze_policy adaptive): units = embedding, then one per block; fc_norm/head '
@@ -172,4 +180,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == '__main__':
-    run_main(main, argparse.ArgumentParser('MAE/LocalMIM fine-tuning', parents=[get_args_parser()]))
+    run_main(main, ArgumentParser('MAE/LocalMIM fine-tuning', parents=[get_args_parser()]))

@@ -21,7 +21,7 @@ from eval_common import add_eval_args, add_model_args, adopt_checkpoint_arch, bu
     prepare_args
 from util import distributed as du
 from util.amp import make_amp
-from util.args import add_common_args, explicit_flags, run_main
+from util.args import ArgumentParser, add_common_args, explicit_flags, integer, real, run_main
 from util.errors import UserError, check
 from util.knn import DEFAULT_KS, build_knn_loaders, clipped_ks, format_knn, knn_evaluate, knn_from_features
 from util.checkpoint import save_atomic
@@ -33,11 +33,12 @@ FEATURE_FILES = ('trainfeat.pth', 'trainlabels.pth', 'testfeat.pth', 'testlabels
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('Weighted k-NN evaluation of a pre-trained encoder', add_help=False)
+    parser = ArgumentParser('Weighted k-NN evaluation of a pre-trained encoder', add_help=False)
     parser.add_argument('--batch_size', default=128, type=int,
                         help='images per GPU/process during feature extraction; does not change the result '
-                             '(default: 128)')
-    parser.add_argument('--accum_iter', default=1, type=int, help=argparse.SUPPRESS)  # accepted, as in the seed
+                             '(default: 128)', domain=integer(1), defines_run=True)
+    parser.add_argument('--accum_iter', default=1, type=int, help=argparse.SUPPRESS,
+                        domain=integer(1), defines_run=True)  # accepted, as in the seed
     add_model_args(parser, drop_path=None, resumes=False)
     g = add_eval_args(parser, title='k-NN', trains=False,
                       finetune_help='pre-training (or fine-tuning) checkpoint whose encoder is evaluated; without it '
@@ -50,9 +51,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      'every process extracts everything')
     g.add_argument('--nb_knn', default=list(DEFAULT_KS), type=int, nargs='+', metavar='K',
                    help='numbers of neighbours; each is clipped to the train-set size (default: 10 20 100 200; '
-                        'DINO reports k=20)')
+                        'DINO reports k=20)', domain=integer(1))
     g.add_argument('--temperature', default=0.07, type=float,
-                   help='T of the exp(similarity / T) vote weights (default: 0.07)')
+                   help='T of the exp(similarity / T) vote weights (default: 0.07)', domain=real(0, lo_open=True))
     g.add_argument('--dump_features', default='', type=str, metavar='DIR',
                    help='save the normalised features and labels to DIR (DINO file names)')
     g.add_argument('--load_features', default='', type=str, metavar='DIR',
@@ -143,4 +144,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == '__main__':
-    run_main(main, argparse.ArgumentParser('Weighted k-NN evaluation', parents=[get_args_parser()]))
+    run_main(main, ArgumentParser('Weighted k-NN evaluation', parents=[get_args_parser()]))

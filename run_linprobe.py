@@ -23,7 +23,7 @@ from eval_common import add_eval_args, add_model_args, build_datasets, build_loa
     build_model, checkpoints_for, demo_defaults, init_run, lr_setup, prepare_args, restore, wrap_ddp
 from util import distributed as du
 from util.amp import make_amp
-from util.args import add_common_args, add_optim_args, run_main
+from util.args import ArgumentParser, add_common_args, add_optim_args, run_main
 from util.datasets import linprobe_transform
 from util.errors import check
 from util.log import TensorBoard
@@ -32,7 +32,7 @@ DEMO_DEFAULTS = demo_defaults('linprobe')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('MAE/LocalMIM linear probing for image classification', add_help=False)
+    parser = ArgumentParser('MAE/LocalMIM linear probing for image classification', add_help=False)
     add_optim_args(parser, title='optimizer (LARS) and schedule', batch_size=512, epochs=90, blr=0.1, min_lr=0.0,
                    warmup_epochs=10, weight_decay=0.0, weight_decay_help='LARS weight decay on the linear weight',
                    batch_note='; MAE used 16384 in total')
@@ -126,4 +126,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == '__main__':
-    run_main(main, argparse.ArgumentParser('MAE/LocalMIM linear probing', parents=[get_args_parser()]))
+    run_main(main, ArgumentParser('MAE/LocalMIM linear probing', parents=[get_args_parser()]))

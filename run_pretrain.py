@@ -21,8 +21,8 @@ from freezeout import add_freeze_args, build_freezer, eval_mode_probe, measure_u
     resolve_freeze_args
 from util import distributed as du
 from util.amp import fused_attention_report, make_amp, set_cuda_speed_flags
-from util.args import (add_arch_args, add_common_args, add_optim_args, apply_demo_defaults, check_output_dir,
-                       explicit_flags, resolve_device_flag, run_main)
+from util.args import (PROB, ArgumentParser, add_arch_args, add_common_args, add_optim_args, apply_demo_defaults,
+                       check_output_dir, check_targets, explicit_flags, integer, real, resolve_device_flag, run_main)
 from util.checkpoint import resolve_resume
 from util.compile import check_toolchain
 from util.datasets import build_dataset, build_loader, check_min_images, eval_transform, pretrain_transform
@@ -49,7 +49,7 @@ DEMO_DEFAULTS = dict(model='MIM_vit_tiny_patch16', **DEMO_ARCH,
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser('LocalMIM pre-training (with optional FreezeOut)', add_help=True)
+    p = ArgumentParser('LocalMIM pre-training (with optional FreezeOut)', add_help=True)
     g = add_optim_args(p, title='optimisation', batch_size=128, epochs=400, blr=1e-3, min_lr=1e-6, warmup_epochs=40,
                        weight_decay=0.05,
                        weight_decay_help='AdamW weight decay; none on biases, norms and other 1-D params',
@@ -59,39 +59,46 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--lr_schedule', default='cosine', choices=['cosine', 'constant'],
                    help='after the linear warm-up: cosine = half-cosine to --min_lr (MAE/LocalMIM); constant = hold '
                         'the peak LR to the end. With FreezeOut a unit holds its peak and anneals to --min_lr over a '
-                        'tail before its freeze step (--constant_tail) (default: cosine)')
+                        'tail before its freeze step (--constant_tail) (default: cosine)', defines_run=True)
     g.add_argument('--constant_tail', default=0.1, type=float, metavar='FRAC',
                    help='with --lr_schedule constant and FreezeOut: fraction in [0, 1] of a unit\'s post-warm-up '
                         'span (warm-up end to freeze step) spent on a half-cosine from its peak to --min_lr, so no '
-                        'unit is frozen at a high LR; never-frozen units hold to the end (default: 0.1)')
+                        'unit is frozen at a high LR; never-frozen units hold to the end (default: 0.1)',
+                   domain=PROB, defines_run=True)
     g = p.add_argument_group('model')
     add_arch_args(g, model_default='MIM_vit_base_patch16', source="the model's (patch 16, or 14 for ViT-H)",
                   model_help=f"model name: {', '.join(models_mim.MODEL_NAMES)} (default: MIM_vit_base_patch16)")
     g.add_argument('--decoder_embed_dim', default=256, type=int,
                    help='width of each stage decoder (LocalMIM: 256; --demo: 64, for a cheap step on its 96-wide '
-                        'encoder) (default: 256)')
+                        'encoder) (default: 256)', domain=integer(1))
     g.add_argument('--mask_ratio', default=0.75, type=float,
-                   help='fraction of patches removed from the encoder input, in [0, 1) (default: 0.75)')
+                   help='fraction of patches removed from the encoder input, in [0, 1) (default: 0.75)',
+                   domain=real(0, 1, hi_open=True), defines_run=True)
     g.add_argument('--target', default='hog', type=str, metavar='NAME',
                    help='reconstruction target of every stage: hog (LocalMIM: per-cell gradient-orientation '
                         'histograms), pixel (MAE norm_pix: each cell\'s pixels normalised by their own mean and '
                         'variance), or module:Class, a targets.Target subclass importable from PYTHONPATH '
-                        '(default: hog)')
+                        '(default: hog)', domain=check_targets, defines_run=True)
     g.add_argument('--stage_targets', default=None, type=str, metavar='T0,T1,..',
                    help='one target per stage, shallow to deep (e.g. hog,hog,pixel,pixel), each as for --target; '
                         'a single name applies to every stage; overrides --target (default: none, --target '
-                        'everywhere)')
-    g.add_argument('--hog_nbins', default=9, type=int, help='HOG orientation bins over 180 degrees (default: 9)')
+                        'everywhere)', domain=check_targets, defines_run=True)
+    g.add_argument('--hog_nbins', default=9, type=int, help='HOG orientation bins over 180 degrees (default: 9)',
+                   domain=integer(1, 180), defines_run=True)
     g.add_argument('--hog_bias', action='store_true',
-                   help='frozen random bias on the HOG gradients, as in the ViT-L recipe (default: off)')
+                   help='frozen random bias on the HOG gradients, as in the ViT-L recipe (default: off)',
+                   defines_run=True)
     g.add_argument('--all_stages', action='store_true',
-                   help='every block feeds a decoder instead of blocks [1, 3, depth-3, depth-1] (default: off)')
+                   help='every block feeds a decoder instead of blocks [1, 3, depth-3, depth-1] (default: off)',
+                   defines_run=True)
     g.add_argument('--stage_weights', default='equal', type=str,
-                   help=f'per-stage loss weights, shallow->deep: {models_mim.STAGE_WEIGHTS_HELP} (default: equal)')
+                   help=f'per-stage loss weights, shallow->deep: {models_mim.STAGE_WEIGHTS_HELP} (default: equal)',
+                   domain=models_mim.check_stage_weights, defines_run=True)
     g.add_argument('--stage_weights_end', default=None, type=str, metavar='W1',
                    help='stage-loss curriculum: every weight moves linearly over the optimizer steps from '
                         '--stage_weights (step 0) to this (reached at step T; preset or comma list, same rules); '
-                        'logged per epoch (default: none, weights fixed)')
+                        'logged per epoch (default: none, weights fixed)',
+                   domain=models_mim.check_stage_weights, defines_run=True)
     g = p.add_argument_group('FreezeOut (on when --t_0 or --how_scale is given, or any --freeze_policy but '
                              'schedule)')
     g.add_argument('--plan_only', action='store_true',
@@ -100,7 +107,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('evaluation during pre-training')
     g.add_argument('--knn_eval_freq', default=0, type=int,
                    help='run weighted k-NN on the current encoder every N epochs and after the last (0 = off; '
-                        '--demo: 20)')
+                        '--demo: 20)', domain=integer(0))
     g.add_argument('--knn_at_init', action='store_true',
                    help='with --knn_eval_freq: also run the k-NN on the randomly initialised encoder before training '
                         '(the baseline the pre-training must beat; logged as knn_init_* in epoch 0) (default: off; '
@@ -109,8 +116,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='ImageNet-style root with train/ and val/ for the online k-NN (default: --data_path)')
     g.add_argument('--vis_freq', default=20, type=int,
                    help='every N epochs write TensorBoard images of a fixed batch: input, mask, and target vs '
-                        'prediction of each active stage (0 = off; needs --log_dir) (default: 20; --demo: 10)')
-    g.add_argument('--vis_images', default=4, type=int, help='images in the visualisation batch (default: 4)')
+                        'prediction of each active stage (0 = off; needs --log_dir) (default: 20; --demo: 10)',
+                   domain=integer(0))
+    g.add_argument('--vis_images', default=4, type=int, help='images in the visualisation batch (default: 4)',
+                   domain=integer(1))
     g = p.add_argument_group('speed')
     g.add_argument('--compile', action='store_true',
                    help='torch.compile each encoder block and stage decoder (LocalMIM.compile_regions; works with '
@@ -129,7 +138,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='CUDA: keep cuDNN heuristics (no autotuning)')
     g.add_argument('--prefetch_factor', default=None, type=int,
                    help="batches each loader worker prepares ahead (default: None = torch's 2; needs "
-                        '--num_workers > 0)')
+                        '--num_workers > 0)', domain=integer(1))
     g.add_argument('--compile_mode', default=None, choices=['default', 'reduce-overhead', 'max-autotune',
                                                             'max-autotune-no-cudagraphs'],
                    help="torch.compile mode for the inductor backend (default: None = torch's 'default')")

@@ -1,7 +1,7 @@
 """Every flag of every script is checked against its declared domain before any work (issue 14 §3).
 
 The flags are discovered from each script's ``get_args_parser()``, so a flag added later is walked too, and a
-numeric flag without an entry in ``util/args.FLAG_DOMAINS`` fails ``test_every_numeric_flag_has_a_domain``. Every
+numeric flag declared without ``domain=`` (util/args) fails ``test_every_numeric_flag_has_a_domain``. Every
 out-of-domain value must give: exit status 2, exactly one stderr line, starting ``error:`` and naming the flag,
 no traceback, nothing on stdout, nothing written. The walk runs each script's real ``__main__`` block in one
 interpreter per script (``tests/flag_walk.py``); ``test_real_process_*`` checks the same through a fresh process.
@@ -73,7 +73,7 @@ def walk_cases(script: Path, paths: Dict[str, Path]) -> List[Tuple[str, List[str
     cases: List[Tuple[str, List[str]]] = []
     for a in uargs.numeric_actions(parser):
         flag = a.option_strings[0]
-        dom = uargs.FLAG_DOMAINS.get(a.dest)
+        dom = uargs.domain_of(a)
         for v in (dom.bad_values() if dom else []) + ['abc']:
             cases.append((flag, [flag, v]))
     rel = {  # cross-flag rules: (flags the script must have, flag named, argv)
@@ -155,8 +155,8 @@ def walked(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, List[Tuple[str
 
 def test_every_numeric_flag_has_a_domain() -> None:
     missing = [f'{s.name} {a.option_strings[0]}' for s in SCRIPTS for a in uargs.numeric_actions(parser_of(s))
-               if a.dest not in uargs.FLAG_DOMAINS]
-    assert not missing, f'numeric flags without a domain in util/args.FLAG_DOMAINS: {missing}'
+               if uargs.domain_of(a) is None]
+    assert not missing, f'numeric flags declared without a domain: {missing}'
 
 
 def test_scripts_are_discovered() -> None:
@@ -171,8 +171,9 @@ def test_defaults_and_demo_defaults_are_in_domain(script: str) -> None:
     args = parser.parse_args(required_argv(parser) + required_positionals(parser))
     assert uargs.domain_errors(args, parser) == []
     mod = importlib.import_module('.'.join(s.relative_to(REPO).with_suffix('').parts))
+    actions = {a.dest: a for a in parser._actions}
     for k, v in getattr(mod, 'DEMO_DEFAULTS', {}).items():
-        dom = uargs.FLAG_DOMAINS.get(k)
+        dom = uargs.domain_of(actions[k]) if k in actions else None
         if dom is not None and isinstance(v, (int, float)):
             assert dom.contains(v), (script, k, v)
 
@@ -207,11 +208,22 @@ def test_messages_name_value_and_range(walked) -> None:
 
 
 def test_a_new_numeric_flag_without_domain_is_reported() -> None:
-    import argparse
-    p = argparse.ArgumentParser()
+    p = uargs.ArgumentParser()
     p.add_argument('--brand_new_knob', type=float, default=1.0)
+    p.add_argument('--declared_knob', type=float, default=1.0, domain=uargs.real(0.0, lo_open=True))
     assert uargs.domain_errors(p.parse_args([]), p) == \
-        ['--brand_new_knob: no domain declared in util/args.FLAG_DOMAINS (a bug, please report it)']
+        ['--brand_new_knob: no domain declared with the flag (add_argument(..., domain=...); a bug, please report it)']
+    assert uargs.domain_errors(p.parse_args(['--brand_new_knob', '2', '--declared_knob', '-1']), p)[1] == \
+        '--declared_knob -1.0: must be > 0 and finite'
+
+
+def test_run_defining_flags_are_marked_where_declared() -> None:
+    """Auto-resume and sweep fingerprints read the ``defines_run`` mark: the adaptive policy's flags count."""
+    import run_pretrain
+    marked = set(uargs.run_defining(run_pretrain.get_args_parser()))
+    assert {'model', 'mask_ratio', 'blr', 'epochs', 't_0', 'freeze_policy', 'freeze_window', 'freeze_threshold',
+            'freeze_signal', 'freeze_spacing', 'dont_freeze_pe', 'target', 'stage_weights'} <= marked
+    assert not {'output_dir', 'num_workers', 'device', 'log_dir', 'resume', 'knn_eval_freq'} & marked
 
 
 @pytest.mark.parametrize('script,argv,expected', [

@@ -31,7 +31,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import models_vit  # noqa: E402
-from util.args import run_main  # noqa: E402
+from util.args import ArgumentParser, integer, run_main  # noqa: E402
 from util.checkpoint import CheckpointWriteError, save_atomic  # noqa: E402
 from util.errors import UserError, check  # noqa: E402
 
@@ -157,7 +157,7 @@ def export_encoder(checkpoint: str, output: str, pool: str = 'token', num_heads:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('Export an encoder as a timm VisionTransformer', add_help=False)
+    parser = ArgumentParser('Export an encoder as a timm VisionTransformer', add_help=False)
     parser.add_argument('--checkpoint', required=True, type=str,
                         help='pre-training, fine-tuning or linear-probe checkpoint (ours, MAE, LocalMIM)')
     parser.add_argument('--output', required=True, type=str,
@@ -170,10 +170,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                              'final norm (default: token)')
     parser.add_argument('--model', default=None, type=str, metavar='NAME',
                         help=f"{', '.join(models_vit.MODEL_NAMES)}: the family of a checkpoint that records none "
-                             f"(default: from its args, else the standard ViT of its width)")
+                             f"(default: from its args, else the standard ViT of its width)", defines_run=True)
     parser.add_argument('--num_heads', default=None, type=int,
                         help='attention heads, if the checkpoint does not record them (default: from its args, else '
-                             'the standard ViT of its width)')
+                             'the standard ViT of its width)', domain=integer(1))
     return parser
 
 
@@ -186,4 +186,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == '__main__':
-    run_main(main, argparse.ArgumentParser('tools/export.py', parents=[get_args_parser()]))
+    run_main(main, ArgumentParser('tools/export.py', parents=[get_args_parser()]))

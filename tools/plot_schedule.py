@@ -18,18 +18,19 @@ import os
 import sys
 from typing import List, Optional
 
+from util.args import ArgumentParser, integer
 from util.errors import UserError, exit_main
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], allow_abbrev=False)
+    p = ArgumentParser(description=__doc__.split('\n')[0], allow_abbrev=False)
     p.add_argument('--out', required=True, help='PNG to write; the freeze steps go to the same path with .json')
     p.add_argument('--run', default=None, metavar='OUTPUT_DIR',
                    help="draw the run in OUTPUT_DIR: its command line and process count from its newest checkpoint "
                         "(default: the run_pretrain.py flags after --)")
-    p.add_argument('--nproc', default=1, type=int,
+    p.add_argument('--nproc', default=1, type=int, domain=integer(1),
                    help='training processes (GPUs) the plan is for: the loader is sharded over them (default: 1)')
-    p.add_argument('--points', default=600, type=int, help='samples per curve (default: 600)')
+    p.add_argument('--points', default=600, type=int, domain=integer(2), help='samples per curve (default: 600)')
     p.add_argument('--title', default=None, help='figure title (default: the policy and its flags)')
     return p
 

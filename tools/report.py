@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from util.args import ArgumentParser  # noqa: E402
 from util.errors import UserError, exit_main  # noqa: E402
 
 STATE_FILE = 'launch_state.json'
@@ -527,7 +528,7 @@ def write_report(dirs: Sequence[str], out_dir: str, figures: bool = True) -> str
 
 
 def main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser('Comparison report of pre-training runs (table + figures)', allow_abbrev=False)
+    p = ArgumentParser('Comparison report of pre-training runs (table + figures)', allow_abbrev=False)
     p.add_argument('dirs', nargs='+', metavar='DIR', help='run folders, or sweep folders holding run folders')
     p.add_argument('--out', default=None,
                    help='where report.md and the PNGs go (default: DIR when one folder is given)')

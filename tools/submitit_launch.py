@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 from util.errors import UserError, exit_main  # noqa: E402
+from util.args import ArgumentParser, integer
 
 SCRIPTS = ('run_pretrain.py', 'run_finetune.py', 'run_linprobe.py', 'run_knn.py')
 STATE_FILE = 'launch_state.json'  # per output folder: what ran there, and whether it finished
@@ -297,15 +298,19 @@ def add_executor_args(p: argparse.ArgumentParser) -> None:
     g.add_argument('--cluster', default='slurm', choices=['slurm', 'local'],
                    help="'slurm' submits with sbatch; 'local' runs the job as a subprocess here through the same "
                         "code path (submitit's local executor) and waits for it (default: slurm)")
-    g.add_argument('--nodes', default=1, type=int, help='nodes per job (default: 1)')
+    g.add_argument('--nodes', default=1, type=int, help='nodes per job (default: 1)', domain=integer(1))
     g.add_argument('--ngpus', default=None, type=int,
-                   help='GPUs per node; 0 for a CPU job (default: 8 with slurm; with local, the GPUs visible here)')
+                   help='GPUs per node; 0 for a CPU job (default: 8 with slurm; with local, the GPUs visible here)',
+                   domain=integer(0))
     g.add_argument('--tasks_per_node', default=None, type=int,
-                   help='processes per node (default: --ngpus, at least 1)')
-    g.add_argument('--cpus_per_task', default=10, type=int, help='CPU cores per process (default: 10)')
-    g.add_argument('--mem_gb', default=None, type=int, help='memory per node in GB (default: 40 per GPU, min 16)')
+                   help='processes per node (default: --ngpus, at least 1)', domain=integer(1))
+    g.add_argument('--cpus_per_task', default=10, type=int, help='CPU cores per process (default: 10)',
+                   domain=integer(1))
+    g.add_argument('--mem_gb', default=None, type=int, help='memory per node in GB (default: 40 per GPU, min 16)',
+                   domain=integer(1))
     g.add_argument('--timeout', default=4320, type=int,
-                   help='time limit per job in minutes; a time-out requeues the job (default: 4320 = 3 days)')
+                   help='time limit per job in minutes; a time-out requeues the job (default: 4320 = 3 days)',
+                   domain=integer(1))
     g.add_argument('--partition', default=None, type=str, help='SLURM partition (default: the cluster default)')
     g.add_argument('--account', default=None, type=str, help='SLURM account (default: none)')
     g.add_argument('--constraint', default=None, type=str, help="SLURM --constraint, e.g. 'volta32gb' (default: none)")
@@ -317,9 +322,10 @@ def add_executor_args(p: argparse.ArgumentParser) -> None:
     g.add_argument('--job_name', default=None, type=str, help='job name (default: vitfreeze_<script>)')
     g.add_argument('--max_requeue', default=30, type=int,
                    help='time-outs after which the job is no longer requeued; pre-emptions do not count '
-                        '(default: 30)')
+                        '(default: 30)', domain=integer(0))
     g.add_argument('--signal_delay_s', default=120, type=int,
-                   help='seconds before the time limit at which the job is told to stop and requeue (default: 120)')
+                   help='seconds before the time limit at which the job is told to stop and requeue (default: 120)',
+                   domain=integer(0))
     g.add_argument('--wait', action='store_true',
                    help='wait for the job to end and exit with its status (always on with --cluster local)')
 
@@ -380,7 +386,7 @@ def wait_for(job) -> int:
 # ---- command line -------------------------------------------------------------------------------------------------
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser('Submit run_pretrain/run_finetune/run_linprobe/run_knn to SLURM through submitit',
+    p = ArgumentParser('Submit run_pretrain/run_finetune/run_linprobe/run_knn to SLURM through submitit',
                                 allow_abbrev=False, usage='%(prog)s SCRIPT [script flags] [launcher flags]')
     p.add_argument('script', help=f'one of {", ".join(SCRIPTS)}')
     add_executor_args(p)

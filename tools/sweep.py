@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import submitit_launch as sl  # noqa: E402
 from submitit_launch import LaunchError  # noqa: E402
-from util.args import domain_errors  # noqa: E402
+from util.args import ArgumentParser, domain_errors  # noqa: E402
 from util.errors import exit_main  # noqa: E402
 
 EVALS = {'knn': 'run_knn.py', 'linprobe': 'run_linprobe.py', 'finetune': 'run_finetune.py'}
@@ -40,7 +40,7 @@ ENV_WORD = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*=')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser('Grid sweep of run_pretrain.py (or another script) with chained evaluations',
+    p = ArgumentParser('Grid sweep of run_pretrain.py (or another script) with chained evaluations',
                                 allow_abbrev=False,
                                 usage='%(prog)s --grid KEY=V1,V2 [...] --out DIR [--then EVAL] [--run MODE] -- '
                                       '[NAME=value ...] [launcher words] SCRIPT [common flags]')

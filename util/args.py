@@ -10,7 +10,7 @@ import math
 import os
 import re
 import sys
-from typing import Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 from util.distributed import add_distributed_args
 from util.errors import UserError
@@ -32,22 +32,26 @@ def add_optim_args(parser: argparse.ArgumentParser, *, title: str, batch_size: i
     g = parser.add_argument_group(title)
     g.add_argument('--batch_size', default=batch_size, type=int,
                    help=f'images per GPU/process per iteration; effective batch = batch_size * accum_iter * world '
-                        f'size (default: {batch_size}{batch_note})')
-    g.add_argument('--epochs', default=epochs, type=int, help=f'training epochs (default: {epochs})')
+                        f'size (default: {batch_size}{batch_note})', domain=integer(1), defines_run=True)
+    g.add_argument('--epochs', default=epochs, type=int, help=f'training epochs (default: {epochs})',
+                   domain=integer(1), defines_run=True)
     g.add_argument('--accum_iter', default=1, type=int,
                    help='micro-batches accumulated per optimizer step, to reach a large effective batch on few GPUs '
-                        '(default: 1)')
+                        '(default: 1)', domain=integer(1), defines_run=True)
     g.add_argument('--weight_decay', default=weight_decay, type=float,
-                   help=f'{weight_decay_help} (default: {weight_decay})')
+                   help=f'{weight_decay_help} (default: {weight_decay})', domain=real(0), defines_run=True)
     g.add_argument('--lr', default=None, type=float, metavar='LR',
-                   help='absolute peak learning rate; overrides --blr (default: None)')
+                   help='absolute peak learning rate; overrides --blr (default: None)',
+                   domain=real(0, lo_open=True), defines_run=True)
     g.add_argument('--blr', default=blr, type=float, metavar='LR',
                    help=f'base learning rate per 256 images: lr = blr * effective batch / 256 (default: {blr}'
-                        f'{blr_note})')
+                        f'{blr_note})', domain=real(0, lo_open=True), defines_run=True)
     g.add_argument('--min_lr', default=min_lr, type=float, metavar='LR',
-                   help=f'final learning rate of the cosine schedule{min_lr_note} (default: {min_lr})')
+                   help=f'final learning rate of the cosine schedule{min_lr_note} (default: {min_lr})',
+                   domain=real(0), defines_run=True)
     g.add_argument('--warmup_epochs', default=warmup_epochs, type=int, metavar='N',
-                   help=f'epochs of linear warm-up from 0, counted in optimizer steps (default: {warmup_epochs})')
+                   help=f'epochs of linear warm-up from 0, counted in optimizer steps (default: {warmup_epochs})',
+                   domain=integer(0), defines_run=True)
     return g
 
 
@@ -55,12 +59,16 @@ def add_arch_args(g: argparse._ArgumentGroup, *, model_default, model_help: str,
                   input_source: str = '224') -> None:
     """--model, --input_size and the shape overrides of the pre-training and evaluation models. ``source`` says
     where an override's default comes from (e.g. "the model's, or the checkpoint's")."""
-    g.add_argument('--model', default=model_default, type=str, metavar='NAME', help=model_help)
-    g.add_argument('--input_size', default=224, type=int, help=f'square image side in pixels (default: {input_source})')
-    g.add_argument('--patch_size', default=None, type=int, help=f'patch side in pixels (default: {source})')
-    g.add_argument('--embed_dim', default=None, type=int, help=f'encoder width (default: {source})')
-    g.add_argument('--depth', default=None, type=int, help=f'encoder blocks (default: {source})')
-    g.add_argument('--num_heads', default=None, type=int, help=f'attention heads (default: {source})')
+    g.add_argument('--model', default=model_default, type=str, metavar='NAME', help=model_help, defines_run=True)
+    g.add_argument('--input_size', default=224, type=int, help=f'square image side in pixels (default: {input_source})',
+                   domain=integer(1, 8192), defines_run=True)
+    g.add_argument('--patch_size', default=None, type=int, help=f'patch side in pixels (default: {source})',
+                   domain=integer(1, 8192), defines_run=True)
+    g.add_argument('--embed_dim', default=None, type=int, help=f'encoder width (default: {source})',
+                   domain=integer(1))
+    g.add_argument('--depth', default=None, type=int, help=f'encoder blocks (default: {source})', domain=integer(1))
+    g.add_argument('--num_heads', default=None, type=int, help=f'attention heads (default: {source})',
+                   domain=integer(1))
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, output_dir: str, num_workers: int = 10,
@@ -78,13 +86,15 @@ def add_common_args(parser: argparse.ArgumentParser, *, output_dir: str, num_wor
                    help='TensorBoard event directory; TensorBoard is off if unset (default: None)')
     g.add_argument('--device', default='cuda', type=str,
                    help='cuda or cpu; falls back to cpu with a warning when CUDA is absent and the flag was not '
-                        'given explicitly (default: cuda)')
+                        'given explicitly (default: cuda)', domain=check_device)
     g.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'none'],
                    help='mixed precision: auto = bf16 on CUDA if supported else fp16 with loss scaling; '
                         'CPU runs in fp32 (default: auto)')
-    g.add_argument('--seed', default=0, type=int, help='random seed; each rank uses seed + rank (default: 0)')
+    g.add_argument('--seed', default=0, type=int, help='random seed; each rank uses seed + rank (default: 0)',
+                   domain=integer(0, 2147483647), defines_run=True)
     g.add_argument('--num_workers', default=num_workers, type=int,
-                   help=f'data-loading worker processes per GPU/process (default: {num_workers})')
+                   help=f'data-loading worker processes per GPU/process (default: {num_workers})',
+                   domain=integer(0, 1024))
     g.add_argument('--pin_mem', action='store_true',
                    help='pin CPU memory in the DataLoader for faster host-to-GPU copies (default: on with CUDA)')
     g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
@@ -112,12 +122,12 @@ def add_checkpoint_args(parser: argparse.ArgumentParser, save_freq: int) -> None
                         '(and log.txt, run.json) into <output_dir>/previous-<UTC time>/ instead of refusing to start '
                         '(default: off)')
     g.add_argument('--start_epoch', default=0, type=int, metavar='N',
-                   help='first epoch (overwritten by the checkpoint when resuming) (default: 0)')
+                   help='first epoch (overwritten by the checkpoint when resuming) (default: 0)', domain=integer(0))
     g.add_argument('--save_freq', default=save_freq, type=int,
                    help=f'write checkpoint-N.pth every N epochs and at the last epoch; checkpoint-last.pth is '
-                        f'written every epoch for pre-emption (default: {save_freq})')
+                        f'written every epoch for pre-emption (default: {save_freq})', domain=integer(1))
     g.add_argument('--keep_last', default=0, type=int,
-                   help='keep only the K newest checkpoint-N.pth files; 0 keeps all (default: 0)')
+                   help='keep only the K newest checkpoint-N.pth files; 0 keeps all (default: 0)', domain=integer(0))
     g.add_argument('--debug', action='store_true',
                    help='smoke run: a handful of iterations per epoch with per-step logging')
 
@@ -176,6 +186,7 @@ def parse_script_args(parser: argparse.ArgumentParser, argv: List[str]) -> argpa
     args = parser.parse_args(argv)
     check_flags(args, parser, argv)
     args.argv = list(argv)
+    args.run_defining = run_defining(parser)
     return args
 
 
@@ -235,9 +246,9 @@ def one_line(msg: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Flag domains: the one place where every numeric flag's valid range is declared and checked, at parse time, before
-# any work (no data scan, no model, no file written). A numeric flag added to a script without an entry here fails
-# tests/test_flag_domains.py. The same name means the same quantity in every script, so one table serves them all.
+# Flag domains: declared with each flag (``add_argument(..., domain=...)`` on a util.args.ArgumentParser) and checked
+# at parse time, before any work (no data scan, no model, no file written). A numeric flag declared without one fails
+# tests/test_flag_domains.py (and, at parse time, reports itself as a bug).
 
 _INF = float('inf')
 
@@ -279,42 +290,18 @@ class Domain:
         return bad
 
 
-def _int(lo: float = -_INF, hi: float = _INF) -> Domain:
+def integer(lo: float = -_INF, hi: float = _INF) -> Domain:
+    """Integers in [lo, hi]."""
     return Domain(int, lo, hi)
 
 
-def _real(lo: float = -_INF, hi: float = _INF, lo_open: bool = False, hi_open: bool = False) -> Domain:
+def real(lo: float = -_INF, hi: float = _INF, lo_open: bool = False, hi_open: bool = False) -> Domain:
+    """Finite reals in the interval (open ends as given)."""
     return Domain(float, lo, hi, lo_open, hi_open)
 
 
-_PROB = _real(0.0, 1.0)
-FLAG_DOMAINS: Dict[str, Domain] = {
-    # optimisation
-    'batch_size': _int(1), 'epochs': _int(1), 'accum_iter': _int(1), 'warmup_epochs': _int(0),
-    'start_epoch': _int(0), 'lr': _real(0.0, lo_open=True), 'blr': _real(0.0, lo_open=True), 'min_lr': _real(0.0),
-    'weight_decay': _real(0.0), 'layer_decay': _real(0.0, 1.0, lo_open=True), 'clip_grad': _real(0.0, lo_open=True),
-    # model
-    'input_size': _int(1, 8192), 'patch_size': _int(1, 8192), 'embed_dim': _int(1), 'depth': _int(1),
-    'num_heads': _int(1), 'decoder_embed_dim': _int(1), 'mask_ratio': _real(0.0, 1.0, hi_open=True), 'hog_nbins': _int(1, 180),
-    'drop_path': _real(0.0, 1.0, hi_open=True), 'nb_classes': _int(1),
-    # FreezeOut
-    't_0': _real(0.0, 1.0, lo_open=True), 'freeze_earliest': _real(0.0, 1.0, hi_open=True), 'freeze_window': _int(1),
-    'freeze_threshold': _real(0.0, 1.0, lo_open=True), 'freeze_patience': _int(1), 'freeze_tail': _int(0), 'freeze_spacing': _int(0),
-    'constant_tail': _real(0.0, 1.0),
-    # augmentation
-    'color_jitter': _real(0.0), 'smoothing': _real(0.0, 1.0, hi_open=True), 'reprob': _PROB, 'recount': _int(1),
-    'mixup': _real(0.0), 'cutmix': _real(0.0), 'cutmix_minmax': _real(0.0, 1.0), 'mixup_prob': _PROB,
-    'mixup_switch_prob': _PROB,
-    # evaluation
-    'knn_eval_freq': _int(0), 'vis_freq': _int(0), 'vis_images': _int(1), 'nb_knn': _int(1),
-    'temperature': _real(0.0, lo_open=True),
-    # runtime, checkpoints, distributed (numpy seeds are 32-bit and each rank uses seed + rank)
-    'seed': _int(0, 2 ** 31 - 1), 'save_freq': _int(1), 'keep_last': _int(0), 'num_workers': _int(0, 1024),
-    'world_size': _int(1), 'local_rank': _int(-1), 'prefetch_factor': _int(1),
-    # SLURM launcher (tools/submitit_launch.py, tools/sweep.py): --timeout in minutes, --mem_gb per node
-    'nodes': _int(1), 'ngpus': _int(0), 'tasks_per_node': _int(1), 'cpus_per_task': _int(1), 'mem_gb': _int(1),
-    'timeout': _int(1), 'max_requeue': _int(0), 'signal_delay_s': _int(0),
-}
+_int, _real = integer, real
+PROB = _PROB = real(0.0, 1.0)
 
 _DEVICE = re.compile(r'^(cpu|cuda(:\d+)?|mps)$')
 
@@ -324,7 +311,16 @@ def _choice(flag: str, value: str, allowed: Iterable[str]) -> Optional[str]:
     return None if value in allowed else f"{flag} {value!r}: must be one of {', '.join(allowed)}"
 
 
-def _check_aa(flag: str, value: str) -> Optional[str]:
+def one_of(*allowed: str) -> Callable[[str, str], Optional[str]]:
+    """A string domain: one of ``allowed`` (for flags whose vocabulary argparse ``choices`` would not show well)."""
+    return lambda flag, value: _choice(flag, value, allowed)
+
+
+def check_device(flag: str, value: str) -> Optional[str]:
+    return None if _DEVICE.match(value) else f'{flag} {value!r}: must be cpu, cuda, cuda:N or mps'
+
+
+def check_aa(flag: str, value: str) -> Optional[str]:
     """The timm policy string must parse (else the first training batch raises deep inside timm)."""
     if value in (None, '', 'none', 'None'):
         return None
@@ -339,22 +335,10 @@ def _check_aa(flag: str, value: str) -> Optional[str]:
     return None
 
 
-def _check_stage_weights(flag: str, value: str) -> Optional[str]:
-    if value in ('equal', '4321', '1overk', 'inv4321'):  # models_mim.STAGE_WEIGHT_PRESETS (util imports no model)
-        return None
-    try:
-        w = [float(x) for x in value.split(',') if x.strip()]
-    except ValueError:
-        return f"{flag} {value!r}: must be equal, 4321, 1overk, inv4321 or a comma list of numbers"
-    if not w or any(not math.isfinite(x) or x < 0 for x in w) or not any(x > 0 for x in w):
-        return f"{flag} {value!r}: weights must be finite and >= 0, and not all 0"
-    return None
-
-
 _TARGET = re.compile(r'^([A-Za-z_]\w*|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$')
 
 
-def _check_targets(flag: str, value: str) -> Optional[str]:
+def check_targets(flag: str, value: str) -> Optional[str]:
     """Syntax of --target / --stage_targets (a name or module:Class each); the names are resolved by targets.py
     when the model is built (util imports nothing above it)."""
     items = [s.strip() for s in value.split(',')] if flag == '--stage_targets' else [value.strip()]
@@ -365,17 +349,46 @@ def _check_targets(flag: str, value: str) -> Optional[str]:
     return None
 
 
-# String flags with a fixed vocabulary or syntax that argparse ``choices`` do not already express.
-STRING_DOMAINS = {
-    'device': lambda f, v: None if _DEVICE.match(v) else f'{f} {v!r}: must be cpu, cuda, cuda:N or mps',
-    'mixup_mode': lambda f, v: _choice(f, v, ('batch', 'pair', 'elem')),
-    'remode': lambda f, v: _choice(f, v, ('pixel', 'rand', 'const')),
-    'aa': _check_aa,
-    'stage_weights': _check_stage_weights,
-    'stage_weights_end': _check_stage_weights,
-    'target': _check_targets,
-    'stage_targets': _check_targets,
-}
+
+
+class _Declaring:
+    """``add_argument(..., domain=None, defines_run=False)``: every flag is declared once, with its help, its
+    domain (a :class:`Domain` for numbers, a ``check(flag, value) -> message or None`` for strings; checked at parse
+    time by :func:`domain_errors`) and whether it defines the run (:func:`run_defining`: a resume with another value
+    is warned about, sweeps and auto-resume compare them)."""
+
+    def add_argument(self, *args, domain=None, defines_run: bool = False, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        action.domain, action.defines_run = domain, bool(defines_run)
+        return action
+
+
+class _Group(_Declaring, argparse._ArgumentGroup):
+    pass
+
+
+class ArgumentParser(_Declaring, argparse.ArgumentParser):
+    """The project's parser: declaring groups (see :class:`_Declaring`) and no abbreviations (``--resum`` is not
+    ``--resume``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('allow_abbrev', False)
+        super().__init__(*args, **kwargs)
+
+    def add_argument_group(self, *args, **kwargs):
+        group = _Group(self, *args, **kwargs)
+        self._action_groups.append(group)
+        return group
+
+
+def domain_of(action: argparse.Action):
+    """The domain declared with the flag (None: none declared)."""
+    return getattr(action, 'domain', None)
+
+
+def run_defining(parser: argparse.ArgumentParser) -> List[str]:
+    """Destinations of the flags declared ``defines_run`` (plugin flags count: they shape their plugin)."""
+    return sorted({a.dest for a in parser._actions if getattr(a, 'defines_run', False) or getattr(a, 'plugin', False)})
 
 
 def numeric_actions(parser: argparse.ArgumentParser) -> List[argparse.Action]:
@@ -398,19 +411,20 @@ def domain_errors(args: argparse.Namespace, parser: argparse.ArgumentParser,
         flag, value = a.option_strings[0], getattr(args, a.dest)
         if value is None or isinstance(value, bool):
             continue
+        dom = domain_of(a)
         if a.type in (int, float):
-            dom = FLAG_DOMAINS.get(a.dest)
             if dom is None and getattr(a, 'plugin', False):
-                continue  # a plugin's own flag (util.plugins): its class checks its values
+                continue  # a plugin's own flag (util.plugins) without a declared domain: its class checks it
             if dom is None:
-                errors.append(f'{flag}: no domain declared in util/args.FLAG_DOMAINS (a bug, please report it)')
+                errors.append(f'{flag}: no domain declared with the flag (add_argument(..., domain=...); a bug, '
+                              f'please report it)')
                 continue
             for v in (value if isinstance(value, (list, tuple)) else [value]):
                 if not dom.contains(v):
                     errors.append(f'{flag} {v}: must be {dom.describe()}')
                     break
-        elif a.dest in STRING_DOMAINS and isinstance(value, str):
-            msg = STRING_DOMAINS[a.dest](flag, value)
+        elif callable(dom) and isinstance(value, str):
+            msg = dom(flag, value)
             if msg:
                 errors.append(msg)
     errors += _relation_errors(args, None if argv is None else set(explicit_flags(argv)))

@@ -328,20 +328,12 @@ def resolve_resume(args: argparse.Namespace) -> Optional[Tuple[str, Dict[str, An
     return None
 
 
-# Flags whose change alters the run: a resumed run with different values is no longer "the same run".
-RUN_DEFINING_FLAGS = ('model', 'input_size', 'patch_size', 'mask_ratio', 'hog_nbins', 'hog_bias', 'all_stages',
-                      'stage_weights', 'batch_size', 'accum_iter', 'epochs', 'warmup_epochs', 'lr', 'blr', 'min_lr',
-                      'weight_decay', 'seed', 'world_size', 't_0', 'how_scale', 'not_scale_lr', 'non_layerwise_lr',
-                      'dont_freeze_pe', 'freezeout', 'freeze_schedule', 'lr_schedule', 'constant_tail',
-                      'stage_weights_end', 'layer_decay', 'drop_path', 'nb_classes', 'smoothing', 'mixup',
-                      'cutmix', 'target', 'stage_targets')
-
-
 def warn_changed_flags(saved: Dict[str, Any], args: argparse.Namespace) -> List[str]:
-    """Warn (not fail) about run-defining flags that differ from the checkpoint's; returns the changed names."""
+    """Warn (not fail) about run-defining flags (declared ``defines_run``, util.args) that differ from the
+    checkpoint's; returns the changed names."""
     changed = []
     now = args_to_dict(args)
-    for k in RUN_DEFINING_FLAGS:
+    for k in getattr(args, 'run_defining', None) or saved.get('run_defining') or ():
         if k in saved and k in now and saved[k] != now[k]:
             changed.append(k)
             du.print0(f'warning: resuming with --{k} {now[k]!r} but the checkpoint was trained with {saved[k]!r}; '

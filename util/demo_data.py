@@ -38,6 +38,7 @@ if __package__ in (None, ""):
 
 from util.errors import UserError, check  # noqa: E402
 
+
 MARKER = ".demo_complete.json"
 ENV_VAR = "VITFREEZE_DEMO_DIR"
 
@@ -338,13 +339,14 @@ def default_demo_root() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: make the demo set and print its path. Returns the exit status."""
-    parser = argparse.ArgumentParser(description="Generate the procedural demo ImageFolder (train/ and val/).")
+    from util.args import ArgumentParser, integer
+    parser = ArgumentParser(description="Generate the procedural demo ImageFolder (train/ and val/).")
     parser.add_argument("--root", default=None, help=f"target directory (default: ${ENV_VAR} or <repo>/demo_data)")
     parser.add_argument("--num_classes", type=int, default=10)
     parser.add_argument("--train_per_class", type=int, default=40)
     parser.add_argument("--val_per_class", type=int, default=10)
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, domain=integer(0, 2147483647), defines_run=True)
     args = parser.parse_args(argv)
     try:
         root = make_demo_dataset(args.root if args.root else default_demo_root(), args.num_classes,

@@ -22,13 +22,16 @@ from util.errors import UserError
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     """Flags shared by all scripts (MAE names, both spellings of the legacy launcher's local-rank flag)."""
+    from util.args import integer  # (util.args imports this module)
     g = parser.add_argument_group('distributed')
     g.add_argument('--world_size', default=1, type=int,
                    help='number of processes; informational: the real value comes from the launcher '
-                        '(torchrun/SLURM), and a mismatch is reported (default: 1)')
+                        '(torchrun/SLURM), and a mismatch is reported (default: 1)',
+                   domain=integer(1), defines_run=True)
     g.add_argument('--local_rank', '--local-rank', dest='local_rank', type=int,
                    default=int(os.environ.get('LOCAL_RANK', -1)),
-                   help='set by `python -m torch.distributed.launch`; torchrun uses $LOCAL_RANK instead')
+                   help='set by `python -m torch.distributed.launch`; torchrun uses $LOCAL_RANK instead',
+                   domain=integer(-1))
     g.add_argument('--dist_on_itp', action='store_true',
                    help='read ranks from OpenMPI variables (OMPI_COMM_WORLD_*)')
     g.add_argument('--dist_url', default='env://',
