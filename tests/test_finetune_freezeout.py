@@ -253,6 +253,6 @@ def test_cli_finetune_adaptive_plan_only(pretrain_ckpt, demo_root, tmp_path, cap
     finetune(*FT, '--epochs', '3', '--finetune', pretrain_ckpt, '--data_path', demo_root, '--output_dir',
              tmp_path / 'o', '--freeze_policy', 'adaptive', '--freeze_window', '2', '--plan_only')
     out = capsys.readouterr().out
-    assert 'FreezeOut policy: adaptive, signal=weight' in out and 'window: every 2 steps' in out
+    assert 'FreezeOut policy: adaptive, signal=coherence' in out and 'window: every 2 steps' in out
     assert 'order: prefix (embed, block1, block2, block3); block4 never freezes' in out
     assert not (tmp_path / 'o' / 'log.txt').exists()
