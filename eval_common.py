@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 import models_vit
 from util import distributed as du
 from util.args import add_arch_args, apply_demo_defaults, check_output_dir, explicit_flags, resolve_device_flag
-from util.checkpoint import resolve_resume, restore_rng_state, warn_changed_flags
+from util.checkpoint import resolve_resume, restore_rank_rng, warn_changed_flags
 from util.datasets import build_dataset, build_loader, check_min_images
 from util.errors import UserError, check
 from util.knn import ShardSampler
@@ -209,7 +209,7 @@ def restore(resume: Tuple[str, Dict[str, Any]], model: nn.Module, optimizer: Opt
         if scaler is not None and 'scaler' in ckpt:
             scaler.load_state_dict(ckpt['scaler'])
         args.start_epoch = int(ckpt['epoch']) + 1
-        restore_rng_state(ckpt.get('rng'))
+        restore_rank_rng(ckpt, args.seed, f'--resume {path}')  # each rank its own stream
         warn_changed_flags(ckpt.get('args', {}), args)
     du.print0(f"resumed from {path} (epoch {ckpt.get('epoch')}); next epoch {args.start_epoch}")
     return float(ckpt.get('max_accuracy', 0.0))

@@ -25,7 +25,7 @@ from util import distributed as du
 from util.amp import fused_attention_report, make_amp, set_cuda_speed_flags
 from util.args import (add_arch_args, add_common_args, add_optim_args, apply_demo_defaults, check_output_dir,
                        explicit_flags, resolve_device_flag, run_main)
-from util.checkpoint import resolve_resume, restore_rng_state, resume_hint, save_checkpoint, warn_changed_flags
+from util.checkpoint import resolve_resume, restore_rank_rng, resume_hint, save_checkpoint, warn_changed_flags
 from util.compile import check_toolchain, eager as compile_eager, stats as compile_stats
 from util.datasets import (build_dataset, build_loader, check_min_images, eval_transform, pretrain_transform,
                            seed_loader_epoch)
@@ -272,7 +272,7 @@ def main(args: argparse.Namespace) -> None:
             amp.scaler.load_state_dict(ckpt['scaler'])
         args.start_epoch = int(ckpt['epoch']) + 1
         state.global_step = int(ckpt.get('step', args.start_epoch * spe))
-        restore_rng_state(ckpt.get('rng'))
+        restore_rank_rng(ckpt, args.seed, f'--resume {path}')  # each rank its own stream
         du.print0(f'Resumed from {path}: epoch {ckpt["epoch"]} done, optimizer step {state.global_step}')
     if args.compile:
         opts = {'backend': args.compile_backend}
