@@ -74,7 +74,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='width of each stage decoder (LocalMIM: 256; --demo: 64, for a cheap step on its 96-wide '
                         'encoder) (default: 256)')
     g.add_argument('--mask_ratio', default=0.75, type=float,
-                   help='fraction of patches removed from the encoder input, in [0, 1) (default: 0.75)')
+                   help='fraction of patches removed from the encoder input, in (0, 1): the loss is computed on the removed '
+                        'patches only, so 0 would train nothing (default: 0.75)')
     g.add_argument('--hog_nbins', default=9, type=int, help='HOG orientation bins over 180 degrees (default: 9)')
     g.add_argument('--hog_bias', action='store_true',
                    help='frozen random bias on the HOG gradients, as in the ViT-L recipe (default: off)')

@@ -282,7 +282,7 @@ FLAG_DOMAINS: Dict[str, Domain] = {
     'weight_decay': _real(0.0), 'layer_decay': _real(0.0, 1.0, lo_open=True), 'clip_grad': _real(0.0, lo_open=True),
     # model
     'input_size': _int(1, 8192), 'patch_size': _int(1, 8192), 'embed_dim': _int(1), 'depth': _int(1),
-    'num_heads': _int(1), 'decoder_embed_dim': _int(1), 'mask_ratio': _real(0.0, 1.0, hi_open=True), 'hog_nbins': _int(1, 180),
+    'num_heads': _int(1), 'decoder_embed_dim': _int(1), 'mask_ratio': _real(0.0, 1.0, lo_open=True, hi_open=True), 'hog_nbins': _int(1, 180),
     'drop_path': _real(0.0, 1.0, hi_open=True), 'nb_classes': _int(1),
     # FreezeOut
     't_0': _real(0.0, 1.0, lo_open=True), 'freeze_earliest': _real(0.0, 1.0, hi_open=True), 'freeze_window': _int(1),
