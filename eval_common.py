@@ -205,7 +205,12 @@ def restore(resume: Tuple[str, Dict[str, Any]], model: nn.Module, optimizer: Opt
         raise UserError(f'--resume {path}: not a checkpoint of this model ({first}); pre-training checkpoints go to '
                         f'--finetune') from None
     if optimizer is not None and 'optimizer' in ckpt:
-        optimizer.load_state_dict(ckpt['optimizer'])
+        try:
+            optimizer.load_state_dict(ckpt['optimizer'])
+        except ValueError as e:  # other parameter groups: e.g. FreezeOut flags not those the run was started with
+            raise UserError(f'--resume {path}: optimizer state does not match these flags ({e}); resume with the '
+                            f'FreezeOut flags (--t_0/--how_scale/--freeze_policy/--dont_freeze_pe) the run was '
+                            f'started with') from None
         if scaler is not None and 'scaler' in ckpt:
             scaler.load_state_dict(ckpt['scaler'])
         args.start_epoch = int(ckpt['epoch']) + 1

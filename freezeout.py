@@ -257,12 +257,30 @@ class FreezeOut:
             self.model.set_frozen(max(0, count - 1), embed_frozen=count >= 1)
 
     def state_dict(self) -> Dict[str, Any]:
-        return {'num_frozen': self.num_frozen, 'frozen_units': [u.name for u in self.sched_units[:self.num_frozen]]}
+        return {'num_frozen': self.num_frozen, 'frozen_units': [u.name for u in self.sched_units[:self.num_frozen]],
+                'units': [u.name for u in self.sched_units]}
+
+    def check_units(self, state: Dict[str, Any]) -> None:
+        """Refuse in one line a checkpoint whose scheduled units are not this run's (``--dont_freeze_pe`` added or
+        dropped on resume): its frozen set and optimizer groups would be applied to other units."""
+        names = [u.name for u in self.sched_units]
+        saved, frozen = state.get('units'), list(state.get('frozen_units') or [])
+        if (list(saved) == names) if saved is not None else (frozen == names[:len(frozen)]):
+            return
+        was = list(saved) if saved is not None else frozen
+        pe_then = self.embed_unit.name not in was
+        if pe_then != self.dont_freeze_pe:
+            hint = f"resume {'with' if pe_then else 'without'} --dont_freeze_pe, as the run was trained"
+        else:
+            hint = 'resume with the architecture flags (--depth, --all_stages) it was trained with'
+        raise UserError(f"--resume: the checkpoint {'schedules' if saved is not None else 'has frozen'} FreezeOut "
+                        f"units {', '.join(was)} but this run schedules {', '.join(names)}; {hint}")
 
     def load_state_dict(self, state: Dict[str, Any], optimizer: Optional[torch.optim.Optimizer]) -> None:
         """Re-apply the saved frozen set; call BEFORE ``optimizer.load_state_dict`` so the group layouts match."""
         if state.get('policy') == 'adaptive':
             raise UserError('--resume: the checkpoint was written with --freeze_policy adaptive; resume with it')
+        self.check_units(state)
         self.apply_frozen(optimizer, int(state.get('num_frozen', 0)))
 
 
@@ -650,7 +668,8 @@ class AdaptiveFreezeOut(FreezeOut):
     def state_dict(self) -> Dict[str, Any]:
         return {'policy': 'adaptive', 'signal': self.signal, 'num_frozen': self.num_frozen,
                 'frozen_units': [u.name for u in self.sched_units[:self.num_frozen]],
-                'peak': list(self.peak), 'below': list(self.below), 'plasticity': dict(self.plasticity),
+                'units': [u.name for u in self.sched_units], 'peak': list(self.peak), 'below': list(self.below),
+                'plasticity': dict(self.plasticity),
                 'tails': {str(k): list(v) for k, v in self.tails.items()},
                 'decisions': [dict(d) for d in self.decisions],
                 'snapshot': {str(k): list(v) for k, v in self.snapshot.items()}, 'snapshot_step': self.snapshot_step}
@@ -662,6 +681,7 @@ class AdaptiveFreezeOut(FreezeOut):
         if state and state.get('signal', self.signal) != self.signal:
             raise UserError(f"--resume: the checkpoint's adaptive policy used --freeze_signal {state['signal']}; "
                             f"resume with it")
+        self.check_units(state or {})
         self.apply_frozen(optimizer, int(state.get('num_frozen', 0)))
         n = len(self.sched_units)
         self.peak = [float(x) for x in state.get('peak', [0.0] * n)]
@@ -672,6 +692,47 @@ class AdaptiveFreezeOut(FreezeOut):
         dev = next(iter(self.sched_units[-1].params.values())).device
         self.snapshot = {int(k): [t.to(dev) for t in v] for k, v in state.get('snapshot', {}).items()}
         self.snapshot_step = state.get('snapshot_step')
+
+
+def check_stage_weights(model: nn.Module, freezer: Any, total_steps: int, steps_per_epoch: int) -> None:
+    """Refuse at plan time stage weights that leave every still-active stage at weight 0 once units froze.
+
+    Freezing block b switches off the stages it feeds (``model.stage_blocks``); with ``--stage_weights 1,0,0,0``
+    (or a curriculum that reaches 0) the remaining stages would train on a loss of exactly 0: nothing learns for
+    the rest of the run, silently. Checked for every frozen count the run can reach: the schedule's own intervals,
+    or (adaptive policy) every count from the policy's earliest freeze step on. The weights are linear in the step
+    between the interval's ends, so a zero sum inside an interval shows at one of its ends.
+    """
+    schedule = getattr(model, 'stage_weight_schedule', None)
+    if schedule is None:
+        return
+    total = int(total_steps)
+    if freezer is None:
+        spans = [(0, 0, total)]
+    elif getattr(freezer, 'schedule', None) is not None:
+        bounds = [0] + [b for b in freezer.state_boundaries() if 0 < b < total] + [total]
+        spans = [(freezer.num_frozen_at(a), a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+    else:  # adaptive: any prefix but the last unit may freeze, from its earliest step on
+        early = min(total, int(getattr(freezer, 'earliest_step', 0)))
+        spans = [(0, 0, total)] + [(k, early, total) for k in range(1, len(freezer.sched_units))]
+    pe = bool(getattr(freezer, 'dont_freeze_pe', False))
+    for k, a, b in spans:
+        blocks = k if pe else max(0, k - 1)
+        active = [i for i, blk in enumerate(model.stage_blocks) if blk >= blocks]
+        if not active:
+            continue  # the whole encoder is frozen: nothing is left to train
+        for step in sorted({a, b - 1}):
+            w = schedule.at(step / total, active)
+            if sum(w[i] for i in active) > 0:
+                continue
+            spec = f'--stage_weights {schedule.start}' + (f' --stage_weights_end {schedule.end}'
+                                                         if schedule.end is not None else '')
+            when = (f'once the adaptive policy has frozen {k} units (possible from step {a})'
+                    if freezer is not None and getattr(freezer, 'schedule', None) is None else
+                    f'at optimizer step {step} (epoch {step / max(1, steps_per_epoch):.2f}, {k} units frozen)')
+            raise UserError(f'{spec}: {when} only stages {active} are still active and their weights are all 0: the '
+                            f'loss would be exactly 0 and nothing would train; give one of those stages a weight '
+                            f'> 0, or freeze later')
 
 
 def decided_saving(freezer: Any, flops: Dict[str, Any], done: int, dont_freeze_pe: bool) -> float:

@@ -21,6 +21,7 @@ from engine_pretrain import NonFiniteLoss, PretrainState, train_one_epoch
 from freezeout import (AdaptiveFreezeOut, FreezeOut, FreezeOutSchedule, add_policy_args, add_schedule_args,
                        bounds_from_args, decided_saving, eval_mode_probe, format_adaptive_plan, format_plan,
                        measure_unit_flops, projected_saving, resolve_freeze_args)
+from freezeout import check_stage_weights
 from util import distributed as du
 from util.amp import fused_attention_report, make_amp, set_cuda_speed_flags
 from util.args import (add_arch_args, add_common_args, add_optim_args, apply_demo_defaults, check_output_dir,
@@ -74,8 +75,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='width of each stage decoder (LocalMIM: 256; --demo: 64, for a cheap step on its 96-wide '
                         'encoder) (default: 256)')
     g.add_argument('--mask_ratio', default=0.75, type=float,
-                   help='fraction of patches removed from the encoder input, in (0, 1): the loss is computed on the removed '
-                        'patches only, so 0 would train nothing (default: 0.75)')
+                   help='fraction of patches removed from the encoder input, in (0, 1): the loss is computed on the '
+                        'removed patches only, so 0 would train nothing (default: 0.75)')
     g.add_argument('--hog_nbins', default=9, type=int, help='HOG orientation bins over 180 degrees (default: 9)')
     g.add_argument('--hog_bias', action='store_true',
                    help='frozen random bias on the HOG gradients, as in the ViT-L recipe (default: off)')
@@ -218,6 +219,7 @@ def main(args: argparse.Namespace) -> None:
         param_groups = freezer.param_groups(args.weight_decay)
     else:
         param_groups = param_groups_weight_decay(model, args.weight_decay)
+    check_stage_weights(model, freezer, total_steps, spe)  # zero loss after a freeze: refused before training
     if args.plan_only:
         if not args.freezeout:
             du.print0(f'no FreezeOut (--t_0/--how_scale not given): plain warm-up + {args.lr_schedule}, nothing '
