@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from freezeout import format_decision
 from util import distributed as du
-from util.checkpoint import restore_rng_state, warn_changed_flags
+from util.checkpoint import restore_rank_rng, warn_changed_flags
 from util.errors import UserError
 from util.log import MetricLogger, TensorBoard
 from util.signals import NonFiniteLoss
@@ -125,5 +125,5 @@ def restore_training(resumed: Tuple[str, Dict[str, Any]], model: nn.Module, opti
     if scaler is not None and ckpt.get('scaler'):
         scaler.load_state_dict(ckpt['scaler'])
     args.start_epoch = int(ckpt['epoch']) + 1
-    restore_rng_state(ckpt.get('rng'))
+    restore_rank_rng(ckpt, args.seed, f'--resume {path}')  # each rank its own stream
     return ckpt

@@ -451,7 +451,24 @@ class FreezeOut:
     def state_dict(self) -> Dict[str, Any]:
         return {'policy': self.policy.name, 'flags': dict(self.flags), 'num_frozen': self.num_frozen,
                 'frozen_units': [u.name for u in self.sched_units[:self.num_frozen]],
-                'history': [list(h) for h in self.history], 'policy_state': self.policy.state_dict()}
+                'units': [u.name for u in self.sched_units], 'history': [list(h) for h in self.history],
+                'policy_state': self.policy.state_dict()}
+
+    def check_units(self, state: Dict[str, Any]) -> None:
+        """Refuse in one line a checkpoint whose scheduled units are not this run's (``--dont_freeze_pe`` added or
+        dropped on resume): its frozen set and optimizer groups would be applied to other units."""
+        names = [u.name for u in self.sched_units]
+        saved, frozen = state.get('units'), list(state.get('frozen_units') or [])
+        if (list(saved) == names) if saved is not None else (frozen == names[:len(frozen)]):
+            return
+        was = list(saved) if saved is not None else frozen
+        pe_then = self.embed_unit.name not in was
+        if pe_then != self.dont_freeze_pe:
+            hint = f"resume {'with' if pe_then else 'without'} --dont_freeze_pe, as the run was trained"
+        else:
+            hint = 'resume with the architecture flags (--depth, --all_stages) it was trained with'
+        raise UserError(f"--resume: the checkpoint {'schedules' if saved is not None else 'has frozen'} FreezeOut "
+                        f"units {', '.join(was)} but this run schedules {', '.join(names)}; {hint}")
 
     def load_state_dict(self, state: Dict[str, Any], optimizer: Optional[torch.optim.Optimizer]) -> None:
         """Refuse another policy or changed policy-shaping flags (one line naming both), re-apply the frozen set and
@@ -461,6 +478,7 @@ class FreezeOut:
         if saved != self.policy.name:
             raise UserError(f'--resume: the checkpoint was written with --freeze_policy {saved}, this run asks for '
                             f'--freeze_policy {self.policy.name}; resume with --freeze_policy {saved}')
+        self.check_units(state)  # (names the units: clearer than the --dont_freeze_pe flag it also catches)
         old = state.get('flags', {})
         changed = [k for k in self.flags if k in old and old[k] != self.flags[k]]
         if changed:
@@ -946,6 +964,48 @@ class AdaptivePolicy(FreezePolicy):
         self.path = {int(k): v for k, v in state.get('path', {}).items()}
 
 
+def check_stage_weights(model: nn.Module, freezer: Any, total_steps: int, steps_per_epoch: int) -> None:
+    """Refuse at plan time stage weights that leave every still-active stage at weight 0 once units froze.
+
+    Freezing block b switches off the stages it feeds (``model.stage_blocks``); with ``--stage_weights 1,0,0,0``
+    (or a curriculum that reaches 0) the remaining stages would train on a loss of exactly 0: nothing learns for
+    the rest of the run, silently. Checked for every frozen count the run can reach: the schedule's own intervals,
+    or (adaptive policy) every count from the policy's earliest freeze step on. The weights are linear in the step
+    between the interval's ends, so a zero sum inside an interval shows at one of its ends.
+    """
+    schedule = getattr(model, 'stage_weight_schedule', None)
+    if schedule is None:
+        return
+    total = int(total_steps)
+    if freezer is None:
+        spans = [(0, 0, total)]
+    elif freezer.policy.plans_ahead:
+        bounds = [0] + [b for b in freezer.state_boundaries() if 0 < b < total] + [total]
+        spans = [(freezer.num_frozen_at(a), a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+    else:  # a policy that decides while training: any prefix but the last unit may freeze, from its earliest step
+        first = earliest_adaptive_freeze(freezer.policy) if isinstance(freezer.policy, AdaptivePolicy) else 0
+        early = min(total, total if first is None else int(first))
+        spans = [(0, 0, total)] + [(k, early, total) for k in range(1, len(freezer.sched_units))]
+    pe = freezer is not None and freezer.dont_freeze_pe
+    for k, a, b in spans:
+        blocks = k if pe else max(0, k - 1)
+        active = [i for i, blk in enumerate(model.stage_blocks) if blk >= blocks]
+        if not active:
+            continue  # the whole encoder is frozen: nothing is left to train
+        for step in sorted({a, b - 1}):
+            w = schedule.at(step / total, active)
+            if sum(w[i] for i in active) > 0:
+                continue
+            spec = f'--stage_weights {schedule.start}' + (f' --stage_weights_end {schedule.end}'
+                                                         if schedule.end is not None else '')
+            when = (f'once the adaptive policy has frozen {k} units (possible from step {a})'
+                    if freezer is not None and not freezer.policy.plans_ahead else
+                    f'at optimizer step {step} (epoch {step / max(1, steps_per_epoch):.2f}, {k} units frozen)')
+            raise UserError(f'{spec}: {when} only stages {active} are still active and their weights are all 0: the '
+                            f'loss would be exactly 0 and nothing would train; give one of those stages a weight '
+                            f'> 0, or freeze later')
+
+
 def decided_saving(freezer: 'FreezeOut', flops: Dict[str, Any], done: int,
                    dont_freeze_pe: Optional[bool] = None) -> float:
     """FLOP-model saving over optimizer steps [0, done) for the frozen counts ``freezer.num_frozen_at`` gives
@@ -1113,7 +1173,6 @@ def _plugin_policy_flags(parser, spec: str) -> None:
 
 def policy_flag_dests(cls: type) -> List[str]:
     """The flags a policy declares (they shape it: a resume with other values is refused), plus --dont_freeze_pe."""
-    import argparse
     from util.args import ArgumentParser
     p = ArgumentParser(add_help=False)
     cls.add_args(p)

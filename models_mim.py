@@ -682,8 +682,9 @@ class LocalMIM(nn.Module):
         and with ``return_vis``: ``pred``/``target`` ({stage: [B,cells,dim]}, every cell) and ``mask`` [B,L].
         ``full_decode`` (default: ``return_vis``) predicts every cell of every stage instead of only the masked
         ones; the loss is the same up to float rounding, the work is not."""
-        if not 0.0 <= mask_ratio < 1.0:
-            raise UserError(f'--mask_ratio {mask_ratio}: must be in [0, 1)')
+        if not 0.0 < mask_ratio < 1.0 or int(self.num_patches * (1 - mask_ratio)) >= self.num_patches:
+            raise UserError(f'--mask_ratio {mask_ratio}: must be in (0, 1) and remove at least one of the '
+                            f'{self.num_patches} patches (the loss is computed on removed patches only)')
         full = return_vis if full_decode is None else full_decode
         targets = self.compute_targets(imgs, self.active_stages())
         latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio)

@@ -624,29 +624,36 @@ def layer_decay_param_groups(model: VisionTransformer, weight_decay: float, laye
 
 
 class FreezableBlocks(nn.Sequential):
-    """``model.blocks`` that runs a frozen prefix of ``num_frozen`` blocks without training it.
+    """``model.blocks`` whose first ``num_frozen`` blocks run without training them, however they are called.
 
-    Same children (``blocks.0 …``: state-dict keys unchanged). With ``embed_frozen`` the prefix runs under
-    ``no_grad`` (nothing before it trains: no activations kept, no backward); otherwise (``--dont_freeze_pe``) it
-    keeps the graph so gradients reach the embedding. Frozen blocks stay in eval mode through ``train()``: drop
-    path off, so their function does not change at the freeze.
+    Same children (``blocks.0 …``: state-dict keys unchanged). With ``embed_frozen`` every frozen block runs under
+    ``no_grad`` (nothing before it trains: no activations kept, no backward); otherwise (``--dont_freeze_pe``) the
+    frozen blocks keep the graph so gradients reach the embedding. The grad mode is set by a forward pre-hook and
+    restored by a forward hook on each block (``always_call``: also when the block raises), not by this container's
+    forward: timm calls ``self.blocks(x)`` only on its plain path and loops over the blocks itself under grad
+    checkpointing (``checkpoint_seq``), with an attention mask and in ``forward_intermediates``. Frozen blocks stay
+    in eval mode through ``train()``: drop path off, so their function does not change at the freeze.
     """
 
     def __init__(self, blocks: nn.Sequential):
         super().__init__(*blocks)
         self.num_frozen, self.embed_frozen = 0, False
+        self._saved_modes: List[Optional[bool]] = []  # grad mode before each frozen block now running (a stack)
+        for b, blk in enumerate(self):
+            blk.register_forward_pre_hook(partial(FreezableBlocks._enter, self, b))
+            blk.register_forward_hook(partial(FreezableBlocks._leave, self), always_call=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.num_frozen
-        if k:
-            with torch.no_grad() if self.embed_frozen else torch.enable_grad():
-                for b in range(k):
-                    x = self[b](x)
-            if self.embed_frozen:
-                x = x.detach()
-        for b in range(k, len(self)):
-            x = self[b](x)
-        return x
+    def _enter(self, index: int, module: nn.Module, args: Any) -> None:
+        if self.embed_frozen and index < self.num_frozen:
+            self._saved_modes.append(torch.is_grad_enabled())
+            torch.set_grad_enabled(False)
+        else:
+            self._saved_modes.append(None)
+
+    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        mode = self._saved_modes.pop() if self._saved_modes else None
+        if mode is not None:
+            torch.set_grad_enabled(mode)
 
     def train(self, mode: bool = True) -> 'FreezableBlocks':
         super().train(mode)

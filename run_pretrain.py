@@ -17,8 +17,8 @@ from timm.optim import param_groups_weight_decay
 import models_mim
 from engine_common import restore_training
 from engine_pretrain import PretrainState, fit
-from freezeout import add_freeze_args, build_freezer, eval_mode_probe, measure_unit_flops, projected_saving, \
-    resolve_freeze_args
+from freezeout import (add_freeze_args, build_freezer, check_stage_weights, eval_mode_probe, measure_unit_flops,
+                       projected_saving, resolve_freeze_args)
 from util import distributed as du
 from util.amp import fused_attention_report, make_amp, set_cuda_speed_flags
 from util.args import (PROB, ArgumentParser, add_arch_args, add_common_args, add_optim_args, apply_demo_defaults,
@@ -72,8 +72,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='width of each stage decoder (LocalMIM: 256; --demo: 64, for a cheap step on its 96-wide '
                         'encoder) (default: 256)', domain=integer(1))
     g.add_argument('--mask_ratio', default=0.75, type=float,
-                   help='fraction of patches removed from the encoder input, in [0, 1) (default: 0.75)',
-                   domain=real(0, 1, hi_open=True), defines_run=True)
+                   help='fraction of patches removed from the encoder input, in (0, 1): the loss is computed on the '
+                        'removed patches only, so 0 would train nothing (default: 0.75)',
+                   domain=real(0, 1, lo_open=True, hi_open=True), defines_run=True)
     g.add_argument('--target', default='hog', type=str, metavar='NAME',
                    help='reconstruction target of every stage: hog (LocalMIM: per-cell gradient-orientation '
                         'histograms), pixel (MAE norm_pix: each cell\'s pixels normalised by their own mean and '
@@ -205,6 +206,7 @@ def main(args: argparse.Namespace) -> None:
                                 sync=du.broadcast_from_rank0 if args.distributed else None)
         flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
         du.print0(freezer.format_plan(spe, flops))
+    check_stage_weights(model, freezer, schedule.total_steps, spe)  # a zero loss after a freeze: refused now
     if args.plan_only:
         if not args.freezeout:
             du.print0(f'no FreezeOut (--t_0/--how_scale not given): plain warm-up + {args.lr_schedule}, nothing '

@@ -189,7 +189,8 @@ def test_messages_name_value_and_range(walked) -> None:
     msgs = {' '.join(r['argv']): r['stderr'].strip() for _, r in walked['run_pretrain.py']}
     assert msgs['--lr 0.0'] == 'error: --lr 0.0: must be > 0 and finite'
     assert msgs['--lr nan'] == 'error: --lr nan: must be > 0 and finite'
-    assert msgs['--mask_ratio 1.0'] == 'error: --mask_ratio 1.0: must be in [0, 1)'
+    assert msgs['--mask_ratio 1.0'] == 'error: --mask_ratio 1.0: must be in (0, 1)'
+    assert msgs['--mask_ratio 0.0'] == 'error: --mask_ratio 0.0: must be in (0, 1)'  # would train nothing
     assert msgs['--save_freq 0'] == 'error: --save_freq 0: must be >= 1'
     assert msgs['--seed -1'] == 'error: --seed -1: must be in [0, 2147483647]'
     assert msgs['--epochs 2 --warmup_epochs 3'] == 'error: --warmup_epochs 3: must be in [0, --epochs 2]'

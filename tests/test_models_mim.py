@@ -85,10 +85,13 @@ def test_random_masking_invariants(ratio):
         assert not torch.equal(mask[0], mask[1])  # per-sample masks
 
 
-def test_forward_mask_ratio_out_of_range():
+@pytest.mark.parametrize('ratio', [1.0, 0.0, 1e-17])
+def test_forward_mask_ratio_out_of_range(ratio):
+    """1: nothing left to encode; 0 (or a ratio too small to remove one patch): no masked patch, so a loss of 0 that
+    trains nothing."""
     model = tiny()
-    with pytest.raises(UserError, match='mask_ratio'):
-        model(torch.randn(1, 3, 32, 32), mask_ratio=1.0)
+    with pytest.raises(UserError, match=r'^--mask_ratio .*: must be in \(0, 1\) and remove at least one of the 64'):
+        model(torch.randn(1, 3, 32, 32), mask_ratio=ratio)
 
 
 # ---- stage masks ------------------------------------------------------------------------------------------------------

@@ -357,6 +357,7 @@ def test_bad_input_one_line_error_subprocess(runs, case, needle):
 
 @pytest.mark.parametrize('flags,needle', [
     (['--input_size', 30], '--input_size 30'), (['--mask_ratio', 1.0], '--mask_ratio'),
+    (['--mask_ratio', 0], '--mask_ratio 0.0: must be in (0, 1)'),
     (['--batch_size', 0], '--batch_size'), (['--accum_iter', 0], '--accum_iter'),
     (['--epochs', 0], '--epochs'), (['--stage_weights', '1,2'], '--stage_weights')])
 def test_bad_input_one_line_error(flags, needle, demo_root, tmp_path, monkeypatch, capsys):

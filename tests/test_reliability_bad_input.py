@@ -107,7 +107,7 @@ BAD_INPUTS = {
                              r'error: HOG cell of patch_size/scale = 6/4 = 1\.5 px is not a whole number'),
     'batch_size_0': (lambda t, d, ref: ['--batch_size', '0'], r'error: --batch_size 0: must be >= 1'),
     'accum_iter_0': (lambda t, d, ref: ['--accum_iter', '0'], r'error: --accum_iter 0: must be >= 1'),
-    'mask_ratio_1': (lambda t, d, ref: ['--mask_ratio', '1.0'], r'error: --mask_ratio 1\.0: must be in \[0, 1\)'),
+    'mask_ratio_1': (lambda t, d, ref: ['--mask_ratio', '1.0'], r'error: --mask_ratio 1\.0: must be in \(0, 1\)'),
     'resume_missing': (lambda t, d, ref: ['--resume', t / 'missing.pth'],
                        r'error: --resume .*missing\.pth: file not found'),
     'resume_not_checkpoint': (lambda t, d, ref: ['--resume', _text(t)],

@@ -1,6 +1,6 @@
 """Reliability, several processes: DDP pre-training with FreezeOut under torchrun and the legacy launcher (ranks stay
-identical, only rank 0 writes), SIGTERM stops every rank at the same step, and ``--dist_eval`` over 2 processes
-prints exactly the single-process results.
+identical, only rank 0 writes), a resumed 2-process run continues every rank's own random stream, SIGTERM stops
+every rank at the same step, and ``--dist_eval`` over 2 processes prints exactly the single-process results.
 """
 from __future__ import annotations
 
@@ -8,15 +8,17 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
 from typing import Dict, List, Sequence
 
 import pytest
+import torch
 
-from reliability_common import (EPOCHS, EVAL, PY, REPO, TIMEOUT, Proc, _parallel, env, free_port, load, logged,
-                                pretrain_args)
+from reliability_common import (EPOCHS, EVAL, PY, REPO, TIMEOUT, Proc, _parallel, assert_same, env, free_port, load,
+                                logged, pretrain_args)
 
 
 # ---- 6. multi-process DDP on CPU -------------------------------------------------------------------------------
@@ -72,6 +74,42 @@ def test_ddp_two_processes_freezeout(launcher: str, schedule: str, demo_root: Pa
         h.update(k.encode())
         h.update(t.contiguous().numpy().tobytes())
     assert h.hexdigest() == json.loads((dumps / f'rank0-epoch{EPOCHS - 1}.json').read_text())['model']
+
+
+@pytest.mark.slow
+def test_ddp_resume_continues_every_ranks_random_stream(demo_root: Path, tmp_path: Path) -> None:
+    """2 processes (gloo), interrupted after epoch 0 and resumed with 2 processes: on every rank the masks drawn, the
+    RNG state, the weights and the optimizer state of epochs 1-2 equal the uninterrupted run's (freezes happen in the
+    resumed epochs), and the two ranks draw different masks. Before per-rank RNG states, rank 1 resumed from rank 0's
+    state and drew rank 0's masks."""
+    ref, out, dumps_ref, dumps = tmp_path / 'ref', tmp_path / 'out', tmp_path / 'dumps_ref', tmp_path / 'dumps'
+    r = subprocess.run(_launch('torchrun', free_port(), pretrain_args(demo_root, ref, *DDP_ARGS, '--save_freq', '1')),
+                       cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT,
+                       env=env(VITFREEZE_TEST_DUMP_RANK_WEIGHTS=str(dumps_ref)))
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    ck0 = load(ref / 'checkpoint-0.pth')
+    assert len(ck0['rng_ranks']) == 2 and not torch.equal(ck0['rng_ranks'][0]['torch'], ck0['rng_ranks'][1]['torch'])
+    out.mkdir()  # the folder a kill right after epoch 0's save leaves: its checkpoint and log record
+    shutil.copy(ref / 'checkpoint-0.pth', out / 'checkpoint-last.pth')
+    (out / 'log.txt').write_text((ref / 'log.txt').read_text().splitlines(keepends=True)[0])
+    r = subprocess.run(_launch('torchrun', free_port(), pretrain_args(demo_root, out, *DDP_ARGS, '--save_freq', '1')),
+                       cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT,
+                       env=env(VITFREEZE_TEST_DUMP_RANK_WEIGHTS=str(dumps)))
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert 'epoch 0 done, optimizer step 2' in r.stdout and 'warning' not in r.stdout, r.stdout[-3000:]
+    for epoch in (1, 2):
+        for rank in (0, 1):
+            a, b = (json.loads((d / f'rank{rank}-epoch{epoch}.json').read_text()) for d in (dumps_ref, dumps))
+            for key in ('masks', 'rng', 'model', 'optimizer', 'freezeout'):
+                assert a[key] == b[key], (epoch, rank, key)
+            assert a['masks'] is not None
+        ranks = [json.loads((dumps / f'rank{k}-epoch{epoch}.json').read_text()) for k in (0, 1)]
+        assert ranks[0]['masks'] != ranks[1]['masks'] and ranks[0]['rng'] != ranks[1]['rng'], epoch
+    a, b = load(ref / 'checkpoint-last.pth'), load(out / 'checkpoint-last.pth')
+    assert b['freezeout']['num_frozen'] >= 2
+    for key in ('model', 'optimizer', 'epoch', 'step', 'freezeout', 'rng', 'rng_ranks'):
+        assert_same(a[key], b[key], key)
+    assert logged(ref) == logged(out)
 
 
 @pytest.mark.slow

@@ -2,15 +2,20 @@
 
 Every checkpoint we write is a dict of tensors and plain Python values only, so ``torch.load(path,
 weights_only=True)`` loads it and loading never executes code from the file. Keys:
-``model, optimizer, scaler, epoch, step, args (dict), rng, version, run_id, checksum`` plus whatever the caller
-adds (e.g. ``freezeout``). ``epoch`` is the last *finished* epoch (MAE convention: resume starts at ``epoch + 1``).
-``checksum`` is ``sha256:<hex>`` of every other key (tensor bytes included, see :func:`state_digest`): torch's zip
-reader does not verify its CRCs, so damaged tensor bytes would otherwise load silently and train to NaN.
+``model, optimizer, scaler, epoch, step, args (dict), rng, rng_ranks, version, run_id, checksum`` plus whatever the
+caller adds (e.g. ``freezeout``). ``epoch`` is the last *finished* epoch (MAE convention: resume starts at
+``epoch + 1``). ``rng`` is rank 0's random state; ``rng_ranks`` (multi-process runs only) every rank's, index = rank,
+so that each rank of a resumed run continues its own stream (:func:`restore_rank_rng`).
+``checksum`` is ``sha256-tree:<hex>`` of every other key (tensor bytes included, see :func:`state_digest`): torch's
+zip reader does not verify its CRCs, so damaged tensor bytes would otherwise load silently and train to NaN. It is
+computed once per save (on rank 0; every file of that save holds the same content) and verified once per load, on
+rank 0, which tells the other ranks its verdict (:func:`load_checkpoint`).
 """
 import argparse
 import glob
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 import random
 import re
 import time
@@ -23,7 +28,7 @@ from util import distributed as du
 from util import signals
 from util.errors import UserError
 
-CHECKPOINT_VERSION = 2  # 2: run_id and checksum
+CHECKPOINT_VERSION = 3  # 2: run_id and checksum; 3: per-rank RNG (rng_ranks), tree checksum
 
 
 class CheckpointWriteError(signals.TrainingStopped):
@@ -52,7 +57,9 @@ def args_to_dict(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def capture_rng_state() -> Dict[str, Any]:
-    """Torch (CPU and CUDA), numpy and Python RNG states as tensors/plain values."""
+    """This process's torch (CPU, and CUDA on its current device), numpy and Python RNG states, as tensors/plain
+    values. Only the current CUDA device: touching the others would create a CUDA context on every GPU of the node
+    from every rank."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     state = {
@@ -62,11 +69,12 @@ def capture_rng_state() -> Dict[str, Any]:
         'python': {'version': py_state[0], 'state': list(py_state[1]), 'gauss': py_state[2]},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+        state['cuda'] = torch.cuda.get_rng_state()
     return state
 
 
 def restore_rng_state(state: Optional[Dict[str, Any]]) -> None:
+    """Set this process's RNGs to ``state`` (one :func:`capture_rng_state`); None/empty: leave them."""
     if not state:
         return
     torch.set_rng_state(state['torch'])
@@ -75,8 +83,45 @@ def restore_rng_state(state: Optional[Dict[str, Any]]) -> None:
                          n['cached_gaussian']))
     p = state['python']
     random.setstate((p['version'], tuple(p['state']), p['gauss']))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    cuda = state.get('cuda')
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if torch.is_tensor(cuda):
+        torch.cuda.set_rng_state(cuda)  # the current device (lazily, if CUDA is not initialised yet)
+    elif torch.cuda.is_initialized() and torch.cuda.current_device() < len(cuda):
+        torch.cuda.set_rng_state(cuda[torch.cuda.current_device()])  # version <= 2: a list over all devices
+
+
+def restore_rank_rng(ckpt: Dict[str, Any], seed: int, where: str = '--resume') -> bool:
+    """Continue this rank's own random stream from a checkpoint (call on every rank); returns True if it did.
+
+    A checkpoint of ``W`` processes holds ``W`` states (``rng_ranks``); resumed with ``W`` processes, rank ``r`` takes
+    state ``r``, so masks, drop path and augmentation draws continue as in an uninterrupted run. Resumed with another
+    number of processes (or from a multi-process checkpoint written before per-rank states were saved) no state fits
+    every rank: one warning, and each rank is re-seeded from ``seed + rank`` as at a fresh start. A checkpoint without
+    RNG state leaves the RNGs as they are.
+    """
+    world, rank = du.get_world_size(), du.get_rank()
+    ranks = ckpt.get('rng_ranks')
+    if ranks is not None:
+        if len(ranks) == world:
+            restore_rng_state(ranks[rank])
+            return True
+        why = f'was written by {len(ranks)} processes, this run has {world}'
+    else:
+        if not ckpt.get('rng'):
+            return False
+        saved = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
+        saved_world = int(saved.get('world_size') or 1)
+        if saved_world == world == 1:
+            restore_rng_state(ckpt['rng'])
+            return True
+        why = (f'was written by {saved_world} processes, this run has {world}' if saved_world != world else
+               f'was written by {world} processes before each rank\'s random state was saved (only rank 0\'s)')
+    du.print0(f'warning: {where} {why}: no saved random state fits every rank, so each rank is re-seeded from '
+              f'--seed {seed} + rank (masks and other random draws continue differently from an uninterrupted run)')
+    du.seed_process(seed)
+    return False
 
 
 def save_atomic(obj: Dict[str, Any], path: str) -> None:
@@ -125,19 +170,33 @@ def _cause(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
 
 
-def state_digest(obj: Any) -> str:
-    """``sha256:<hex>`` of a checkpoint's content: structure, plain values, and every tensor's dtype, shape and bytes.
+DIGEST_SCHEME = 'sha256-tree'  # what save_checkpoint writes; 'sha256' (version 2 files) is still verified
+_PIECE = 1 << 24  # bytes: tensors are hashed in pieces of at most 16 MiB, several at a time (hashlib drops the GIL)
+
+
+def state_digest(obj: Any, scheme: str = DIGEST_SCHEME) -> str:
+    """``<scheme>:<hex>`` of a checkpoint's content: structure, plain values, and every tensor's dtype, shape and bytes.
 
     Keys of dicts are visited in sorted order and lists/tuples alike, so the digest survives a save/load round trip.
+    ``sha256-tree``: the structure and tensor metadata are hashed in visiting order, the tensor bytes in pieces of
+    16 MiB by a thread pool, then the pieces' digests in order; one pass over the bytes, on all cores.
+    ``sha256`` (checkpoint version 2): the same walk with the bytes fed inline, on one core.
     """
+    if scheme not in ('sha256', 'sha256-tree'):
+        raise ValueError(f'unknown checkpoint digest scheme {scheme!r}')
     h = hashlib.sha256()
+    pieces: List[Any] = []
 
     def feed(x: Any) -> None:
         if isinstance(x, torch.Tensor):
             t = x.detach()
             h.update(f'T{t.dtype}{tuple(t.shape)};'.encode())
             if t.numel():
-                h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                data = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
+                if scheme == 'sha256':
+                    h.update(data)
+                else:
+                    pieces.extend(data[i:i + _PIECE] for i in range(0, len(data), _PIECE))
         elif isinstance(x, dict):
             h.update(b'{')
             for k in sorted(x, key=repr):
@@ -152,7 +211,52 @@ def state_digest(obj: Any) -> str:
         else:
             h.update(repr(x).encode() + b';')
     feed({k: v for k, v in obj.items() if k != 'checksum'} if isinstance(obj, dict) else obj)
-    return 'sha256:' + h.hexdigest()
+    if pieces:
+        def one(piece: Any) -> bytes:
+            return hashlib.sha256(piece).digest()
+        workers = min(8, os.cpu_count() or 1, len(pieces))
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                digests = list(pool.map(one, pieces))
+        else:
+            digests = [one(piece) for piece in pieces]
+        h.update(f'P{len(digests)};'.encode())
+        h.update(b''.join(digests))
+    return f'{scheme}:' + h.hexdigest()
+
+
+def verify_checksum(ckpt: Dict[str, Any]) -> Optional[bool]:
+    """True/False: the stored checksum matches/does not; None: the file has none (older or foreign checkpoints)."""
+    stored = ckpt.get('checksum')
+    if not isinstance(stored, str) or ':' not in stored:
+        return None
+    scheme = stored.split(':', 1)[0]
+    if scheme not in ('sha256', 'sha256-tree'):
+        return False
+    return state_digest(ckpt, scheme) == stored
+
+
+def model_tensors(ckpt: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The weights of a checkpoint: ``model`` (ours, MAE), ``state_dict`` or ``module``, else its top-level tensors."""
+    for key in ('model', 'state_dict', 'module'):
+        if isinstance(ckpt.get(key), dict):
+            return {str(k): v for k, v in ckpt[key].items() if torch.is_tensor(v)}
+    return {str(k): v for k, v in ckpt.items() if torch.is_tensor(v)}
+
+
+def non_finite_message(ckpt: Dict[str, Any]) -> Optional[str]:
+    """``'tensor NAME holds NaN/inf (k of n values)...'`` for weights that are not all finite, else None."""
+    floats = [(k, v) for k, v in model_tensors(ckpt).items() if v.is_floating_point() or v.is_complex()]
+    if not floats:
+        return None
+    ok = torch.stack([torch.isfinite(v).all() for _, v in floats])
+    if bool(ok.all()):
+        return None
+    bad = [(k, v) for (k, v), good in zip(floats, ok.tolist()) if not good]
+    name, t = bad[0]
+    more = f'; also {", ".join(k for k, _ in bad[1:4])}{", ..." if len(bad) > 4 else ""}' if len(bad) > 1 else ''
+    return (f'tensor {name} holds NaN/inf ({int((~torch.isfinite(t)).sum())} of {t.numel()} values{more}): the '
+            f'weights diverged before this file was written; use an earlier checkpoint')
 
 
 def _to_cpu(x: Any) -> Any:
@@ -166,8 +270,7 @@ def _to_cpu(x: Any) -> Any:
     return x
 
 
-def load_checkpoint(path: str, flag: str = '--resume') -> Dict[str, Any]:
-    """Load a checkpoint safely (weights only) or raise a one-line UserError naming ``flag`` and the file."""
+def _read_checkpoint(path: str, flag: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise UserError(f'{flag} {path}: ' + ('is a directory, not a checkpoint file' if os.path.isdir(path)
                                               else 'file not found'))
@@ -182,9 +285,42 @@ def load_checkpoint(path: str, flag: str = '--resume') -> Dict[str, Any]:
         raise UserError(f'{flag} {path}: not a readable checkpoint, truncated or corrupt? ({msg[:160]})') from None
     if not isinstance(ckpt, dict):
         raise UserError(f'{flag} {path}: not a checkpoint (expected a dict, got {type(ckpt).__name__})')
-    if isinstance(ckpt.get('checksum'), str) and state_digest(ckpt) != ckpt['checksum']:
-        raise UserError(f'{flag} {path}: checksum mismatch: the file was damaged after it was written (its content '
-                        f'differs from what was saved); use an earlier checkpoint')
+    return ckpt
+
+
+def _check_content(ckpt: Dict[str, Any], path: str, flag: str) -> Optional[str]:
+    """The one-line verdict on a loaded checkpoint's content (None: usable): checksum, then finite weights."""
+    if verify_checksum(ckpt) is False:
+        return (f'{flag} {path}: checksum mismatch: the file was damaged after it was written (its content differs '
+                f'from what was saved); use an earlier checkpoint')
+    bad = non_finite_message(ckpt)
+    return f'{flag} {path}: {bad}' if bad else None
+
+
+def load_checkpoint(path: str, flag: str = '--resume') -> Dict[str, Any]:
+    """Load a checkpoint safely (weights only) or raise a one-line UserError naming ``flag`` and the file.
+
+    Refused: a missing/unreadable file, a checksum mismatch, and weights holding NaN/inf (naming the tensor).
+    In a process group every rank must call this with the same path: each rank reads the file, rank 0 alone
+    verifies the checksum and the weights (one hash per load, not one per rank), and one collective hands every
+    rank the same verdict, so all ranks raise the same error (or none) and none waits in a collective alone.
+    """
+    err: Optional[str] = None
+    ckpt: Dict[str, Any] = {}
+    try:
+        ckpt = _read_checkpoint(path, flag)
+    except UserError as e:
+        err = str(e)
+    if err is None and du.is_main_process():
+        err = _check_content(ckpt, path, flag)
+    if du.is_dist():
+        verdicts = du.all_gather_objects(err)
+        failed = [(r, e) for r, e in enumerate(verdicts) if e]
+        if failed:
+            r, e = failed[0]
+            err = e if r == 0 else f'{e} (on rank {r})'
+    if err:
+        raise UserError(err)
     return ckpt
 
 
@@ -232,16 +368,23 @@ def find_resumable(output_dir: str) -> Optional[Tuple[str, Dict[str, Any]]]:
 
 def save_checkpoint(output_dir: str, epoch: int, state: Dict[str, Any], args: argparse.Namespace,
                     numbered: bool) -> List[str]:
-    """Write ``checkpoint-last.pth`` (always) and ``checkpoint-{epoch}.pth`` (if ``numbered``); rank 0 only.
+    """Write ``checkpoint-last.pth`` (always) and ``checkpoint-{epoch}.pth`` (if ``numbered``); call on every rank.
 
-    ``state`` holds model/optimizer/scaler/step/... . RNG state and args are added here. Returns the paths written.
+    Every rank hands rank 0 its RNG state (one gather); rank 0 alone writes. ``state`` holds model/optimizer/scaler/
+    step/... . RNG states and args are added here; the checksum is computed once for all files of the save.
+    Returns the paths written (empty on ranks > 0).
     """
-    if not output_dir or not du.is_main_process():
+    if not output_dir:
+        return []
+    rng = du.gather_to_rank0(capture_rng_state())  # every rank's stream (a collective: before rank 0 goes on alone)
+    if not du.is_main_process():
         return []
     check_finite_weights(state.get('model') or {}, epoch, args)
     obj = _to_cpu(dict(state))
-    obj.update(epoch=epoch, args=args_to_dict(args), rng=capture_rng_state(), version=CHECKPOINT_VERSION,
+    obj.update(epoch=epoch, args=args_to_dict(args), rng=rng[0], version=CHECKPOINT_VERSION,
                run_id=getattr(args, 'run_id', None))
+    if len(rng) > 1:
+        obj['rng_ranks'] = rng
     obj['checksum'] = state_digest(obj)
     paths = [os.path.join(output_dir, f'checkpoint-{epoch}.pth')] if numbered else []
     paths.append(os.path.join(output_dir, LAST_NAME))

@@ -12,7 +12,7 @@ The backend follows the device: ``nccl`` for CUDA, ``gloo`` for CPU.
 import argparse
 import datetime
 import os
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -174,6 +174,25 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     out: List[torch.Tensor] = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(out, padded.contiguous())
     return torch.cat([o[:s] for o, s in zip(out, sizes)])
+
+
+def gather_to_rank0(obj: Any) -> Optional[List[Any]]:
+    """Every rank's picklable ``obj`` on rank 0 (index = rank), None elsewhere; ``[obj]`` when not distributed.
+    A collective: every rank must call it."""
+    if not is_dist():
+        return [obj]
+    out: Optional[List[Any]] = [None] * get_world_size() if is_main_process() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def all_gather_objects(obj: Any) -> List[Any]:
+    """Every rank's picklable ``obj`` on every rank (index = rank); ``[obj]`` when not distributed."""
+    if not is_dist():
+        return [obj]
+    out: List[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _collective_device() -> torch.device:

@@ -7,8 +7,9 @@ The tests put this directory first on the ``PYTHONPATH`` of the scripts they sta
 * ``VITFREEZE_TEST_NAN_AT_STEP=<n>``: the pre-training loss of global micro-step ``n`` (epoch · micro-steps per epoch
   + iteration) becomes NaN; the stage losses stay finite, as for a real blow-up of the weighted sum.
 * ``VITFREEZE_TEST_DUMP_RANK_WEIGHTS=<dir>``: after every epoch's checkpoint call, every rank (only rank 0 writes
-  checkpoints) writes sha256 digests of the model and optimizer state it passed, and its FreezeOut frozen set and
-  adaptive decisions, ``rank{R}-epoch{E}.json``.
+  checkpoints) writes sha256 digests of the model and optimizer state it passed, of the MIM masks it drew during
+  that epoch's training and of its RNG state, and its FreezeOut frozen set and adaptive decisions,
+  ``rank{R}-epoch{E}.json``.
 
 * ``VITFREEZE_TEST_NAN_WEIGHTS_AT_EPOCH=<e>``: the last tensor of the model state handed to epoch ``e``'s
   checkpoint call becomes NaN (a divergence the loss did not show), for the check that refuses to save it.
@@ -81,6 +82,43 @@ def _patch_nan(engine) -> None:
     engine.train_one_epoch = train_one_epoch
 
 
+_MASKS = {'on': False, 'hash': None}  # the MIM masks drawn inside train_one_epoch (dump hook)
+
+
+def _patch_masks(models_mim) -> None:
+    """Feed every mask ``LocalMIM.random_masking`` returns while a training epoch runs into ``_MASKS['hash']``."""
+    import hashlib
+    original = models_mim.LocalMIM.random_masking
+
+    def random_masking(self, *a, **kw):
+        out = original(self, *a, **kw)
+        if _MASKS['on']:
+            if _MASKS['hash'] is None:
+                _MASKS['hash'] = hashlib.sha256()
+            _MASKS['hash'].update(out[1].detach().cpu().contiguous().numpy().tobytes())
+        return out
+    models_mim.LocalMIM.random_masking = random_masking
+
+
+def _patch_epoch_masks(engine) -> None:
+    original = engine.train_one_epoch
+
+    def train_one_epoch(*a, **kw):
+        _MASKS['on'], _MASKS['hash'] = True, None
+        try:
+            return original(*a, **kw)
+        finally:
+            _MASKS['on'] = False
+    engine.train_one_epoch = train_one_epoch
+
+
+def _patch_engine(engine) -> None:  # one import hook per module: apply every requested patch
+    if _NAN_AT:
+        _patch_nan(engine)
+    if _DUMP_DIR:
+        _patch_epoch_masks(engine)
+
+
 def _patch_dump(checkpoint) -> None:
     import hashlib
     import json
@@ -102,9 +140,14 @@ def _patch_dump(checkpoint) -> None:
         opt = [(f'{i}.{k}', v) for i, st in sorted(state['optimizer']['state'].items())
                for k, v in sorted(st.items()) if torch.is_tensor(v)]
         os.makedirs(_DUMP_DIR, exist_ok=True)
+        rng = checkpoint.capture_rng_state()
         with open(os.path.join(_DUMP_DIR, f'rank{du.get_rank()}-epoch{epoch}.json'), 'w') as f:
             json.dump({'rank': du.get_rank(), 'epoch': epoch, 'model': digest(sorted(state['model'].items())),
                        'optimizer': digest(opt), 'world_size': du.get_world_size(),
+                       'masks': _MASKS['hash'].hexdigest() if _MASKS['hash'] is not None else None,
+                       'rng': digest([('torch', rng['torch']), ('numpy', rng['numpy']['keys']),
+                                      ('numpy_pos', torch.tensor([rng['numpy']['pos']])),
+                                      ('python', torch.tensor(rng['python']['state'], dtype=torch.int64))]),
                        # the frozen set and the adaptive policy's decisions, to compare the ranks' FreezeOut
                        'freezeout': {k: v for k, v in (state.get('freezeout') or {}).items()
                                      if k in ('num_frozen', 'frozen_units', 'decisions')}}, f)
@@ -131,7 +174,9 @@ def _patch_checkpoint(checkpoint) -> None:  # one import hook per module: apply 
         _patch_nan_weights(checkpoint)
 
 
-if _NAN_AT:
-    sys.meta_path.insert(0, _AfterImport('engine_pretrain', _patch_nan))
+if _NAN_AT or _DUMP_DIR:
+    sys.meta_path.insert(0, _AfterImport('engine_pretrain', _patch_engine))
+if _DUMP_DIR:
+    sys.meta_path.insert(0, _AfterImport('models_mim', _patch_masks))
 if _DUMP_DIR or _NAN_WEIGHTS_AT:
     sys.meta_path.insert(0, _AfterImport('util.checkpoint', _patch_checkpoint))
