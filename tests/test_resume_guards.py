@@ -201,5 +201,5 @@ def test_stage_weights_check_covers_curriculum_adaptive_and_dont_freeze_pe() -> 
         check_stage_weights(m, f, 24, 8)
     check_stage_weights(m, scheduled(m, t_0=1.0), 24, 8)  # t_0 = 1: nothing freezes, accepted
     ada = AdaptiveFreezeOut(m, 24, 8, lambda s: 1.0, AdaptiveBounds(0.5, 2, 0.5, 2, 2))
-    with pytest.raises(UserError, match=r'once the adaptive policy has frozen 3 units \(possible from step 12\)'):
+    with pytest.raises(UserError, match=r'once the adaptive policy has frozen 3 units \(possible from step 14\)'):
         check_stage_weights(m, ada, 24, 8)
