@@ -848,16 +848,19 @@ class AdaptivePolicy(FreezePolicy):
                 delta, ref = vals[2 * k], vals[2 * k + 1]
                 rate = delta / max(ref, 1e-30) / lr_dist if lr_dist > 0 else 0.0
                 self.peak[i] = max(self.peak[i], rate)
-                p = rate / self.peak[i] if self.peak[i] > 0 else 0.0
-                self.below[i] = self.below[i] + 1 if p < self.bounds.threshold else 0
-                plast[self.units[i]] = p
-            self.plasticity = plast
-            events.append({'kind': 'signal', 'step': step, 'plasticity': dict(plast)})
-            events += self._decide(step)
+                plast[i] = rate / self.peak[i] if self.peak[i] > 0 else 0.0
+            events += self._judge(step, plast)
         keep = self._candidates(view.num_frozen)
         self.snapshot = {i: [t.clone() for t in now[i]] for i in keep if i in now}
         self.snapshot_step = step
         return events
+
+    def _judge(self, step: int, plast: Dict[int, float]) -> List[Dict[str, Any]]:
+        """Count stalled evaluations per unit, log the signal, and decide (shared by every signal)."""
+        for i, p in plast.items():
+            self.below[i] = self.below[i] + 1 if p < self.bounds.threshold else 0
+        self.plasticity = {self.units[i]: p for i, p in plast.items()}
+        return [{'kind': 'signal', 'step': step, 'plasticity': dict(self.plasticity)}] + self._decide(step)
 
     def _observe_coherence(self, step: int, view: UnitView) -> List[Dict[str, Any]]:
         """Segment boundaries: add ‖W - W_prev‖ to each unit's path (device ops, no host read). Evaluation steps:
@@ -886,13 +889,9 @@ class AdaptivePolicy(FreezePolicy):
                 plast = {}
                 for k, i in enumerate(measured):
                     net, path = vals[2 * k], vals[2 * k + 1]
-                    p = min(1.0, net / path) if path > 0 else 0.0
-                    self.peak[i] = max(self.peak[i], p)
-                    self.below[i] = self.below[i] + 1 if p < self.bounds.threshold else 0
-                    plast[self.units[i]] = p
-                self.plasticity = plast
-                events.append({'kind': 'signal', 'step': step, 'plasticity': dict(plast)})
-                events += self._decide(step)
+                    plast[i] = min(1.0, net / path) if path > 0 else 0.0
+                    self.peak[i] = max(self.peak[i], plast[i])
+                events += self._judge(step, plast)
             keep = self._candidates(view.num_frozen)
             self.snapshot = {i: [t.clone() for t in now[i]] for i in keep if i in now}
             self.snapshot_step = step

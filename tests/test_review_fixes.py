@@ -50,10 +50,13 @@ def test_adaptive_flags_shape_the_run_on_resume():
     fo = build_freezer(_adaptive_args(), model, sched)
     state = fo.state_dict()
     for flag, value in (('freeze_window', 5), ('freeze_threshold', 0.3), ('freeze_tail', 7),
-                        ('freeze_patience', 3), ('dont_freeze_pe', True)):
+                        ('freeze_patience', 3)):
         other = build_freezer(_adaptive_args(**{flag: value}), _model(), sched)
         with pytest.raises(UserError, match=rf'shaped by --{flag} \S+, this run asks for --{flag} {value}'):
             other.load_state_dict(state, None)
+    other = build_freezer(_adaptive_args(dont_freeze_pe=True), _model(), sched)  # other units: named as such
+    with pytest.raises(UserError, match=r'but this run schedules block1, .*; resume without --dont_freeze_pe'):
+        other.load_state_dict(state, None)
     same = build_freezer(_adaptive_args(), _model(), sched)
     same.load_state_dict(state, None)  # the same flags resume
 
