@@ -219,8 +219,13 @@ def test_cli_adaptive_resume_is_bit_exact(demo_root, tmp_path, run_pretrain, sig
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = re.findall(r'FreezeOut adaptive: step (\d+) \(epoch \d\): (\w+) stalled .* freezes at step (\d+)',
                        r.stdout)
-    assert lines == [('11', 'embed', '14'), ('14', 'block1', '17'), ('17', 'block2', '20'), ('20', 'block3', '23')], \
-        r.stdout[-3000:]
+    # threshold 1: a unit stalls at the first evaluation whose rate is below its peak; which evaluation that is
+    # depends on the numerics (11 or 14), the rest does not: one decision per evaluation (window = spacing = 3),
+    # units in depth order, each freezing a tail of 3 steps later, until the last one fits before step 24
+    first = int(lines[0][0]) if lines else -1
+    assert first in (11, 14), r.stdout[-3000:]
+    units = ['embed', 'block1', 'block2', 'block3']
+    assert lines == [(str(s), u, str(s + 3)) for s, u in zip(range(first, 21, 3), units)], r.stdout[-3000:]
     ck1 = torch.load(ref / 'checkpoint-1.pth', map_location='cpu', weights_only=True)
     fo1 = ck1['freezeout']['policy_state']
     assert ck1['step'] == 16 and fo1['snapshot_step'] == 14 and max(fo1['peak']) > 0
@@ -319,9 +324,10 @@ def _free_port():
 @pytest.mark.slow
 def test_ddp_two_ranks_take_identical_decisions(demo_root, tmp_path):
     out, dumps = tmp_path / 'out', tmp_path / 'dumps'
-    # per rank 16 images, batch 4, accum 2: 2 steps/epoch, T = 6 with 3 epochs; W = 2; evaluations every step
+    # per rank 16 images, batch 4, accum 2: 2 steps/epoch, T = 6 with 3 epochs; coherence over windows of 2 steps
+    # (below 1 unless two updates are exactly collinear, so threshold 1 decides at every evaluation)
     args = [*TINY, '--accum_iter', '2', '--epochs', '3', '--data_path', demo_root, '--output_dir', out,
-            '--freeze_policy', 'adaptive', '--freeze_window', '1', '--freeze_tail', '1', '--freeze_threshold', '1',
+            '--freeze_policy', 'adaptive', '--freeze_window', '2', '--freeze_tail', '1', '--freeze_threshold', '1',
             '--freeze_patience', '1', '--freeze_earliest', '0']
     env = reliability_env(MKL_NUM_THREADS='1', VITFREEZE_TEST_DUMP_RANK_WEIGHTS=str(dumps))  # tests/hooks
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',

@@ -666,8 +666,8 @@ def test_flop_model_counts_attention_once_whatever_the_kernel():
     torch.manual_seed(0)
     model = create_model('MIM_vit_tiny_patch16', img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4)
     assert all(m.fused_attn for m in model.modules() if isinstance(m, tv.Attention))
-    flops = measure_unit_flops(model, 32, 0.0, torch.device('cpu'), time_targets=False)
-    n, c = 64 + 1, 64  # tokens (no masking) and width
+    flops = measure_unit_flops(model, 32, 0.75, torch.device('cpu'), time_targets=False)
+    n, c = 64 // 4 + 1, 64  # tokens (the 16 visible patches and the class token) and width
     block = 2 * n * c * 3 * c + 4 * n * n * c + 2 * n * c * c + 2 * (2 * n * c * 4 * c)
     # unit 'block1' (blocks.0) feeds no stage at depth 4: its count is the block alone
     assert flops['unit_enc_fwd'][1] == pytest.approx(block, rel=1e-9)

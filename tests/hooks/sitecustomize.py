@@ -119,6 +119,14 @@ def _patch_engine(engine) -> None:  # one import hook per module: apply every re
         _patch_epoch_masks(engine)
 
 
+def _freeze_summary(fo: dict) -> dict:
+    """The frozen set and the policy's decisions (JSON-able), to compare the ranks' FreezeOut."""
+    out = {k: fo[k] for k in ('num_frozen', 'frozen_units') if k in fo}
+    policy = fo.get('policy_state') or {}
+    out['policy_state'] = {k: policy[k] for k in ('decisions', 'tails') if k in policy}
+    return out
+
+
 def _patch_dump(checkpoint) -> None:
     import hashlib
     import json
@@ -149,8 +157,7 @@ def _patch_dump(checkpoint) -> None:
                                       ('numpy_pos', torch.tensor([rng['numpy']['pos']])),
                                       ('python', torch.tensor(rng['python']['state'], dtype=torch.int64))]),
                        # the frozen set and the adaptive policy's decisions, to compare the ranks' FreezeOut
-                       'freezeout': {k: v for k, v in (state.get('freezeout') or {}).items()
-                                     if k in ('num_frozen', 'frozen_units', 'decisions')}}, f)
+                       'freezeout': _freeze_summary(state.get('freezeout') or {})}, f)
         return paths
     checkpoint.save_checkpoint = save_checkpoint
 
