@@ -493,7 +493,8 @@ def _vis_batch(args, device, n=None):
 
 def _knn_setup(args, device):
     """Online weighted k-NN (the same code as run_knn.py) on the current encoder; call on every rank."""
-    from models_vit import encoder_features, encoder_from_mim_model
+    from checkpoint_formats import encoder_from_mim_model
+    from models_vit import encoder_features
     from util.knn import DEFAULT_KS, build_knn_loaders, format_knn, knn_evaluate
     data_path = args.knn_data_path or args.data_path
     train_loader, val_loader = build_knn_loaders(data_path, args.input_size, args.batch_size, args.num_workers,

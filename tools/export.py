@@ -30,6 +30,7 @@ if __package__ in (None, ''):
 import timm  # noqa: E402
 import torch  # noqa: E402
 
+import checkpoint_formats  # noqa: E402
 import models_vit  # noqa: E402
 from util.args import run_main  # noqa: E402
 from util.checkpoint import CheckpointWriteError, save_atomic  # noqa: E402
@@ -108,21 +109,21 @@ def export_encoder(checkpoint: str, output: str, pool: str = 'token', num_heads:
     """Write ``output`` (timm state dict) and ``output.json``; returns ``(timm name, kwargs)``.
 
     ``model_name``/``num_heads`` are what the user typed (the rest of the architecture comes from the checkpoint,
-    see :func:`models_vit.checkpoint_arch`). The export is checked by a strict load into the timm model before
-    anything is written, and both files are written atomically.
+    see :func:`checkpoint_formats.checkpoint_arch`). The export is checked by a strict load into the timm model
+    before anything is written, and both files are written atomically.
     """
-    ckpt = models_vit.read_checkpoint(checkpoint, '--checkpoint')
+    ckpt = checkpoint_formats.read_checkpoint(checkpoint, '--checkpoint')
     _check_output(checkpoint, output, overwrite)
     where = f'--checkpoint {checkpoint}'
-    sd = models_vit.state_dict_from_checkpoint(ckpt, where)
+    sd = checkpoint_formats.state_dict_from_checkpoint(ckpt, where)
     typed = {k: v for k, v in (('model', model_name), ('num_heads', num_heads)) if v is not None}
-    arch, sources = models_vit.resolve_arch(models_vit.checkpoint_arch(ckpt, checkpoint), typed, {}, where,
-                                            'vit_base_patch16')
-    grid = models_vit.arch_from_state(sd).get('grid')
+    found = checkpoint_formats.checkpoint_arch(ckpt, checkpoint)
+    arch, sources = checkpoint_formats.resolve_arch(found, typed, {}, where, 'vit_base_patch16')
+    grid = checkpoint_formats.arch_from_state(sd).get('grid')
     check(grid is not None, f'{where}: pos_embed is not a square patch grid')
     arch['img_size'] = arch['input_size'] = grid * arch['patch_size']
     sources['input_size'] = 'tensor shapes'
-    print(models_vit.describe_arch(arch, sources), flush=True)
+    print(checkpoint_formats.describe_arch(arch, sources), flush=True)
     fine_tuned = 'head.weight' in sd
     num_classes = int(sd['head.weight'].shape[0]) if fine_tuned else 0
     if 'fc_norm.weight' in sd:
@@ -137,7 +138,8 @@ def export_encoder(checkpoint: str, output: str, pool: str = 'token', num_heads:
                                     embed_dim=arch['embed_dim'], depth=arch['depth'], num_heads=arch['num_heads'],
                                     num_classes=num_classes, global_pool=global_pool,
                                     **({} if fc_norm is None else dict(fc_norm=fc_norm)))
-    report = models_vit.load_encoder_state(model, sd, where, models_vit.checkpoint_args(ckpt), head_init_std=None)
+    report = checkpoint_formats.load_encoder_state(model, sd, where, checkpoint_formats.checkpoint_args(ckpt),
+                                                   head_init_std=None)
     check(not report.missing, f'{where}: tensors missing for a complete encoder: {report.missing}')
     name, kwargs = timm_recipe(arch, num_classes, global_pool, fc_norm)
     state = model.state_dict()
