@@ -1,6 +1,6 @@
 """The GPU check: everything CUDA-specific, in one run of under 5 minutes, into one JSON.
 
-    python bench/gpu_check.py --json gpu_check.json          # on a machine with a CUDA GPU
+    python -m bench.gpu_check --json gpu_check.json          # on a machine with a CUDA GPU
 
 Parts (each a subprocess with its own time limit; a failing part is recorded, the others still run):
 
@@ -49,7 +49,7 @@ def _run(name: str, cmd: List[str], timeout: int, env=None) -> Dict[str, object]
 def _step(name, args, timeout, device, quick, tmp) -> Dict[str, object]:
     out = os.path.join(tmp, f'{name}.json')
     size = TINY + ['--batch_size', '4'] if quick else args
-    r = _run(name, [PY, 'bench/pretrain_step.py', '--device', device, '--steps', '3', '--warmup', '1', *size,
+    r = _run(name, [PY, '-m', 'bench.pretrain_step', '--device', device, '--steps', '3', '--warmup', '1', *size,
                     '--json', out] + (['--amp', name.split('_')[1]] if name.startswith('amp_') else [])
              + (['--compile'] if name == 'step_compile' else []), timeout)
     if r['ok'] and os.path.isfile(out):

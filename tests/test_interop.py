@@ -153,7 +153,7 @@ def build_formats(size: str, out: Path) -> Dict[str, Path]:
 # ---- running a cell -------------------------------------------------------------------------------------------
 
 SCRIPT = {'finetune': 'run_finetune.py', 'linprobe': 'run_linprobe.py', 'knn': 'run_knn.py',
-          'export': 'tools/export.py'}
+          'export': 'tools.export'}
 
 
 def cell_argv(consumer: str, ckpt: Path, size: str, variant: str, data: Path, tmp: Path) -> List[str]:

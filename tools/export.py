@@ -1,6 +1,6 @@
 """Export an encoder as a plain timm ``VisionTransformer`` state dict plus a JSON recipe to rebuild it.
 
-    python tools/export.py --checkpoint OUT/checkpoint-99.pth --output vit_b_localmim.pth
+    python -m tools.export --checkpoint OUT/checkpoint-99.pth --output vit_b_localmim.pth
     # writes vit_b_localmim.pth and vit_b_localmim.pth.json = {"timm_model": "vit_base_patch16_224", "kwargs": {...}}
 
     import json, timm
@@ -20,12 +20,10 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-if __package__ in (None, ''):
-    # Run as ``python tools/export.py``: make the repo root importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == '__main__' and not __package__:  # run as a file (python tools/x.py): rerun as python -m
+    os.execv(sys.executable, [sys.executable, '-m', 'tools.export', *sys.argv[1:]])
 
 import timm  # noqa: E402
 import torch  # noqa: E402

@@ -1,7 +1,7 @@
 """Plot every FreezeOut unit's learning rate over training, with its freeze point (the figure for papers).
 
-    python tools/plot_schedule.py --epochs 400 --warmup_epochs 40 --how_scale cubic --t_0 0.8 --out schedule.png
-    python tools/plot_schedule.py --how_scale linear --t_0 0.5 --not_scale_lr --dont_freeze_pe --out lin.png
+    python -m tools.plot_schedule --epochs 400 --warmup_epochs 40 --how_scale cubic --t_0 0.8 --out schedule.png
+    python -m tools.plot_schedule --how_scale linear --t_0 0.5 --not_scale_lr --dont_freeze_pe --out lin.png
 
 Takes run_pretrain.py's FreezeOut flags (``--epochs --warmup_epochs --t_0 --how_scale --not_scale_lr
 --non_layerwise_lr --dont_freeze_pe --blr/--lr --min_lr``) plus ``--depth`` (blocks, default 12),
@@ -16,8 +16,8 @@ import os
 import sys
 from typing import List, Optional
 
-if __package__ in (None, ''):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == '__main__' and not __package__:  # run as a file (python tools/x.py): rerun as python -m
+    os.execv(sys.executable, [sys.executable, '-m', 'tools.plot_schedule', *sys.argv[1:]])
 
 from freezeout import FreezeOutSchedule  # noqa: E402
 

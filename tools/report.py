@@ -1,7 +1,7 @@
 """Compare pre-training runs: one table and three figures from their log.txt, checkpoint args and evaluations.
 
-    python tools/report.py sweeps/t0                       # a sweep folder (tools/sweep.py --out): report inside it
-    python tools/report.py runs/a runs/b runs/c --out cmp   # any run folders
+    python -m tools.report sweeps/t0                       # a sweep folder (tools/sweep.py --out): report inside it
+    python -m tools.report runs/a runs/b runs/c --out cmp   # any run folders
 
 Writes ``report.md`` (and ``report.json``, the same rows) with PNG figures beside it:
 
@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == '__main__' and not __package__:  # run as a file (python tools/x.py): rerun as python -m
+    os.execv(sys.executable, [sys.executable, '-m', 'tools.report', *sys.argv[1:]])
 from util.errors import UserError, exit_main  # noqa: E402
 
 STATE_FILE = 'launch_state.json'
