@@ -36,12 +36,14 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
 from models_vit import ARCH_KEYS, VIT_CONFIGS, create_model, model_arch, vit_name
+from util import distributed as du
 from util.checkpoint import load_checkpoint
 from util.errors import UserError
 
 __all__ = ['read_checkpoint', 'fold_probe_head', 'state_dict_from_checkpoint', 'LoadReport', 'load_encoder_state',
            'load_pretrained', 'encoder_from_mim_state', 'encoder_from_mim_model', 'arch_from_args',
-           'arch_from_state', 'checkpoint_args', 'checkpoint_arch', 'resolve_arch', 'describe_arch', 'ARCH_FLAGS']
+           'arch_from_state', 'checkpoint_args', 'checkpoint_arch', 'resolve_arch', 'describe_arch', 'ARCH_FLAGS',
+           'expected_stages', 'adopt_reference_pretrain']
 
 _ENCODER_PREFIXES = ('cls_token', 'pos_embed', 'patch_embed.', 'blocks.', 'norm.', 'fc_norm.', 'head.')
 
@@ -106,8 +108,7 @@ def _describe(arch: Dict[str, Any]) -> str:
 def read_checkpoint(path: str, flag: str = '--finetune') -> Dict[str, Any]:
     """Load ``path`` weights-only (MAE/LocalMIM files that pickled an ``argparse.Namespace`` are allowed too)."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return load_checkpoint(path, flag=flag)
+        return load_checkpoint(path, flag=flag)
     except UserError:
         if not os.path.isfile(path):
             raise
@@ -172,6 +173,7 @@ class LoadReport:
     ignored: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     head_loaded: bool = False
+    final_norm: str = ''  # the checkpoint's norm loaded as the model's final ``norm`` ('' when none)
 
 
 def _summarise(keys: List[str], limit: int = 6) -> str:
@@ -186,9 +188,38 @@ def _summarise(keys: List[str], limit: int = 6) -> str:
     return ', '.join(parts[:limit]) + (f', … ({len(parts) - limit} more)' if len(parts) > limit else '')
 
 
-def _map_final_norm(sd: Dict[str, torch.Tensor], model: VisionTransformer, report: LoadReport) -> None:
-    """LocalMIM ``norm.{S-1}`` → ``norm`` for token models; drop every pre-trained final norm for avg-pool models."""
+def expected_stages(ckpt_args: Optional[Dict[str, Any]], depth: int) -> Optional[int]:
+    """Number of LocalMIM stages the pre-training that wrote ``ckpt_args`` had (4 taps, or one per block with
+    ``all_stages``); None when the args are not a LocalMIM/ViTFreeze/our pre-training's."""
+    if not isinstance(ckpt_args, dict) or not str(ckpt_args.get('model', '')).startswith('MIM_'):
+        return None
+    return depth if ckpt_args.get('all_stages') else 4
+
+
+def _stage_norm_detail(present: List[int], expected: Optional[int]) -> str:
+    """Which stage the deepest stage norm of a checkpoint is. ViTFreeze deletes the norm, decoder and HOG layer
+    of a stage whose feeding block froze from its ``nn.ModuleList``s, which renumbers the rest from 0: its frozen
+    runs' checkpoints hold ``norm.0 … norm.{P-1}`` of the P deepest stages, ``norm.{P-1}`` being the last block's."""
+    if expected is None or len(present) == expected:
+        return ''
+    if len(present) < expected and present == list(range(len(present))):
+        return (f'; {expected - len(present)} of the {expected} stages have no norm, decoder or HOG layer here '
+                f'(ViTFreeze removes those of stages that froze and renumbers the rest), so norm.{present[-1]} is '
+                f'stage {expected} of {expected}')
+    return f'; the deepest of the {len(present)} stage norms present ({expected} stages recorded)'
+
+
+def _map_final_norm(sd: Dict[str, torch.Tensor], model: VisionTransformer, report: LoadReport,
+                    ckpt_args: Optional[Dict[str, Any]] = None) -> None:
+    """LocalMIM ``norm.{S-1}`` → ``norm`` for token models; drop every pre-trained final norm for avg-pool models.
+
+    The final norm is the deepest stage norm present, the one applied after the last block (also in ViTFreeze's
+    renumbered frozen checkpoints, see :func:`_stage_norm_detail`); which one was used is always reported."""
     stages = sorted({int(m.group(1)) for k in sd if (m := re.match(r'^norm\.(\d+)\.weight$', k))})
+    detail = ''
+    if stages:
+        depth = arch_from_state(sd).get('depth', 0)
+        detail = _stage_norm_detail(stages, expected_stages(ckpt_args, depth))
     if stages:
         last = stages[-1]
         final = {s: sd[f'norm.{last}.{s}'] for s in ('weight', 'bias') if f'norm.{last}.{s}' in sd}
@@ -202,14 +233,15 @@ def _map_final_norm(sd: Dict[str, torch.Tensor], model: VisionTransformer, repor
         src = 'norm'
     if not final:
         return
+    what = f'stage norm {src} (after the last block)' if stages else "the checkpoint's final norm 'norm'"
     if not isinstance(model.norm, nn.Identity):
         sd.update({f'norm.{s}': v for s, v in final.items()})
-        if stages:
-            report.notes.append(f'stage norm {src} (after the last block) loaded as the final norm')
+        report.final_norm = src
+        report.notes.append(f'{what} loaded as the final norm{detail}')
     else:
         # MAE semantics for global pooling: fc_norm starts fresh, the pre-trained final norm is not used.
         report.ignored += [f'{src}.{s}' for s in final]
-        report.notes.append(f'global pool: {src} not used, fc_norm starts fresh (MAE convention)')
+        report.notes.append(f'global pool: {what} not used, fc_norm starts fresh (MAE convention){detail}')
 
 
 def _check_arch(sd: Dict[str, torch.Tensor], model: VisionTransformer, where: str,
@@ -275,7 +307,7 @@ def load_encoder_state(model: VisionTransformer, state_dict: Dict[str, torch.Ten
     for k in report.ignored:
         del sd[k]
     _check_arch(sd, model, where, ckpt_args)
-    _map_final_norm(sd, model, report)
+    _map_final_norm(sd, model, report, ckpt_args)
     msd = model.state_dict()
     for k in [k for k in sd if k.startswith('fc_norm.') and k not in msd]:
         report.ignored.append(k)
@@ -476,3 +508,184 @@ def encoder_from_mim_model(mim_model: nn.Module) -> VisionTransformer:
     return encoder_from_mim_state(mim_model.state_dict(), None, num_heads=heads).to(device)
 
 
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resuming a LocalMIM or ViTFreeze pre-training checkpoint (run_pretrain.py --resume)
+#
+# Their run_pretrain.py saves {model, optimizer, epoch, scaler, args (a Namespace)}. The model's keys are ours except
+# the HOG layers: ``hog_enc.k.conv.weight`` (the fixed Sobel pair; ours is a non-persistent buffer) and, with
+# --hog_bias, ``hog_enc.k.conv.bias`` (ours: row k of ``hog.bias``). LocalMIM's optimizer is timm's
+# add_weight_decay: [no decay (ndim <= 1 or .bias), decay] over the trainable parameters in model order. ViTFreeze's
+# FreezeOut optimizer (util/freezeout_utils.create_param_groups) has one group per parameter, those of FreezeOut
+# layers first (tagged ``layer_index``: patch embed 0, block b b+1, a stage's norm/decoder its block's), then the
+# rest (cls_token; patch embed under --dont_freeze_pe); a layer's groups and their state are deleted when it freezes,
+# and the norm, decoder and HOG layer of a stage whose block froze are deleted from the model's ModuleLists, which
+# renumbers the remaining stages from 0.
+
+_REF_FIXED = re.compile(r'^(pos_embed|decoder\.\d+\.pos_embed|hog_enc\..*)$')  # requires_grad=False there
+
+
+def _strip_prefixes(k: str) -> str:
+    for prefix in ('module.', '_orig_mod.'):
+        while k.startswith(prefix):
+            k = k[len(prefix):]
+    return k
+
+
+def _names(keys: List[str], limit: int = 4) -> str:
+    return ', '.join(keys[:limit]) + (f' and {len(keys) - limit} more' if len(keys) > limit else '')
+
+
+def adopt_reference_pretrain(path: str, ckpt: Dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                             freezer: Optional[Any], steps_per_epoch: int) -> Dict[str, Any]:
+    """``--resume`` of a LocalMIM or ViTFreeze pre-training checkpoint: the same checkpoint in this toolkit's layout,
+    or a one-line UserError naming what is missing. Any other checkpoint is returned unchanged.
+
+    Continued: the model (the removed stages' norms/decoders of a frozen ViTFreeze run keep this model's init; those
+    stages are off), the AdamW state of every parameter that still trains (matched by name), the epoch and the
+    scaler. The freeze state is recomputed from this run's schedule at the resumed optimizer step (``(epoch + 1) x
+    steps_per_epoch``) and must freeze exactly the units, and switch off exactly the stages, the checkpoint had
+    frozen. Not saved there, so not restored: the RNG state (the continuation is not bit-exact).
+
+    Call after the optimizer is built and before the resume applies ``ckpt``; it applies the freeze state to
+    ``model``/``optimizer`` itself (idempotent when applied again from the returned ``freezeout``).
+    """
+    sd = OrderedDict((_strip_prefixes(k), v) for k, v in (ckpt.get('model') or {}).items()
+                     if isinstance(v, torch.Tensor))
+    if not any(k.startswith('hog_enc.') for k in sd):
+        return ckpt
+    ns = checkpoint_args(ckpt) or {}
+    opt = ckpt.get('optimizer')
+    groups = opt.get('param_groups', []) if isinstance(opt, dict) else []
+    layerwise = any('layer_index' in g for g in groups)
+    name = 'ViTFreeze' if layerwise or any(k in ns for k in ('how_scale', 't_0')) else 'LocalMIM'
+
+    def refuse(why: str) -> None:
+        raise UserError(f'--resume {path}: this {name} pre-training checkpoint cannot be continued here: {why}')
+
+    lacking = [k for k in ('optimizer', 'epoch') if k not in ckpt or (k == 'optimizer' and not groups)]
+    if lacking:
+        refuse(f"it has no {' and no '.join(lacking)} (a released model, not a training checkpoint); evaluate it "
+               f"with --finetune {path} in run_knn.py / run_linprobe.py / run_finetune.py")
+    epoch = int(ckpt['epoch'])
+    stage_blocks = list(model.stage_blocks)
+    present = sorted({int(m.group(1)) for k in sd if (m := re.match(r'^norm\.(\d+)\.weight$', k))})
+    depth = arch_from_state(sd).get('depth', 0)
+    theirs = depth if ns.get('all_stages') else 4
+    if theirs != len(stage_blocks) or present != list(range(len(present))) or len(present) > theirs:
+        refuse(f"it has {theirs} stages (norms {', '.join(f'norm.{i}' for i in present)}), this model "
+               f"{len(stage_blocks)}; resume with the run's --model/--depth/--all_stages")
+    removed = theirs - len(present)  # frozen stages ViTFreeze deleted; the rest were renumbered from 0
+
+    def ours(k: str) -> str:
+        m = re.match(r'^(norm|decoder)\.(\d+)\.(.*)$', k)
+        return f'{m.group(1)}.{int(m.group(2)) + removed}.{m.group(3)}' if m else k
+
+    # ---- the parameters their optimizer holds, by (our) name
+    pe_free = bool(ns.get('dont_freeze_pe'))
+    if freezer is not None and bool(getattr(freezer, 'dont_freeze_pe', False)) != pe_free:
+        refuse(f"it was trained {'with' if pe_free else 'without'} --dont_freeze_pe; resume "
+               f"{'with' if pe_free else 'without'} it")
+
+    def layer(n: str) -> Optional[int]:  # ViTFreeze's layer_index of a parameter (None: not a FreezeOut layer)
+        if n.startswith('patch_embed.'):
+            return None if pe_free else 0
+        m = re.match(r'^blocks\.(\d+)\.', n) or re.match(r'^(?:norm|decoder)\.(\d+)\.', n)
+        if not m:
+            return None
+        block = int(m.group(1)) if n.startswith('blocks.') else stage_blocks[int(m.group(1))]
+        return block + (0 if pe_free else 1)
+
+    tensors = OrderedDict((ours(k), v) for k, v in sd.items() if not k.startswith('hog_enc.'))
+    trainable = [ours(k) for k in sd if not _REF_FIXED.match(k)]
+    if layerwise:
+        kept = {g['layer_index'] for g in groups if 'layer_index' in g}
+        order = [n for n in trainable if layer(n) in kept] + [n for n in trainable if layer(n) is None]
+        if [g.get('layer_index') for g in groups] != [layer(n) for n in order] or \
+                any(len(g['params']) != 1 for g in groups):
+            refuse(f'its optimizer ({len(groups)} groups) is not the one-group-per-parameter layout ViTFreeze builds '
+                   f'for these {len(order)} parameters (create_param_groups), so its state cannot be matched by name')
+        ids = [g['params'][0] for g in groups]
+        layers = sorted({layer(n) for n in trainable if layer(n) is not None})
+        their_frozen = len([x for x in layers if x not in kept])
+        if layers[:their_frozen] != [x for x in layers if x not in kept]:
+            refuse('its frozen layers are not a prefix of the network')
+    else:
+        no_decay = [n for n in trainable if tensors[n].ndim <= 1 or n.endswith('.bias')]
+        decay = [n for n in trainable if n not in set(no_decay)]
+        if [len(g['params']) for g in groups] != [len(no_decay), len(decay)]:
+            refuse(f"its optimizer holds {'+'.join(str(len(g['params'])) for g in groups)} parameters, the "
+                   f'[no decay, decay] groups of its model {len(no_decay)}+{len(decay)}, so its state cannot be '
+                   f'matched by name')
+        order, ids, their_frozen = no_decay + decay, groups[0]['params'] + groups[1]['params'], 0
+    state = opt.get('state', {})
+    by_name = {n: state.get(i) for n, i in zip(order, ids)}
+    bad = [n for n, st in by_name.items() if st and st['exp_avg'].shape != tensors[n].shape]
+    if bad:
+        refuse(f'its optimizer state does not fit its parameters ({_names(bad)})')
+
+    # ---- the freeze state this run's schedule gives at the resumed step
+    step = (epoch + 1) * steps_per_epoch
+    n_frozen = freezer.num_frozen_at(step) if freezer is not None else 0
+    if n_frozen != their_frozen:
+        flags = ' '.join([f'--{k} {ns[k]}' for k in ('how_scale', 't_0') if ns.get(k) is not None]
+                         + [f'--{k}' for k in ('non_layerwise_lr', 'dont_freeze_pe', 'all_stages')
+                            if ns.get(k) is True])
+        refuse(f'it had {their_frozen} frozen FreezeOut units after epoch {epoch}, these flags freeze {n_frozen} by '
+               f'optimizer step {step}; resume with the schedule of that run'
+               + (f' (its args: {flags})' if flags else ''))
+    frozen_blocks = n_frozen if pe_free else max(0, n_frozen - 1)
+    off = sum(1 for b in stage_blocks if b < frozen_blocks)
+    if removed > off:
+        refuse(f'the norm, decoder and HOG layer of {removed} stages are missing but only {off} stages are off at '
+               f'this freeze state')
+
+    # ---- the model in our layout
+    mine = model.state_dict()
+    biases = {int(m.group(1)) + removed: v for k, v in sd.items()
+              if (m := re.match(r'^hog_enc\.(\d+)\.conv\.bias$', k))}
+    if bool(biases) != ('hog.bias' in mine):
+        refuse(f"it was trained {'with' if biases else 'without'} --hog_bias; resume {'with' if biases else 'without'} "
+               f"it")
+    if biases:
+        b = mine['hog.bias'].clone()
+        for k, v in biases.items():
+            b[k] = v.reshape(-1)
+        tensors['hog.bias'] = b
+    extra = [k for k in tensors if k not in mine]
+    if extra:
+        refuse(f'this model has no {_names(extra)}; resume with the flags of that run')
+    fresh = tuple(f'{m}.{k}.' for k in range(removed) for m in ('norm', 'decoder'))
+    missing = [k for k in mine if k not in tensors and not k.startswith(fresh)]
+    if missing:
+        refuse(f'it lacks {_names(missing)}')
+    shapes = [f'{k} {tuple(v.shape)} vs {tuple(mine[k].shape)}' for k, v in tensors.items() if v.shape != mine[k].shape]
+    if shapes:
+        refuse(f'other shapes than this model ({_names(shapes, 2)}); resume with the flags of that run')
+    new_model = OrderedDict((k, tensors.get(k, v)) for k, v in mine.items())
+
+    # ---- the optimizer in our layout (after this run's freeze state is applied)
+    if n_frozen:
+        freezer.load_state_dict({'num_frozen': n_frozen}, optimizer)
+    names = {id(p): n for n, p in model.named_parameters()}
+    flat = [names[id(p)] for g in optimizer.param_groups for p in g['params']]
+    absent = [n for n in flat if n not in by_name]
+    if absent:
+        refuse(f'its optimizer has no state for {_names(absent)}, which train here')
+    new_state = {}
+    for i, n in enumerate(flat):
+        st = by_name[n]
+        if st:  # AdamW: step, exp_avg, exp_avg_sq (fused AdamW keeps the step as a float tensor)
+            new_state[i] = {k: (torch.tensor(float(v), dtype=torch.float32) if k == 'step' else v)
+                            for k, v in st.items()}
+    # e.g. cls_token: ViTFreeze trains it to the end, here it freezes with the embedding (docs/DESIGN.md)
+    dropped = [n for n in order if n not in set(flat)]
+    du.print0(f'--resume {path}: {name} pre-training checkpoint (epoch {epoch}) continued in this layout: model, '
+              f'AdamW state of {len(new_state)} parameters, epoch, scaler; {n_frozen} frozen units at optimizer '
+              f'step {step} (recomputed from the schedule)'
+              + (f'; the {removed} removed stages keep a fresh norm/decoder and stay off' if removed else '')
+              + (f'; frozen here but trained there: {_names(dropped)} (state dropped)' if dropped else '')
+              + '; no RNG state in it, so the continuation is not bit-exact')
+    return dict(model=new_model, optimizer=dict(state=new_state, param_groups=optimizer.state_dict()['param_groups']),
+                epoch=epoch, scaler=ckpt.get('scaler'), args=ns, freezeout={'num_frozen': n_frozen} if n_frozen else {})

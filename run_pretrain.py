@@ -17,6 +17,7 @@ import torch.nn as nn
 from timm.optim import param_groups_weight_decay
 
 import models_mim
+from checkpoint_formats import adopt_reference_pretrain
 from engine_pretrain import NonFiniteLoss, PretrainState, train_one_epoch
 from freezeout import (AdaptiveFreezeOut, FreezeOut, FreezeOutSchedule, add_policy_args, add_schedule_args,
                        bounds_from_args, decided_saving, eval_mode_probe, format_adaptive_plan, format_plan,
@@ -244,6 +245,7 @@ def main(args: argparse.Namespace) -> None:
     claim_run(args, resumed)  # before anything is written: refuses to mix runs in one folder
     if resumed:
         path, ckpt = resumed
+        ckpt = adopt_reference_pretrain(path, ckpt, model, optimizer, freezer, spe)  # LocalMIM/ViTFreeze: ours
         warn_changed_flags(ckpt.get('args', {}), args)
         saved = ckpt.get('args', {})
         if (freezer is not None and saved.get('freezeout') and 'freeze_schedule' not in saved

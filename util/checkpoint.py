@@ -172,7 +172,8 @@ def load_checkpoint(path: str, flag: str = '--resume') -> Dict[str, Any]:
         raise UserError(f'{flag} {path}: ' + ('is a directory, not a checkpoint file' if os.path.isdir(path)
                                               else 'file not found'))
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # MAE/LocalMIM/ViTFreeze pickled their args
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means "not a usable checkpoint"
         with open(path, 'rb') as f:
             head = f.read(4)
