@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, SequentialSampler
 
+import checkpoint_formats
 import models_vit
 from util import distributed as du
 from util.args import (add_arch_args, apply_demo_defaults, check_output_dir, explicit_flags, integer, real,
@@ -124,13 +125,13 @@ def adopt_checkpoint_arch(args: argparse.Namespace, ckpt: Optional[Dict[str, Any
     ``where`` (e.g. ``'--finetune PATH'``) prefixes the one-line error when the head count cannot be known.
     """
     typed_names = set(explicit_flags(args.argv))
-    typed = {k: getattr(args, k) for k in models_vit.ARCH_FLAGS if k in typed_names}
-    current = {k: getattr(args, k) for k in models_vit.ARCH_FLAGS if k not in typed_names}
-    found = models_vit.checkpoint_arch(ckpt, path) if ckpt else {}
-    values, sources = models_vit.resolve_arch(found, typed, current, where or 'checkpoint', DEFAULT_MODEL)
+    typed = {k: getattr(args, k) for k in checkpoint_formats.ARCH_FLAGS if k in typed_names}
+    current = {k: getattr(args, k) for k in checkpoint_formats.ARCH_FLAGS if k not in typed_names}
+    found = checkpoint_formats.checkpoint_arch(ckpt, path) if ckpt else {}
+    values, sources = checkpoint_formats.resolve_arch(found, typed, current, where or 'checkpoint', DEFAULT_MODEL)
     for k, v in values.items():
         setattr(args, k, v)
-    du.print0(models_vit.describe_arch(values, sources))
+    du.print0(checkpoint_formats.describe_arch(values, sources))
 
 
 def build_model(args: argparse.Namespace, num_classes: int, global_pool: str,
@@ -231,7 +232,7 @@ def checkpoints_for(args: argparse.Namespace) -> Tuple[Optional[Tuple[str, Dict[
             du.print0(f'--finetune {args.finetune} not loaded: resuming from {resume[0]} instead')
         adopt_checkpoint_arch(args, resume[1], f'--resume {resume[0]}', resume[0])
         return resume, None
-    pre = models_vit.read_checkpoint(args.finetune) if args.finetune else None
+    pre = checkpoint_formats.read_checkpoint(args.finetune) if args.finetune else None
     adopt_checkpoint_arch(args, pre, f'--finetune {args.finetune}', args.finetune or None)
     return None, pre
 
@@ -253,7 +254,7 @@ def _check_same_run(args: argparse.Namespace, path: str, ckpt: Dict[str, Any]) -
     differ = []
     if args.finetune and not _same_file(args.finetune, str(saved.get('finetune') or '')):
         differ.append(('finetune', args.finetune, saved.get('finetune') or "'' (random init)"))
-    for k in models_vit.ARCH_FLAGS + ('global_pool',):
+    for k in checkpoint_formats.ARCH_FLAGS + ('global_pool',):
         if k in typed and k in saved and saved[k] is not None:
             now, then = getattr(args, k), saved[k]
             same = models_vit.vit_name(now) == models_vit.vit_name(then) if k == 'model' else now == then

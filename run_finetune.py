@@ -17,6 +17,7 @@ import torch.nn as nn
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+import checkpoint_formats
 import models_vit
 from engine_finetune import evaluate, fit
 from freezeout import (add_freeze_args, build_freezer, decided_saving, eval_mode_probe, measure_unit_flops,
@@ -125,7 +126,7 @@ def main(args: argparse.Namespace) -> None:
                                                     finetune_transform(False, args))
     model = build_model(args, nb_classes, 'avg' if args.global_pool else 'token', args.drop_path)
     if pre is not None:
-        models_vit.load_pretrained(model, args.finetune, head_init_std=2e-5, ckpt=pre)
+        checkpoint_formats.load_pretrained(model, args.finetune, head_init_std=2e-5, ckpt=pre)
     model.to(device)
     amp = make_amp(device, args.amp)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -16,6 +16,7 @@ import os
 
 import torch
 
+import checkpoint_formats
 import models_vit
 from eval_common import add_eval_args, add_model_args, adopt_checkpoint_arch, build_model, demo_defaults, init_run, \
     prepare_args
@@ -85,14 +86,14 @@ def load_features(path: str):
 
 def encoder_for(args: argparse.Namespace):
     """(encoder, description, checkpoint epoch) — from --finetune, else random init."""
-    ckpt = models_vit.read_checkpoint(args.finetune) if args.finetune else None
+    ckpt = checkpoint_formats.read_checkpoint(args.finetune) if args.finetune else None
     adopt_checkpoint_arch(args, ckpt, f'--finetune {args.finetune}', args.finetune or None)
     model = build_model(args, 0, 'token')
     if ckpt is None:
         du.print0(f'no --finetune: evaluating a randomly initialised {args.model} (seed {args.seed}), the baseline '
                   f'a pre-trained encoder must beat')
         return model, 'random-init', None
-    models_vit.load_pretrained(model, args.finetune, head_init_std=None, ckpt=ckpt)
+    checkpoint_formats.load_pretrained(model, args.finetune, head_init_std=None, ckpt=ckpt)
     return model, args.finetune, ckpt.get('epoch')
 
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.optim import Lars
 
-import models_vit
+import checkpoint_formats
 from engine_finetune import evaluate, fit
 from eval_common import add_eval_args, add_model_args, build_datasets, build_loaders, \
     build_model, checkpoints_for, demo_defaults, init_run, lr_setup, prepare_args, restore, wrap_ddp
@@ -98,7 +98,7 @@ def main(args: argparse.Namespace) -> None:
                                                     linprobe_transform(False, args.input_size))
     encoder = build_model(args, 0, 'avg' if args.global_pool else 'token')
     if pre is not None:
-        models_vit.load_pretrained(encoder, args.finetune, head_init_std=None, ckpt=pre)
+        checkpoint_formats.load_pretrained(encoder, args.finetune, head_init_std=None, ckpt=pre)
     elif resume is None:
         du.print0('no --finetune: probing a randomly initialised encoder (a baseline, not a result)')
     model = LinearProbe(encoder, nb_classes).to(device)

@@ -15,6 +15,7 @@ import torch.nn as nn
 from timm.optim import param_groups_weight_decay
 
 import models_mim
+from checkpoint_formats import adopt_reference_pretrain
 from engine_common import restore_training
 from engine_pretrain import PretrainState, fit
 from freezeout import (add_freeze_args, build_freezer, check_stage_weights, eval_mode_probe, measure_unit_flops,
@@ -228,6 +229,8 @@ def main(args: argparse.Namespace) -> None:
     resumed = resolve_resume(args)
     claim_run(args, resumed)  # before anything is written: refuses to mix runs in one folder
     if resumed:
+        # a LocalMIM/ViTFreeze pre-training checkpoint is first rewritten into this layout (or refused in one line)
+        resumed = (resumed[0], adopt_reference_pretrain(*resumed, model, optimizer, freezer, spe))
         ckpt = restore_training(resumed, model, optimizer, amp.scaler, freezer, args,
                                 f'checkpoint does not match --model {args.model} with these flags ({{detail}})')
         state.global_step = int(ckpt.get('step', args.start_epoch * spe))
@@ -390,7 +393,8 @@ def _vis_batch(args, device, n=None):
 
 def _knn_setup(args, device):
     """Online weighted k-NN (the same code as run_knn.py) on the current encoder; call on every rank."""
-    from models_vit import encoder_features, encoder_from_mim_model
+    from checkpoint_formats import encoder_from_mim_model
+    from models_vit import encoder_features
     from util.knn import DEFAULT_KS, build_knn_loaders, format_knn, knn_evaluate
     data_path = args.knn_data_path or args.data_path
     train_loader, val_loader = build_knn_loaders(data_path, args.input_size, args.batch_size, args.num_workers,

@@ -19,7 +19,6 @@ plus the file size (MB) and the digest throughput (GB/s). The saved file is load
 the file system the checkpoints go to.
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -27,19 +26,19 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+if __name__ == '__main__' and not __package__:  # run as a file (python bench/x.py): rerun as python -m
+    os.execv(sys.executable, [sys.executable, '-m', 'bench.checkpoint_io', *sys.argv[1:]])
 
 import torch  # noqa: E402
 
 import models_mim  # noqa: E402
+from util.args import ArgumentParser  # noqa: E402
 from util.checkpoint import LAST_NAME, load_checkpoint, save_checkpoint, state_digest  # noqa: E402
 from util.log import write_json  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser('checkpoint save/load time', add_help=True)
+    p = ArgumentParser('checkpoint save/load time', add_help=True)
     p.add_argument('--model', default='MIM_vit_base_patch16', choices=models_mim.MODEL_NAMES,
                    help='pre-training model whose checkpoint is timed (default: MIM_vit_base_patch16)')
     p.add_argument('--input_size', default=224, type=int, help='image size in pixels (default: 224)')

@@ -1,6 +1,6 @@
 """Throughput of the pre-training input pipeline per worker process, and cheap wins checked for equivalence.
 
-    python bench/data_pipeline.py --images 256 --workers 1,2,4,8 --batches 8 --json data.json
+    python -m bench.data_pipeline --images 256 --workers 1,2,4,8 --batches 8 --json data.json
 
 Writes its own ImageNet-like JPEGs once (``--images`` photo-like 500×375 pictures at quality 90: smooth colour
 fields, edges, texture and noise, ~60-110 KB each like ImageNet's) into ``--dir``, then times, for each variant and
@@ -31,9 +31,8 @@ import sys
 import time
 from typing import Dict, List
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+if __name__ == '__main__' and not __package__:  # run as a file (python bench/x.py): rerun as python -m
+    os.execv(sys.executable, [sys.executable, '-m', 'bench.data_pipeline', *sys.argv[1:]])
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -1,10 +1,10 @@
 """The docs/EXPERIMENTS.md runs: freezing policies, LR schedule, a stage-weight curriculum and fine-tuning with and
 without FreezeOut on the demo data, several seeds, then one markdown table read from the runs' log.txt.
 
-    python bench/experiments.py                       # all rows, seeds 0 1, into output_dir/experiments (resumable)
-    python bench/experiments.py --dry_run             # print the exact commands only
-    python bench/experiments.py --table_only          # re-print the table from finished runs
-    python bench/experiments.py --rows cubic08,adaptive --seeds 0
+    python -m bench.experiments                       # all rows, seeds 0 1, into output_dir/experiments (resumable)
+    python -m bench.experiments --dry_run             # print the exact commands only
+    python -m bench.experiments --table_only          # re-print the table from finished runs
+    python -m bench.experiments --rows cubic08,adaptive --seeds 0
 
 Runs are sequential (each alone on the machine: their seconds are the measurement) and skipped when their log.txt
 is already complete, so an interrupted set continues where it stopped. A row whose flag this checkout lacks (e.g.

@@ -1,9 +1,9 @@
 """FreezeOut: measured wall-clock saving vs the FLOP model, per freeze state, single process / DDP / end to end.
 
-    python bench/freezeout_saving.py --model MIM_vit_tiny_patch16 --input_size 224 --batch_size 8 --threads 2 \
+    python -m bench.freezeout_saving --model MIM_vit_tiny_patch16 --input_size 224 --batch_size 8 --threads 2 \
         --steps 3 --schedules cubic:0.8,linear:0.5,cubic:0.9 --json out.json
-    python bench/freezeout_saving.py ... --ddp 2        # the same sweep in 2 gloo processes (1 thread each)
-    python bench/freezeout_saving.py ... --e2e          # + a real run_pretrain.py --demo pair (plain vs cubic 0.8)
+    python -m bench.freezeout_saving ... --ddp 2        # the same sweep in 2 gloo processes (1 thread each)
+    python -m bench.freezeout_saving ... --e2e          # + a real run_pretrain.py --demo pair (plain vs cubic 0.8)
 
 (a) Every freeze state the plan passes through (0, 1, 2, ... frozen units) is timed on one model: per state the
     parameters are made trainable again, a fresh AdamW is built from ``FreezeOut.param_groups`` and
@@ -36,17 +36,15 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-for _p in (REPO, HERE):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+if __name__ == '__main__' and not __package__:  # run as a file (python bench/x.py): rerun as python -m
+    os.execv(sys.executable, [sys.executable, '-m', 'bench.freezeout_saving', *sys.argv[1:]])
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-import pretrain_step as ps  # noqa: E402
+from bench import pretrain_step as ps  # noqa: E402
 from freezeout import FreezeOut, FreezeOutSchedule, measure_unit_flops, projected_saving, step_cost  # noqa: E402
 from util.log import write_json  # noqa: E402
 

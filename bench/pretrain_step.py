@@ -1,6 +1,6 @@
 """Training-step throughput and breakdown of LocalMIM pre-training (+ our HOG targets vs the reference design).
 
-    python bench/pretrain_step.py --model MIM_vit_tiny_patch16 --input_size 224 --batch_size 32 --threads 2 \
+    python -m bench.pretrain_step --model MIM_vit_tiny_patch16 --input_size 224 --batch_size 32 --threads 2 \
         --steps 5 --compare_hog_reference --json out.json
 
 One step = what ``engine_pretrain.train_one_epoch`` does per iteration, split into timed phases:
@@ -36,9 +36,8 @@ import time
 from contextlib import nullcontext
 from typing import Callable, Dict, List, Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+if __name__ == '__main__' and not __package__:  # run as a file (python bench/x.py): rerun as python -m
+    os.execv(sys.executable, [sys.executable, '-m', 'bench.pretrain_step', *sys.argv[1:]])
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402

@@ -1,6 +1,6 @@
 """How step time and memory grow with batch size and input size (LocalMIM pre-training step, CPU or CUDA).
 
-    python bench/scaling.py --models MIM_vit_tiny_patch16,MIM_vit_small_patch16 --threads 2 --json scaling.json
+    python -m bench.scaling --models MIM_vit_tiny_patch16,MIM_vit_small_patch16 --threads 2 --json scaling.json
 
 Two sweeps per model, each config timed with ``bench/pretrain_step.py``'s instrumented step (median of ``--steps``
 after one warm-up step):
@@ -28,15 +28,12 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-for _p in (REPO, HERE):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+if __name__ == '__main__' and not __package__:  # run as a file (python bench/x.py): rerun as python -m
+    os.execv(sys.executable, [sys.executable, '-m', 'bench.scaling', *sys.argv[1:]])
 
 import torch  # noqa: E402
 
-import pretrain_step as ps  # noqa: E402
+from bench import pretrain_step as ps  # noqa: E402
 from freezeout import measure_unit_flops  # noqa: E402
 from util.log import write_json  # noqa: E402
 
@@ -76,7 +73,7 @@ def measure(args: argparse.Namespace, model_name: str, size: int, batch: int, fi
             ) -> Dict[str, object]:
     """One round of one config: a fresh model, 1 warm-up + ``--steps`` timed steps; memory/FLOPs on the first round."""
     from util.amp import make_amp
-    from freezeout_saving import saved_tensor_bytes  # noqa: E402  (same helper as the FreezeOut bench)
+    from bench.freezeout_saving import saved_tensor_bytes  # the same helper as the FreezeOut bench
     device = torch.device(args.device)
     sync = ps.sync_fn(device)
     cfg = argparse.Namespace(model=model_name, input_size=size, patch_size=None, hog_nbins=9, batch_size=batch,

@@ -1,7 +1,7 @@
 """One-run ratios of the training step: the masked-only decode vs the full decode, and eager vs compiled regions.
 
-    python bench/step_ab.py --model MIM_vit_tiny_patch16 --input_size 224 --batch_size 32 --threads 2 --steps 5
-    python bench/step_ab.py --vs compile --model MIM_vit_tiny_patch16 --input_size 224 --batch_size 32 --steps 5
+    python -m bench.step_ab --model MIM_vit_tiny_patch16 --input_size 224 --batch_size 32 --threads 2 --steps 5
+    python -m bench.step_ab --vs compile --model MIM_vit_tiny_patch16 --input_size 224 --batch_size 32 --steps 5
 
 Separate processes on a shared VM drift by 10-20% in speed from one to the next (phases a change does not touch
 move that much between two ``bench/pretrain_step.py`` runs), which is more than these effects; so here A and B train
@@ -20,9 +20,8 @@ import statistics
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+if __name__ == '__main__' and not __package__:  # run as a file (python bench/x.py): rerun as python -m
+    os.execv(sys.executable, [sys.executable, '-m', 'bench.step_ab', *sys.argv[1:]])
 
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402

@@ -1,7 +1,7 @@
 """One-run ratio: our LocalMIM training step vs the public LocalMIM code's, same shape, same batch, same process.
 
     git clone https://github.com/Haoqing-Wang/LocalMIM /tmp/LocalMIM     # or huawei-noah/Efficient-Computing
-    python bench/vs_reference.py --reference_dir /tmp/LocalMIM/ViT --model MIM_vit_tiny_patch16 \
+    python -m bench.vs_reference --reference_dir /tmp/LocalMIM/ViT --model MIM_vit_tiny_patch16 \
         --input_size 224 --batch_size 32 --threads 2 --steps 5 --json vs_ref.json
 
 The reference code is imported from ``--reference_dir`` (its ``models_mim.py`` and its own ``util/pos_embed.py``,
@@ -21,9 +21,8 @@ import time
 import types
 from functools import partial
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+if __name__ == '__main__' and not __package__:  # run as a file (python bench/x.py): rerun as python -m
+    os.execv(sys.executable, [sys.executable, '-m', 'bench.vs_reference', *sys.argv[1:]])
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402

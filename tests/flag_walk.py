@@ -5,7 +5,8 @@
 ``CASES.json`` maps a script path to ``{"cwd": empty scratch folder, "cases": [argv, ...]}``. Each case runs the
 script's real ``__main__`` block in this process (``runpy``), so hundreds of cases over all scripts cost one
 interpreter start-up (torch/timm imports dominate). A case "wrote something" if the listing of its scratch folder
-(the current directory while it runs) changed.
+(the current directory while it runs) changed. A script inside a package (``tools/sweep.py``) runs as its module,
+``python -m tools.sweep``, the way it is run from the repository root.
 """
 import contextlib
 import io
@@ -17,6 +18,10 @@ import traceback
 
 
 def walk(script: str, cases):
+    folder = os.path.dirname(script)
+    module = None  # tools/sweep.py -> tools.sweep (as python -m runs it; the file re-runs itself that way too)
+    if os.path.isfile(os.path.join(folder, '__init__.py')):
+        module = f'{os.path.basename(folder)}.{os.path.splitext(os.path.basename(script))[0]}'
     results = []
     for argv in cases:
         before = set(os.listdir('.'))
@@ -25,7 +30,10 @@ def walk(script: str, cases):
         sys.argv = [script, *argv]
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                runpy.run_path(script, run_name='__main__')
+                if module:
+                    runpy.run_module(module, run_name='__main__', alter_sys=True)
+                else:
+                    runpy.run_path(script, run_name='__main__')
                 rc = 0
             except SystemExit as e:
                 rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

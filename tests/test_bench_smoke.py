@@ -22,7 +22,7 @@ def _run(args, timeout=300):
 
 def test_pretrain_step_with_hog_reference(tmp_path):
     out = tmp_path / 'step.json'
-    p = _run(['bench/pretrain_step.py', *TINY, '--warmup', '1', '--compare_hog_reference', '--json', out])
+    p = _run(['-m', 'bench.pretrain_step', *TINY, '--warmup', '1', '--compare_hog_reference', '--json', out])
     r = json.loads(out.read_text())
     for key in ('img_per_s', 'step_ms', 'targets_ms', 'peak_mem_mb', 'data_ms', 'encoder_ms', 'decoders_ms',
                 'backward_ms', 'optim_ms', 'hog_ref_ms', 'hog_ours_ms', 'hog_speedup', 'hog_max_abs_diff'):
@@ -41,7 +41,7 @@ def test_step_ab(tmp_path, vs):
     cells' queries, MLPs and heads); the compiled side (dynamo's eager backend: no C++ build in a unit test) reports
     its compile."""
     out = tmp_path / 'ab.json'
-    p = _run(['bench/step_ab.py', *TINY, '--warmup', '0', '--decoder_embed_dim', '32', '--vs', vs,
+    p = _run(['-m', 'bench.step_ab', *TINY, '--warmup', '0', '--decoder_embed_dim', '32', '--vs', vs,
               '--compile_backend', 'eager', '--json', out])
     r = json.loads(out.read_text())
     assert len(r['a_steps_s']) == len(r['b_steps_s']) == 2 and r['speedup'] > 0
@@ -52,10 +52,9 @@ def test_step_ab(tmp_path, vs):
 
 
 def test_reference_style_hog_matches_ours_with_bias():
-    sys.path.insert(0, str(REPO / 'bench'))
     import torch
     import models_mim
-    import pretrain_step as ps
+    from bench import pretrain_step as ps
     torch.manual_seed(0)
     m = models_mim.create_model('MIM_vit_tiny_patch16', img_size=32, patch_size=4, depth=4, embed_dim=48,
                                 num_heads=3, hog_bias=True)
@@ -68,7 +67,7 @@ def test_reference_style_hog_matches_ours_with_bias():
 
 def test_freezeout_saving_sweep(tmp_path):
     out = tmp_path / 'fo.json'
-    p = _run(['bench/freezeout_saving.py', *TINY, '--warmup', '0', '--rounds', '1', '--epochs', '4',
+    p = _run(['-m', 'bench.freezeout_saving', *TINY, '--warmup', '0', '--rounds', '1', '--epochs', '4',
               '--warmup_epochs', '1', '--steps_per_epoch', '5', '--schedules', 'cubic:0.8,linear:0.5',
               '--json', out])
     r = json.loads(out.read_text())
@@ -93,7 +92,7 @@ def test_freezeout_saving_sweep(tmp_path):
 
 def test_scaling_smoke(tmp_path):
     out = tmp_path / 'scaling.json'
-    _run(['bench/scaling.py', '--models', 'MIM_vit_tiny_patch16', '--batches', '1,2', '--sizes', '32,64',
+    _run(['-m', 'bench.scaling', '--models', 'MIM_vit_tiny_patch16', '--batches', '1,2', '--sizes', '32,64',
           '--input_size', '64', '--rounds', '1', '--steps', '1', '--threads', '1', '--json', out])
     r = json.loads(out.read_text())
     rows = r['batch_sweep']['MIM_vit_tiny_patch16']

@@ -21,7 +21,7 @@ def _run(args, timeout=300, ok=True):
 
 def test_data_pipeline_bench_and_equivalence(tmp_path):
     out = tmp_path / 'dp.json'
-    _run(['bench/data_pipeline.py', '--dir', tmp_path / 'jpegs', '--images', '8', '--width', '80', '--height', '60',
+    _run(['-m', 'bench.data_pipeline', '--dir', tmp_path / 'jpegs', '--images', '8', '--width', '80', '--height', '60',
           '--input_size', '32', '--batch_size', '4', '--batches', '1', '--workers', '1', '--check', '3',
           '--json', out])
     r = json.loads(out.read_text())
@@ -32,7 +32,7 @@ def test_data_pipeline_bench_and_equivalence(tmp_path):
     assert eq['uint8']['bit_equal'] and eq['uint8']['max_abs_diff'] == 0.0  # same ops, normalised later
     assert not eq['draft']['bit_equal'] and eq['draft']['psnr_db'] > 30      # another resampling, close
     assert sorted(p.name for p in (tmp_path / 'jpegs').glob('*.JPEG')) == [f'img{i:05d}.JPEG' for i in range(8)]
-    p = _run(['bench/data_pipeline.py', '--dir', tmp_path / 'jpegs', '--images', '8', '--variants', 'fast'],
+    p = _run(['-m', 'bench.data_pipeline', '--dir', tmp_path / 'jpegs', '--images', '8', '--variants', 'fast'],
              ok=False)
     assert p.returncode == 2 and p.stderr.startswith('error: --variants fast')
 
@@ -41,7 +41,7 @@ def test_gpu_check_without_gpu_writes_skipped_json(tmp_path):
     if torch.cuda.is_available():
         return  # on a GPU machine the real check is run by hand (bench/gpu_check.py), not from the test suite
     out = tmp_path / 'g.json'
-    p = _run(['bench/gpu_check.py', '--json', out])
+    p = _run(['-m', 'bench.gpu_check', '--json', out])
     r = json.loads(out.read_text())
     assert r['cuda'] is False and 'no CUDA device' in p.stdout
     assert [x['part'] for x in r['parts']] == ['ddp', 'amp_bf16', 'amp_fp16', 'compile', 'finetune', 'flops',
@@ -71,7 +71,7 @@ def test_vs_reference_loads_an_external_checkout(tmp_path):
     out = tmp_path / 'r.json'
     tiny16 = ['--input_size', '64', '--depth', '4', '--embed_dim', '48', '--num_heads', '3', '--batch_size', '2',
               '--threads', '1', '--steps', '1']
-    p = _run(['bench/vs_reference.py', '--reference_dir', ref, *tiny16, '--json', out])
+    p = _run(['-m', 'bench.vs_reference', '--reference_dir', ref, *tiny16, '--json', out])
     r = json.loads(out.read_text())
     assert r['speedup'] > 0 and len(r['losses']['ours']) == 2 and 'x (CPU time' in p.stdout
 

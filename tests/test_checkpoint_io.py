@@ -259,7 +259,7 @@ def test_loader_worker_seeds_are_a_function_of_seed_epoch_rank() -> None:
 
 def test_checkpoint_io_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / 'io.json'
-    p = subprocess.run([sys.executable, 'bench/checkpoint_io.py', '--model', 'MIM_vit_tiny_patch16', '--input_size',
+    p = subprocess.run([sys.executable, '-m', 'bench.checkpoint_io', '--model', 'MIM_vit_tiny_patch16', '--input_size',
                         '32', '--patch_size', '4', '--embed_dim', '32', '--depth', '4', '--num_heads', '2',
                         '--decoder_embed_dim', '16', '--repeat', '1', '--dir', str(tmp_path / 'd'), '--json',
                         str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,

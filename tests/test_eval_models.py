@@ -7,6 +7,7 @@ import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 
+import checkpoint_formats
 import models_mim
 import models_vit
 from util.errors import UserError
@@ -46,7 +47,7 @@ def test_last_stage_norm_is_final_norm_for_cls_token(tmp_path, all_stages):
     last = len(mim.norm) - 1
     assert last == (TINY['depth'] - 1 if all_stages else 3)
     model = _vit('token')
-    report, _ = models_vit.load_pretrained(model, _save(tmp_path, mim), verbose=False)
+    report, _ = checkpoint_formats.load_pretrained(model, _save(tmp_path, mim), verbose=False)
     assert sorted(report.missing) == ['head.bias', 'head.weight']
     assert torch.equal(model.norm.weight, mim.norm[last].weight)
     assert torch.equal(model.norm.bias, mim.norm[last].bias)
@@ -64,7 +65,7 @@ def test_last_stage_norm_is_final_norm_for_cls_token(tmp_path, all_stages):
 
 def test_global_pool_keeps_fc_norm_fresh(tmp_path):
     model = _vit('avg')
-    report, _ = models_vit.load_pretrained(model, _save(tmp_path, _mim()), verbose=False)
+    report, _ = checkpoint_formats.load_pretrained(model, _save(tmp_path, _mim()), verbose=False)
     assert sorted(report.missing) == ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']
     assert torch.equal(model.fc_norm.weight, torch.ones(64)) and torch.equal(model.fc_norm.bias, torch.zeros(64))
     assert isinstance(model.norm, torch.nn.Identity)
@@ -76,7 +77,7 @@ def test_raw_and_ddp_prefixed_state_dicts(tmp_path):
     path = tmp_path / 'raw.pth'
     torch.save({f'module.{k}': v for k, v in mim.state_dict().items()}, path)
     model = _vit('token')
-    models_vit.load_pretrained(model, str(path), verbose=False)
+    checkpoint_formats.load_pretrained(model, str(path), verbose=False)
     assert torch.equal(model.blocks[2].mlp.fc1.weight, mim.blocks[2].mlp.fc1.weight)
     assert torch.equal(model.norm.weight, mim.norm[3].weight)
 
@@ -98,7 +99,7 @@ def test_pos_embed_resampled_as_mae(tmp_path, img_size, grid):
     with torch.no_grad():  # a learned-looking table: the fixed sin-cos one is too smooth to tell kernels apart
         mim.pos_embed.copy_(torch.randn_like(mim.pos_embed))
     model = _vit('avg', img_size=img_size)
-    report, _ = models_vit.load_pretrained(model, _save(tmp_path, mim), verbose=False)
+    report, _ = checkpoint_formats.load_pretrained(model, _save(tmp_path, mim), verbose=False)
     assert any(f'8x8 to a {grid}x{grid}' in n for n in report.notes)
     assert model.pos_embed.shape == (1, 1 + grid * grid, 64)
     mae = _mae_interpolate_pos_embed(mim.pos_embed.detach(), grid)
@@ -123,20 +124,22 @@ def _shapes_only(width: int, depth: int, patch: int = 16, grid: int = 2) -> dict
                                                (768, 12, 'vit_base_patch16'), (1024, 16, 'vit_large_patch16')])
 def test_heads_without_args_come_from_the_width_preset(width, heads, model):
     """No args, depth 2: never ViT-L's 16 heads by default, but the standard ViT of that width."""
-    found = models_vit.checkpoint_arch(_shapes_only(width, 2))
+    found = checkpoint_formats.checkpoint_arch(_shapes_only(width, 2))
     assert found['num_heads'] == (heads, f'width {width} = {model}')
-    values, sources = models_vit.resolve_arch(found, {}, dict(input_size=224), '--finetune x.pth', 'vit_large_patch16')
+    values, sources = checkpoint_formats.resolve_arch(found, {}, dict(input_size=224), '--finetune x.pth',
+                                                      'vit_large_patch16')
     assert (values['num_heads'], values['embed_dim'], values['depth'], values['model']) == (heads, width, 2, model)
     assert (values['input_size'], sources['input_size']) == (32, 'tensor shapes')  # 2x2 grid of 16 px patches
 
 
 def test_heads_of_a_non_standard_width_are_asked_for():
-    found = models_vit.checkpoint_arch(_shapes_only(100, 2, patch=4))
+    found = checkpoint_formats.checkpoint_arch(_shapes_only(100, 2, patch=4))
     assert 'num_heads' not in found and 'model' not in found
     with pytest.raises(UserError, match=r'^--finetune x\.pth: the number of attention heads is not recorded and width '
                                         r'100 is no standard ViT.*; pass --num_heads$'):
-        models_vit.resolve_arch(found, {}, {}, '--finetune x.pth', 'vit_large_patch16')
-    values, sources = models_vit.resolve_arch(found, {'num_heads': 5}, {}, '--finetune x.pth', 'vit_large_patch16')
+        checkpoint_formats.resolve_arch(found, {}, {}, '--finetune x.pth', 'vit_large_patch16')
+    values, sources = checkpoint_formats.resolve_arch(found, {'num_heads': 5}, {}, '--finetune x.pth',
+                                                      'vit_large_patch16')
     assert (values['num_heads'], sources['num_heads'], values['embed_dim']) == (5, 'typed', 100)
 
 
@@ -145,7 +148,7 @@ def test_heads_of_a_non_standard_width_are_asked_for():
 def test_wrong_architecture_is_a_user_error(tmp_path, kw, what):
     path = _save(tmp_path, _mim())
     with pytest.raises(UserError, match=r'architecture does not match') as e:
-        models_vit.load_pretrained(_vit(**kw), path, verbose=False)
+        checkpoint_formats.load_pretrained(_vit(**kw), path, verbose=False)
     assert what in str(e.value) and '--finetune' in str(e.value)
 
 
@@ -153,13 +156,13 @@ def test_non_checkpoint_files_are_user_errors(tmp_path):
     text = tmp_path / 'notes.txt'
     text.write_text('not a checkpoint\n')
     with pytest.raises(UserError, match='not a PyTorch checkpoint'):
-        models_vit.load_pretrained(_vit(), str(text))
+        checkpoint_formats.load_pretrained(_vit(), str(text))
     other = tmp_path / 'other.pth'
     torch.save({'optimizer': {'lr': 1.0}, 'epoch': 1}, other)
     with pytest.raises(UserError, match='no model weights'):
-        models_vit.load_pretrained(_vit(), str(other))
+        checkpoint_formats.load_pretrained(_vit(), str(other))
     with pytest.raises(UserError, match='file not found'):
-        models_vit.load_pretrained(_vit(), str(tmp_path / 'missing.pth'))
+        checkpoint_formats.load_pretrained(_vit(), str(tmp_path / 'missing.pth'))
     with pytest.raises(UserError, match='not an evaluation model'):
         models_vit.create_model('resnet50')
 
@@ -167,8 +170,8 @@ def test_non_checkpoint_files_are_user_errors(tmp_path):
 def test_encoder_from_mim_state_and_model_agree():
     mim = _mim()
     x = torch.randn(2, 3, 32, 32)
-    a = models_vit.encoder_from_mim_state(mim.state_dict(), MIM_ARGS).eval()
-    b = models_vit.encoder_from_mim_model(mim).eval()
+    a = checkpoint_formats.encoder_from_mim_state(mim.state_dict(), MIM_ARGS).eval()
+    b = checkpoint_formats.encoder_from_mim_model(mim).eval()
     with torch.no_grad():
         torch.testing.assert_close(models_vit.encoder_features(a, x), models_vit.encoder_features(b, x))
     assert a.num_classes == 0 and a.cls_token.data_ptr() != mim.cls_token.data_ptr()
@@ -182,7 +185,7 @@ def test_export_loads_in_timm_with_same_features(tmp_path, pool):
     spec = json.loads((tmp_path / f'enc_{pool}.pth.json').read_text())
     assert spec == {'timm_model': name, 'kwargs': kwargs} and name in timm.list_models()
     model = timm.create_model(spec['timm_model'], pretrained=False, checkpoint_path=str(out), **spec['kwargs']).eval()
-    ours = models_vit.encoder_from_mim_state(mim.state_dict(), MIM_ARGS).eval()
+    ours = checkpoint_formats.encoder_from_mim_state(mim.state_dict(), MIM_ARGS).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), models_vit.encoder_features(ours, x, pool))
@@ -190,7 +193,7 @@ def test_export_loads_in_timm_with_same_features(tmp_path, pool):
 
 def test_export_fine_tuned_keeps_head_and_pool(tmp_path):
     model = _vit('avg', num_classes=7)
-    models_vit.load_pretrained(model, _save(tmp_path, _mim()), verbose=False)
+    checkpoint_formats.load_pretrained(model, _save(tmp_path, _mim()), verbose=False)
     path = tmp_path / 'ft.pth'
     torch.save(dict(model=model.state_dict(), epoch=0, args=dict(model='vit_tiny_patch16', **{
         k: v for k, v in MIM_ARGS.items() if k != 'model'})), path)

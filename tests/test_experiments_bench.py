@@ -1,11 +1,8 @@
 """bench/experiments.py (docs/EXPERIMENTS.md): the rows' exact command lines and the table read from log.txt."""
 import json
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / 'bench'))
-import experiments as ex  # noqa: E402
+from bench import experiments as ex
 
 
 def _write(d: Path, recs, wall):

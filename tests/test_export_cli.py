@@ -54,7 +54,7 @@ def test_export_refuses_to_write_over_its_input(ckpt: Path, tmp_path: Path, how:
     elif how == 'hardlink':
         os.link(src, target)
     before = digests(tmp_path)
-    rc, _, err = cli('tools/export.py', ['--checkpoint', src, '--output', target, '--overwrite'])
+    rc, _, err = cli('tools.export', ['--checkpoint', src, '--output', target, '--overwrite'])
     _one_error(rc, err, rf'error: --output {re.escape(str(target))}: .* is the --checkpoint itself \(same file, or a '
                         rf'link to it\); exporting over it would destroy the checkpoint; choose another --output')
     assert digests(tmp_path) == before
@@ -62,12 +62,12 @@ def test_export_refuses_to_write_over_its_input(ckpt: Path, tmp_path: Path, how:
 
 def test_export_never_overwrites_silently_and_writes_atomically(ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / 'enc.pth'
-    rc, stdout, err = cli('tools/export.py', ['--checkpoint', ckpt, '--output', out])
+    rc, stdout, err = cli('tools.export', ['--checkpoint', ckpt, '--output', out])
     assert rc == 0, err
     assert sorted(os.listdir(tmp_path)) == ['enc.pth', 'enc.pth.json']  # no temp file left
     good = digests(tmp_path)
     # an existing export (or any file) is not replaced without --overwrite
-    rc, _, err = cli('tools/export.py', ['--checkpoint', ckpt, '--output', out, '--pool', 'avg'])
+    rc, _, err = cli('tools.export', ['--checkpoint', ckpt, '--output', out, '--pool', 'avg'])
     _one_error(rc, err, rf'error: --output {re.escape(str(out))}: .*enc\.pth and .*enc\.pth\.json already exist\(s\); '
                         r'pass --overwrite to replace them, or choose another --output')
     assert digests(tmp_path) == good
@@ -83,7 +83,7 @@ def test_export_never_overwrites_silently_and_writes_atomically(ckpt: Path, tmp_
                                        r'large\); any previous file there is unchanged')
     assert digests(tmp_path) == good and sorted(os.listdir(tmp_path)) == ['enc.pth', 'enc.pth.json']
     # --overwrite replaces it, saying so
-    rc, stdout, err = cli('tools/export.py', ['--checkpoint', ckpt, '--output', out, '--pool', 'avg', '--overwrite'])
+    rc, stdout, err = cli('tools.export', ['--checkpoint', ckpt, '--output', out, '--pool', 'avg', '--overwrite'])
     assert rc == 0, err
     assert f'note: --overwrite: replacing {out}' in stdout
     assert digests(tmp_path)['enc.pth.json'] != good['enc.pth.json']  # the avg-pool recipe

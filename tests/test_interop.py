@@ -92,6 +92,7 @@ def _ours(module, argv: List[str], out: Path, state: Dict, name: str) -> Path:
 
 
 def build_formats(size: str, out: Path) -> Dict[str, Path]:
+    import checkpoint_formats
     import models_vit
     import run_finetune
     import run_linprobe
@@ -119,12 +120,12 @@ def build_formats(size: str, out: Path) -> Dict[str, Path]:
     vit = dict(img_size=SIZES[size]['input_size'], **{k: SIZES[size][k] for k in ('patch_size', 'embed_dim', 'depth',
                                                                                     'num_heads')})
     ft = models_vit.create_model('vit_tiny_patch16', num_classes=2, global_pool='avg', **vit)
-    models_vit.load_encoder_state(ft, sd, verbose=False)
+    checkpoint_formats.load_encoder_state(ft, sd, verbose=False)
     paths['finetune'] = _ours(run_finetune, ['--model', 'vit_tiny_patch16', *_flags(size)], out, dict(
         model=ft.state_dict(), optimizer=torch.optim.AdamW(ft.parameters()).state_dict(), max_accuracy=50.0, step=2),
         'finetune')
     enc = models_vit.create_model('vit_tiny_patch16', num_classes=0, global_pool='token', **vit)
-    models_vit.load_encoder_state(enc, sd, verbose=False)
+    checkpoint_formats.load_encoder_state(enc, sd, verbose=False)
     probe = run_linprobe.LinearProbe(enc, 2)
     paths['linprobe'] = _ours(run_linprobe, ['--model', 'vit_tiny_patch16', *_flags(size)], out, dict(
         model=probe.state_dict(), optimizer=torch.optim.SGD(probe.head.parameters(), lr=0.1).state_dict(),
@@ -152,7 +153,7 @@ def build_formats(size: str, out: Path) -> Dict[str, Path]:
 # ---- running a cell -------------------------------------------------------------------------------------------
 
 SCRIPT = {'finetune': 'run_finetune.py', 'linprobe': 'run_linprobe.py', 'knn': 'run_knn.py',
-          'export': 'tools/export.py'}
+          'export': 'tools.export'}
 
 
 def cell_argv(consumer: str, ckpt: Path, size: str, variant: str, data: Path, tmp: Path) -> List[str]:

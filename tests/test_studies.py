@@ -17,12 +17,9 @@ import torch
 
 from conftest import REPO_ROOT, TINY_PRETRAIN_FLAGS, _pretrain_env
 
-sys.path.insert(0, str(REPO_ROOT / 'tools'))
-import report as rp  # noqa: E402
-import submitit_launch as sl  # noqa: E402
-import sweep as sw  # noqa: E402
-
-TOOLS = REPO_ROOT / 'tools'
+from tools import report as rp
+from tools import submitit_launch as sl
+from tools import sweep as sw
 
 
 def _log(path):
@@ -43,7 +40,7 @@ def _ok(res):
 
 
 def _tool(name, args, timeout=900, env=None):
-    return subprocess.run([sys.executable, str(TOOLS / name), *map(str, args)], cwd=REPO_ROOT,
+    return subprocess.run([sys.executable, '-m', f'tools.{name[:-3]}', *map(str, args)], cwd=REPO_ROOT,
                           env=_pretrain_env(env), capture_output=True, text=True, timeout=timeout)
 
 
@@ -52,7 +49,7 @@ def _tool(name, args, timeout=900, env=None):
 def _launch(demo_root, out, log_file, epochs=4):
     flags = [*TINY_PRETRAIN_FLAGS, '--data_path', demo_root, '--epochs', epochs, '--t_0', '0.8', '--vis_freq', '0',
              '--output_dir', out]
-    cmd = [sys.executable, str(TOOLS / 'submitit_launch.py'), 'run_pretrain.py', *map(str, flags),
+    cmd = [sys.executable, '-m', 'tools.submitit_launch', 'run_pretrain.py', *map(str, flags),
            '--cluster', 'local', '--ngpus', '0', '--timeout', '30']
     return subprocess.Popen(cmd, cwd=REPO_ROOT, env=_pretrain_env(), stdout=open(log_file, 'w'),
                             stderr=subprocess.STDOUT, text=True)
@@ -262,7 +259,7 @@ def test_report_table_equals_the_logs_and_figures_are_written(sweep_dir, tmp_pat
         # without matplotlib: the same table, and the report says the figures are missing
         code = ("import runpy, sys; sys.modules['matplotlib'] = None; "
                 f"sys.argv = ['report.py', {str(sweep_dir)!r}, '--out', {str(tmp_path)!r}]; "
-                f"runpy.run_path({str(TOOLS / 'report.py')!r}, run_name='__main__')")
+                "runpy.run_module('tools.report', run_name='__main__', alter_sys=True)")
         res = subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT, env=_pretrain_env(), capture_output=True,
                              text=True, timeout=300)
         _ok(res)

@@ -1,6 +1,6 @@
 """Export an encoder as a plain timm ``VisionTransformer`` state dict plus a JSON recipe to rebuild it.
 
-    python tools/export.py --checkpoint OUT/checkpoint-99.pth --output vit_b_localmim.pth
+    python -m tools.export --checkpoint OUT/checkpoint-99.pth --output vit_b_localmim.pth
     # writes vit_b_localmim.pth and vit_b_localmim.pth.json = {"timm_model": "vit_base_patch16_224", "kwargs": {...}}
 
     import json, timm
@@ -20,16 +20,15 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-if __package__ in (None, ''):
-    # Run as ``python tools/export.py``: make the repo root importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == '__main__' and not __package__:  # run as a file (python tools/x.py): rerun as python -m
+    os.execv(sys.executable, [sys.executable, '-m', 'tools.export', *sys.argv[1:]])
 
 import timm  # noqa: E402
 import torch  # noqa: E402
 
+import checkpoint_formats  # noqa: E402
 import models_vit  # noqa: E402
 from util.args import ArgumentParser, integer, run_main  # noqa: E402
 from util.checkpoint import CheckpointWriteError, save_atomic  # noqa: E402
@@ -108,21 +107,21 @@ def export_encoder(checkpoint: str, output: str, pool: str = 'token', num_heads:
     """Write ``output`` (timm state dict) and ``output.json``; returns ``(timm name, kwargs)``.
 
     ``model_name``/``num_heads`` are what the user typed (the rest of the architecture comes from the checkpoint,
-    see :func:`models_vit.checkpoint_arch`). The export is checked by a strict load into the timm model before
-    anything is written, and both files are written atomically.
+    see :func:`checkpoint_formats.checkpoint_arch`). The export is checked by a strict load into the timm model
+    before anything is written, and both files are written atomically.
     """
-    ckpt = models_vit.read_checkpoint(checkpoint, '--checkpoint')
+    ckpt = checkpoint_formats.read_checkpoint(checkpoint, '--checkpoint')
     _check_output(checkpoint, output, overwrite)
     where = f'--checkpoint {checkpoint}'
-    sd = models_vit.state_dict_from_checkpoint(ckpt, where)
+    sd = checkpoint_formats.state_dict_from_checkpoint(ckpt, where)
     typed = {k: v for k, v in (('model', model_name), ('num_heads', num_heads)) if v is not None}
-    arch, sources = models_vit.resolve_arch(models_vit.checkpoint_arch(ckpt, checkpoint), typed, {}, where,
-                                            'vit_base_patch16')
-    grid = models_vit.arch_from_state(sd).get('grid')
+    found = checkpoint_formats.checkpoint_arch(ckpt, checkpoint)
+    arch, sources = checkpoint_formats.resolve_arch(found, typed, {}, where, 'vit_base_patch16')
+    grid = checkpoint_formats.arch_from_state(sd).get('grid')
     check(grid is not None, f'{where}: pos_embed is not a square patch grid')
     arch['img_size'] = arch['input_size'] = grid * arch['patch_size']
     sources['input_size'] = 'tensor shapes'
-    print(models_vit.describe_arch(arch, sources), flush=True)
+    print(checkpoint_formats.describe_arch(arch, sources), flush=True)
     fine_tuned = 'head.weight' in sd
     num_classes = int(sd['head.weight'].shape[0]) if fine_tuned else 0
     if 'fc_norm.weight' in sd:
@@ -137,7 +136,8 @@ def export_encoder(checkpoint: str, output: str, pool: str = 'token', num_heads:
                                     embed_dim=arch['embed_dim'], depth=arch['depth'], num_heads=arch['num_heads'],
                                     num_classes=num_classes, global_pool=global_pool,
                                     **({} if fc_norm is None else dict(fc_norm=fc_norm)))
-    report = models_vit.load_encoder_state(model, sd, where, models_vit.checkpoint_args(ckpt), head_init_std=None)
+    report = checkpoint_formats.load_encoder_state(model, sd, where, checkpoint_formats.checkpoint_args(ckpt),
+                                                   head_init_std=None)
     check(not report.missing, f'{where}: tensors missing for a complete encoder: {report.missing}')
     name, kwargs = timm_recipe(arch, num_classes, global_pool, fc_norm)
     state = model.state_dict()

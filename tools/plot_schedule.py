@@ -18,8 +18,11 @@ import os
 import sys
 from typing import List, Optional
 
-from util.args import ArgumentParser, integer
-from util.errors import UserError, exit_main
+if __name__ == '__main__' and not __package__:  # run as a file (python tools/x.py): rerun as python -m
+    os.execv(sys.executable, [sys.executable, '-m', 'tools.plot_schedule', *sys.argv[1:]])
+
+from util.args import ArgumentParser, integer  # noqa: E402
+from util.errors import UserError, exit_main  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """Compare pre-training runs: one table and three figures from their log.txt, checkpoint args and evaluations.
 
-    python tools/report.py sweeps/t0                       # a sweep folder (tools/sweep.py --out): report inside it
-    python tools/report.py runs/a runs/b runs/c --out cmp   # any run folders
+    python -m tools.report sweeps/t0                       # a sweep folder (tools/sweep.py --out): report inside it
+    python -m tools.report runs/a runs/b runs/c --out cmp   # any run folders
 
 Writes ``report.md`` (and ``report.json``, the same rows) with PNG figures beside it:
 
@@ -16,7 +16,6 @@ sweep); its evaluations are the sub-folders holding a ``log.txt`` of run_knn/run
 failed and not-started runs are listed, never dropped. Without matplotlib the tables are still written and the
 report says which figures are missing.
 """
-import argparse
 import json
 import math
 import os
@@ -25,7 +24,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == '__main__' and not __package__:  # run as a file (python tools/x.py): rerun as python -m
+    os.execv(sys.executable, [sys.executable, '-m', 'tools.report', *sys.argv[1:]])
+
 from util.args import ArgumentParser  # noqa: E402
 from util.errors import UserError, exit_main  # noqa: E402
 

@@ -1,9 +1,9 @@
 """Submit any of the four scripts to SLURM (or to submitit's local executor) with pre-emption -> requeue -> resume.
 
-    python tools/submitit_launch.py run_pretrain.py --batch_size 128 --model MIM_vit_base_patch16 ... \\
+    python -m tools.submitit_launch run_pretrain.py --batch_size 128 --model MIM_vit_base_patch16 ... \\
         --output_dir /shared/runs/b16 --nodes 4 --ngpus 8 --partition gpu --timeout 4320
-    python tools/submitit_launch.py run_finetune.py --finetune /shared/runs/b16/checkpoint-99.pth ... --ngpus 8
-    python tools/submitit_launch.py run_pretrain.py --demo --epochs 4 --output_dir /tmp/d --cluster local --ngpus 0
+    python -m tools.submitit_launch run_finetune.py --finetune /shared/runs/b16/checkpoint-99.pth ... --ngpus 8
+    python -m tools.submitit_launch run_pretrain.py --demo --epochs 4 --output_dir /tmp/d --cluster local --ngpus 0
 
 Launcher flags (below) and script flags may be mixed; every flag the launcher does not know goes to the script and
 is checked against the script's own parser before anything is submitted.
@@ -33,8 +33,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+if __name__ == '__main__' and not __package__:  # run as a file (python tools/x.py): rerun as python -m
+    os.execv(sys.executable, [sys.executable, '-m', 'tools.submitit_launch', *sys.argv[1:]])
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
 from util.errors import UserError, exit_main  # noqa: E402
 from util.args import ArgumentParser, integer
 
@@ -59,8 +61,6 @@ def script_path(name: str) -> Path:
 
 def script_parser(name: str) -> argparse.ArgumentParser:
     """The script's own ``get_args_parser()``, with argparse errors raised as :class:`LaunchError` (one line)."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
     import importlib
     module = importlib.import_module(os.path.basename(name)[:-3])
     parser = module.get_args_parser()
@@ -400,8 +400,6 @@ def main(argv: Sequence[str]) -> int:
         raise LaunchError(message)
     parser.error = _error
     opts, script_argv = parser.parse_known_args(list(argv))
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
     from util.args import domain_errors
     errors = domain_errors(opts, parser, [])  # the launcher's own flags, before anything is submitted
     if errors:

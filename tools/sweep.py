@@ -1,10 +1,10 @@
 """Expand a grid of flag values into runs, run (or print, or submit) them, and chain evaluations on each.
 
-    python tools/sweep.py --grid t_0=0.7,0.8,0.9 --grid how_scale=cubic,linear --then knn --then linprobe \\
+    python -m tools.sweep --grid t_0=0.7,0.8,0.9 --grid how_scale=cubic,linear --then knn --then linprobe \\
         --out sweeps/t0 --run local -- run_pretrain.py --demo --epochs 10
-    python tools/sweep.py ... --run print -- CUDA_VISIBLE_DEVICES=0,1 python3 -m torch.distributed.launch \\
+    python -m tools.sweep ... --run print -- CUDA_VISIBLE_DEVICES=0,1 python3 -m torch.distributed.launch \\
         --nproc_per_node=2 run_pretrain.py --epochs 100 --batch_size 256 ...        # record.sh lines only
-    python tools/sweep.py ... --run slurm --nodes 1 --ngpus 8 --partition gpu -- run_pretrain.py ...
+    python -m tools.sweep ... --run slurm --nodes 1 --ngpus 8 --partition gpu -- run_pretrain.py ...
 
 Everything after ``--`` is the common command: optional ``NAME=value`` environment words and launcher words (as
 record.sh takes them), one of the four scripts, and its flags. Each grid point adds ``--key value`` (a switch such
@@ -24,12 +24,13 @@ import shlex
 import signal
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import submitit_launch as sl  # noqa: E402
-from submitit_launch import LaunchError  # noqa: E402
+if __name__ == '__main__' and not __package__:  # run as a file (python tools/x.py): rerun as python -m
+    os.execv(sys.executable, [sys.executable, '-m', 'tools.sweep', *sys.argv[1:]])
+
+from tools import submitit_launch as sl  # noqa: E402
+from tools.submitit_launch import LaunchError  # noqa: E402
 from util.args import ArgumentParser, domain_errors  # noqa: E402
 from util.errors import exit_main  # noqa: E402
 
@@ -275,7 +276,7 @@ def run_local(sweep: Dict[str, Any], cwd: str) -> int:
         print(f'[sweep] failed: {"; ".join(failed)}; fix and re-run the same command (finished steps are skipped)',
               file=sys.stderr, flush=True)
         return 1
-    print(f'[sweep] all {len(sweep["runs"])} runs finished; report: python tools/report.py {sweep["out"]}',
+    print(f'[sweep] all {len(sweep["runs"])} runs finished; report: python -m tools.report {sweep["out"]}',
           flush=True)
     return 0
 

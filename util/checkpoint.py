@@ -275,7 +275,8 @@ def _read_checkpoint(path: str, flag: str) -> Dict[str, Any]:
         raise UserError(f'{flag} {path}: ' + ('is a directory, not a checkpoint file' if os.path.isdir(path)
                                               else 'file not found'))
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # MAE/LocalMIM/ViTFreeze pickled their args
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means "not a usable checkpoint"
         with open(path, 'rb') as f:
             head = f.read(4)

@@ -9,7 +9,8 @@ are summed), so nothing is padded or counted twice and the result equals a singl
 
 Online use during pre-training (call on every rank; returns the same dict everywhere)::
 
-    from models_vit import encoder_from_mim_state, encoder_features
+    from checkpoint_formats import encoder_from_mim_state
+    from models_vit import encoder_features
     from util.knn import build_knn_loaders, knn_evaluate
     train_l, val_l = build_knn_loaders(args.knn_data_path, args.input_size, batch_size=128, num_workers=4,
                                        shard=args.distributed)
