@@ -115,7 +115,7 @@ def setup_freezeout(args: argparse.Namespace, model: nn.Module, schedule, spe: i
         names = FreezeOut.unit_names(seam, args.dont_freeze_pe)
         plan = FreezeOutSchedule(names, total, warm, args.lr, args.min_lr, args.t_0, args.how_scale,
                                  scale_lr=not args.not_scale_lr, layerwise_lr=not args.non_layerwise_lr,
-                                 freeze_schedule=args.freeze_schedule)
+                                 freeze_schedule=args.freeze_schedule, unit_min_lr=args.unit_min_lr)
         freezer = FreezeOut(seam, plan, args.dont_freeze_pe)
         du.print0(format_plan(plan, spe, flops, args.dont_freeze_pe))
     return freezer, flops

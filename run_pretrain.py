@@ -57,15 +57,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                        weight_decay=0.05,
                        weight_decay_help='AdamW weight decay; none on biases, norms and other 1-D params',
                        blr_note='; LocalMIM ViT-B uses 2e-4',
-                       min_lr_note="; also where every FreezeOut unit's cosine ends. ViTFreeze's unit cosines end at "
-                                   '0 ("min_lr is 0 based on freeze_out"): --min_lr 0 reproduces them exactly')
+                       min_lr_note="; with FreezeOut also where the global curve (--non_layerwise_lr, never-frozen "
+                                   "units) ends. Under --freeze_schedule vitfreeze a freezing unit's own cosine ends "
+                                   "at 0, as ViTFreeze's (\"min_lr is 0 based on freeze_out\"), unless --min_lr is "
+                                   'typed: then every curve ends at it')
     g.add_argument('--lr_schedule', default='cosine', choices=['cosine', 'constant'],
                    help='after the linear warm-up: cosine = half-cosine to --min_lr (MAE/LocalMIM); constant = hold '
-                        'the peak LR to the end. With FreezeOut a unit holds its peak and anneals to --min_lr over a '
-                        'tail before its freeze step (--constant_tail) (default: cosine)')
+                        'the peak LR to the end. With FreezeOut a unit holds its peak and anneals to its LR floor '
+                        'over a tail before its freeze step (--constant_tail) (default: cosine)')
     g.add_argument('--constant_tail', default=0.1, type=float, metavar='FRAC',
                    help='with --lr_schedule constant and FreezeOut: fraction in [0, 1] of a unit\'s post-warm-up '
-                        'span (warm-up end to freeze step) spent on a half-cosine from its peak to --min_lr, so no '
+                        'span (warm-up end to freeze step) spent on a half-cosine from its peak to its LR floor, so no '
                         'unit is frozen at a high LR; never-frozen units hold to the end (default: 0.1)')
     g = p.add_argument_group('model')
     add_arch_args(g, model_default='MIM_vit_base_patch16', source="the model's (patch 16, or 14 for ViT-H)",
@@ -88,6 +90,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'logged per epoch (default: none, weights fixed)')
     g = p.add_argument_group('FreezeOut (on when --t_0 or --how_scale is given, or --freeze_policy adaptive)')
     add_schedule_args(g)
+    g.add_argument('--freezeout_weight_decay', default=None, type=float, metavar='WD',
+                   help='AdamW weight decay of the FreezeOut units\' matrices (biases, norms and other 1-D params '
+                        'stay at 0), >= 0; the never-frozen embedding of --dont_freeze_pe keeps --weight_decay. '
+                        'ViTFreeze\'s FreezeOut runs until 2024-01-26 used 1e-5 here (its param-group builder\'s '
+                        'default) against 0.05 in its baseline: docs/SEED_RUNS.md (default: --weight_decay)')
     g.add_argument('--plan_only', action='store_true',
                    help='print the FreezeOut plan (and projected saving) and exit without training')
     add_policy_args(g)
@@ -205,18 +212,20 @@ def main(args: argparse.Namespace) -> None:
             per_lr=args.freeze_per_lr)
         flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
         du.print0(format_adaptive_plan(freezer, spe, flops))
-        param_groups = freezer.param_groups(args.weight_decay)
+        param_groups = _freezeout_param_groups(freezer, args)
     elif args.freezeout:
         schedule = FreezeOutSchedule(FreezeOut.unit_names(model, args.dont_freeze_pe), total_steps, warmup_steps,
                                      args.lr, args.min_lr, args.t_0, args.how_scale, scale_lr=not args.not_scale_lr,
                                      layerwise_lr=not args.non_layerwise_lr, freeze_schedule=args.freeze_schedule,
-                                     lr_schedule=args.lr_schedule, constant_tail=args.constant_tail)
+                                     lr_schedule=args.lr_schedule, constant_tail=args.constant_tail,
+                                     unit_min_lr=args.unit_min_lr)
         freezer = FreezeOut(model, schedule, args.dont_freeze_pe)
         flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
         du.print0(format_plan(schedule, spe, flops, args.dont_freeze_pe))
-        param_groups = freezer.param_groups(args.weight_decay)
+        param_groups = _freezeout_param_groups(freezer, args)
     else:
         param_groups = param_groups_weight_decay(model, args.weight_decay)
+    du.print0(param_group_summary(param_groups))
     if args.plan_only:
         if not args.freezeout:
             du.print0(f'no FreezeOut (--t_0/--how_scale not given): plain warm-up + {args.lr_schedule}, nothing '
@@ -342,6 +351,31 @@ def main(args: argparse.Namespace) -> None:
         print(demo_summary(args, freezer, flops, spe), flush=True)
     stop.close()
     du.cleanup()
+
+
+def _freezeout_param_groups(freezer, args) -> list:
+    """The FreezeOut units' groups with --freezeout_weight_decay (default --weight_decay) on their matrices; the
+    never-frozen embedding's groups (unit -1, --dont_freeze_pe) keep --weight_decay."""
+    wd = args.weight_decay if args.freezeout_weight_decay is None else args.freezeout_weight_decay
+    groups = freezer.param_groups(wd)
+    if wd != args.weight_decay:
+        base = freezer.param_groups(args.weight_decay)  # same layout, group for group
+        groups = [b if b['unit'] < 0 else g for g, b in zip(groups, base)]
+    return groups
+
+
+def param_group_summary(groups: list) -> str:
+    """One line: the AdamW weight decay of the parameter groups, counted in tensors, per kind of group."""
+    kinds = {}
+    for g in groups:
+        u = g.get('unit')
+        kind = 'all parameters' if u is None else 'FreezeOut units' if u >= 0 else 'never-frozen embedding'
+        kinds.setdefault(kind, {}).setdefault(g['weight_decay'], 0)
+        kinds[kind][g['weight_decay']] += len(g['params'])
+    parts = [f'{kind}: ' + ', '.join(f'{wd:g} on {n} tensors' for wd, n in sorted(c.items(), reverse=True))
+             for kind, c in kinds.items()]
+    return (f'AdamW weight decay ({len(groups)} param groups; biases, norms and other 1-D tensors get 0): '
+            + '; '.join(parts))
 
 
 def _saving_so_far(acc: dict, stats: dict, epoch: int, args, freezer, flops, spe: int) -> dict:

@@ -280,6 +280,7 @@ FLAG_DOMAINS: Dict[str, Domain] = {
     'batch_size': _int(1), 'epochs': _int(1), 'accum_iter': _int(1), 'warmup_epochs': _int(0),
     'start_epoch': _int(0), 'lr': _real(0.0, lo_open=True), 'blr': _real(0.0, lo_open=True), 'min_lr': _real(0.0),
     'weight_decay': _real(0.0), 'layer_decay': _real(0.0, 1.0, lo_open=True), 'clip_grad': _real(0.0, lo_open=True),
+    'freezeout_weight_decay': _real(0.0),
     # model
     'input_size': _int(1, 8192), 'patch_size': _int(1, 8192), 'embed_dim': _int(1), 'depth': _int(1),
     'num_heads': _int(1), 'decoder_embed_dim': _int(1), 'mask_ratio': _real(0.0, 1.0, hi_open=True), 'hog_nbins': _int(1, 180),
@@ -327,12 +328,12 @@ def _check_aa(flag: str, value: str) -> Optional[str]:
 
 
 def _check_stage_weights(flag: str, value: str) -> Optional[str]:
-    if value in ('equal', '4321', '1overk', 'inv4321'):  # models_mim.STAGE_WEIGHT_PRESETS (util imports no model)
+    if value in ('equal', '4321', 'cum4321', '1overk', 'inv4321'):  # models_mim.STAGE_WEIGHT_PRESETS (util: no model)
         return None
     try:
         w = [float(x) for x in value.split(',') if x.strip()]
     except ValueError:
-        return f"{flag} {value!r}: must be equal, 4321, 1overk, inv4321 or a comma list of numbers"
+        return f"{flag} {value!r}: must be equal, 4321, cum4321, 1overk, inv4321 or a comma list of numbers"
     if not w or any(not math.isfinite(x) or x < 0 for x in w) or not any(x > 0 for x in w):
         return f"{flag} {value!r}: weights must be finite and >= 0, and not all 0"
     return None
