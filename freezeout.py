@@ -10,13 +10,24 @@ steps, both from the real loader length, epochs, accumulation and world size.
 ``--freeze_schedule vitfreeze`` (default; what the ViTFreeze code does, so the seed's runs are reproduced):
 
     j < W:            lr_i(j) = lr · j / W                  (every unit ramps to the *global* lr)
-    W <= j < F_i:     lr_i(j) = min_lr + (α_i - min_lr) · ½ (1 + cos(π (j - W) / (t_i (T - W))))
+    W <= j < F_i:     lr_i(j) = m_i + (α_i - m_i) · ½ (1 + cos(π (j - W) / (t_i (T - W))))
                       (a scaled unit jumps from lr to α_i at j = W)
-    F_i = W + t_i · (T - W): unit i is frozen at the first optimizer step j >= F_i
+    F_i = W + t_i · (T - W): unit i is frozen at the first optimizer step j >= F_i (layer-wise), j > F_i
+                      (--non_layerwise_lr)
 
-ViTFreeze's cosine ends at 0; ours ends at --min_lr so that a unit with t_i = 1 follows the global schedule exactly
-(``--min_lr 0`` gives ViTFreeze's curve). ViTFreeze freezes once j - W > t_i (T - W), i.e. it takes one more step
-at LR 0, which moves nothing under AdamW; we freeze at that step instead.
+LR floors (``unit_min_lr``; the plan's header names them): a freezing unit's own cosine ends at m_i = unit_min_lr,
+everything on the global curve (--non_layerwise_lr, units with t_i = 1, the embedding under --dont_freeze_pe) ends
+at min_lr. ViTFreeze's code: unit curves a_i/2 (1 + cos(..)) end at 0, its global curve at --min_lr (1e-6), so under
+``vitfreeze`` the flags resolve unit_min_lr = 0 unless --min_lr is typed (then both floors are --min_lr). A unit with
+t_i = 1 keeps the global curve and floor: the last block and every unit of ``--t_0 1`` are the plain schedule bit
+for bit (ViTFreeze ran its last block on a_i's curve to 0 instead: at most min_lr = 1e-6 of LR apart).
+
+Freeze step: ViTFreeze freezes at the first step with j - W > t_i (T - W), so when F_i is a whole step (unit 0 of
+cubic 0.8: W + 0.512 (T - W) is) it still takes step F_i. Layer-wise that step runs at LR a_i/2 (1 + cos π) = 0,
+and AdamW moves nothing at LR 0 (the update and the decoupled decay both scale with the LR), so we freeze one step
+earlier: the same weights for one step less compute. Non-layer-wise the step runs on the global curve, at
+lr_global(F_i) (~0.48 lr for unit 0 of cubic 0.8), a real update: there we freeze at j > F_i, as ViTFreeze.
+(ViTFreeze counts F_i in micro-batches, we in optimizer steps: both agree to rounding.)
 
 ``--freeze_schedule freezeout`` (the FreezeOut paper's convention, counted from step 0):
 
@@ -89,6 +100,8 @@ class FreezeOutSchedule:
         total_steps: T, optimizer steps of the whole run (from the real loader length, epochs, accum, world size).
         warmup_steps: W.
         lr, min_lr: peak and final LR of the global schedule.
+        unit_min_lr: final LR of a freezing unit's own (layer-wise) curve, reached at its freeze point (None:
+            ``min_lr``; ViTFreeze's code: 0). Units on the global curve keep ``min_lr``; see :meth:`floor`.
         t_0, how_scale, scale_lr, layerwise_lr: the method's knobs (see module docstring).
         freeze_schedule: ``vitfreeze`` (ViTFreeze's code) or ``freezeout`` (the paper's convention).
         lr_schedule: ``cosine`` or ``constant`` (hold the peak; units anneal over a tail before freezing).
@@ -97,7 +110,8 @@ class FreezeOutSchedule:
 
     def __init__(self, unit_names: Sequence[str], total_steps: int, warmup_steps: int, lr: float, min_lr: float,
                  t_0: float = 0.8, how_scale: str = 'cubic', scale_lr: bool = True, layerwise_lr: bool = True,
-                 freeze_schedule: str = 'vitfreeze', lr_schedule: str = 'cosine', constant_tail: float = 0.1):
+                 freeze_schedule: str = 'vitfreeze', lr_schedule: str = 'cosine', constant_tail: float = 0.1,
+                 unit_min_lr: Optional[float] = None):
         if total_steps < 1:
             raise UserError('FreezeOut needs at least one optimizer step: check --epochs, --batch_size, '
                             '--accum_iter against the dataset size')
@@ -109,6 +123,9 @@ class FreezeOutSchedule:
             raise UserError(f'--constant_tail {constant_tail}: must be in [0, 1]')
         self.total_steps, self.warmup_steps = int(total_steps), int(warmup_steps)
         self.lr, self.min_lr = float(lr), float(min_lr)
+        self.unit_min_lr = self.min_lr if unit_min_lr is None else float(unit_min_lr)
+        if not (math.isfinite(self.unit_min_lr) and self.unit_min_lr >= 0.0):
+            raise UserError(f'--min_lr {self.unit_min_lr}: the unit LR floor must be >= 0')
         self.t_0, self.how_scale, self.scale_lr, self.layerwise_lr = t_0, how_scale, scale_lr, layerwise_lr
         self.freeze_schedule, self.lr_schedule, self.constant_tail = freeze_schedule, lr_schedule, constant_tail
         ts = freeze_points(len(unit_names), t_0, how_scale)
@@ -118,7 +135,11 @@ class FreezeOutSchedule:
             alpha = self.lr / t if scale_lr else self.lr
             end = self.warmup_steps + t * post if freeze_schedule == 'vitfreeze' else t * self.total_steps
             # round first: 0.8**3 * T is 51200.000000000004, which must freeze at 51200, not 51201
-            freeze = math.ceil(round(end, 6)) if round(end, 6) < self.total_steps else None
+            e = round(end, 6)
+            # non-layer-wise vitfreeze: ViTFreeze's j - W > t_i (T - W); the step at F_i has the global LR (module
+            # docstring). Layer-wise that step has LR 0 in ViTFreeze, which moves nothing: freeze at it.
+            first = math.floor(e) + 1 if (freeze_schedule == 'vitfreeze' and not layerwise_lr) else math.ceil(e)
+            freeze = first if e < self.total_steps else None
             self.units.append(UnitPlan(i, name, t, alpha, end, freeze))
 
     def lr_at(self, unit: int, step: int) -> float:
@@ -131,15 +152,35 @@ class FreezeOutSchedule:
             # vitfreeze: every unit ramps to the global lr (the same numbers as the plain run), then jumps to α_i
             return (self.lr if self.freeze_schedule == 'vitfreeze' else u.alpha) * step / w
         end = u.end_step if u.freeze_step is not None else self.total_steps
+        m = self.floor(unit)
         if self.lr_schedule == 'cosine':
-            return warmup_cosine(step, u.alpha, self.min_lr, w, end)
+            return warmup_cosine(step, u.alpha, m, w, end)
         if u.freeze_step is None:
             return u.alpha  # t = 1: the plain constant run's curve
         tail_start = end - self.constant_tail * (end - w)
         if step < tail_start or end <= tail_start:
             return u.alpha
-        return self.min_lr + (u.alpha - self.min_lr) * 0.5 * (
+        return m + (u.alpha - m) * 0.5 * (
             1.0 + math.cos(math.pi * min(1.0, (step - tail_start) / (end - tail_start))))
+
+    def floor(self, unit: int) -> float:
+        """The LR that ``unit``'s curve ends at: ``unit_min_lr`` for a freezing unit's own layer-wise curve (at its
+        freeze point), ``min_lr`` for a unit on the global curve (non-layer-wise, or t_i = 1: never frozen)."""
+        return self.unit_min_lr if self.layerwise_lr and self.units[unit].freeze_step is not None else self.min_lr
+
+    def describe_floors(self) -> str:
+        """Which floor each curve has (one line of the plan)."""
+        if not self.layerwise_lr:
+            return f'LR floor: every unit is on the global curve, which ends at min_lr={self.min_lr:.3g}'
+        frozen = [u for u in self.units if u.freeze_step is not None]
+        never = [u.name for u in self.units if u.freeze_step is None]
+        src = ('ViTFreeze: its unit curves end at 0; --min_lr sets it' if self.unit_min_lr == 0.0 and
+               self.freeze_schedule == 'vitfreeze' else 'from --min_lr')
+        out = (f'LR floor: freezing units ({len(frozen)}) end their own curves at {self.unit_min_lr:.3g} at their '
+               f'freeze step ({src})' if frozen else 'LR floor: no unit freezes')
+        on_global = f'{", ".join(never)} (t = 1, never frozen) and the global curve end' if never else \
+            'the global curve ends'
+        return out + f'; {on_global} at min_lr={self.min_lr:.3g}'
 
     def global_lr_at(self, step: int) -> float:
         return global_lr(step, self.lr, self.min_lr, self.warmup_steps, self.total_steps, self.lr_schedule)
@@ -148,15 +189,15 @@ class FreezeOutSchedule:
         """One line naming the schedule in force and its formulas."""
         if self.freeze_schedule == 'vitfreeze':
             s = ('vitfreeze (ViTFreeze: every unit warms up to lr, a scaled unit jumps to a_i at W, its cosine runs '
-                 'from W over t_i(T-W) to min_lr, frozen at W + t_i(T-W))')
+                 'from W over t_i(T-W) to its LR floor, frozen at W + t_i(T-W))')
         else:
-            s = ('freezeout (FreezeOut paper: warm-up to a_i, cosine to min_lr at J_i = t_i T from step 0, frozen '
-                 'at J_i)')
+            s = ('freezeout (FreezeOut paper: warm-up to a_i, cosine to its LR floor at J_i = t_i T from step 0, '
+                 'frozen at J_i)')
         if not self.layerwise_lr:
             s += '; non-layerwise: every unit follows the global curve, only the freeze steps are per unit'
         if self.lr_schedule == 'constant':
-            s += (f'; constant LR: hold the peak after warm-up, a freezing unit anneals to min_lr over the last '
-                  f'{self.constant_tail:g} of its post-warm-up span')
+            s += (f'; constant LR: hold the peak after warm-up, a freezing unit anneals to its LR floor over the '
+                  f'last {self.constant_tail:g} of its post-warm-up span')
         return s
 
     def num_frozen_at(self, step: int) -> int:
@@ -644,8 +685,8 @@ def projected_saving(schedule: FreezeOutSchedule, flops: Dict[str, Any], dont_fr
 
 def format_plan(schedule: FreezeOutSchedule, steps_per_epoch: int, flops: Optional[Dict[str, Any]] = None,
                 dont_freeze_pe: bool = False) -> str:
-    """A human-readable freeze plan: the schedule in force, per unit t_i, peak LR, the step where its LR reaches
-    min_lr (``end``), freeze step and epoch; projected FLOP saving."""
+    """A human-readable freeze plan: the schedule in force, which LR floor each curve ends at, per unit t_i, peak LR,
+    the step where its LR reaches its floor (``end``), freeze step and epoch; projected FLOP saving."""
     s = schedule
     cls = ('cls token: in the never-frozen embedding (--dont_freeze_pe), as in ViTFreeze' if dont_freeze_pe else
            'cls token: frozen with unit 0 (ViTFreeze keeps it at the global LR and never freezes it, so its backward '
@@ -654,6 +695,8 @@ def format_plan(schedule: FreezeOutSchedule, steps_per_epoch: int, flops: Option
              f'T={s.total_steps} optimizer steps ({steps_per_epoch}/epoch), warm-up W={s.warmup_steps}, '
              f'lr={s.lr:.3e}, min_lr={s.min_lr:.3e}; {cls}',
              f'schedule: {s.describe()}',
+             s.describe_floors() + ('; the never-frozen embedding (--dont_freeze_pe) is on the global curve'
+                                    if dont_freeze_pe else ''),
              f"{'unit':>4} {'name':<10} {'t_i':>7} {'peak lr':>10} {'end':>10} {'freeze step':>11} "
              f"{'epoch':>8}  note"]
     if dont_freeze_pe:
@@ -691,7 +734,7 @@ class SchedulePolicy(FreezePolicy):
             units, total_steps, warmup_steps, args.lr, args.min_lr, args.t_0, args.how_scale,
             scale_lr=not args.not_scale_lr, layerwise_lr=not args.non_layerwise_lr,
             freeze_schedule=args.freeze_schedule, lr_schedule=getattr(args, 'lr_schedule', 'cosine'),
-            constant_tail=getattr(args, 'constant_tail', 0.1))
+            constant_tail=getattr(args, 'constant_tail', 0.1), unit_min_lr=getattr(args, 'unit_min_lr', None))
 
     @classmethod
     def from_schedule(cls, schedule: 'FreezeOutSchedule') -> 'SchedulePolicy':
@@ -1096,9 +1139,11 @@ def add_schedule_args(g) -> None:
     """The schedule policy's flags."""
     g.add_argument('--freeze_schedule', default='vitfreeze', choices=list(FREEZE_SCHEDULES),
                    help="vitfreeze = ViTFreeze's code: every unit warms up to lr, a scaled unit jumps to lr/t_i at "
-                        "the end of warm-up W, its cosine runs from W over t_i*(T-W) steps to --min_lr and it "
-                        "freezes at step W + t_i*(T-W); freezeout = the FreezeOut paper's convention: warm-up to "
-                        "lr/t_i, cosine to --min_lr ending (and freezing) at t_i*T (default: vitfreeze)",
+                        "the end of warm-up W, its cosine runs from W over t_i*(T-W) steps to 0 (ViTFreeze's unit "
+                        "curves; a typed --min_lr replaces the 0) and it freezes at step W + t_i*(T-W), while the "
+                        "global curve (--non_layerwise_lr, never-frozen units) ends at --min_lr; freezeout = the "
+                        "FreezeOut paper's convention: warm-up to lr/t_i, cosine to --min_lr ending (and freezing) "
+                        "at t_i*T (default: vitfreeze)",
                    defines_run=True)
     g.add_argument('--t_0', default=None, type=float,
                    help='freeze point of the first unit before scaling, in (0, 1]; 1 = never freeze (default when '
@@ -1195,6 +1240,11 @@ def resolve_freeze_args(args, argv: Sequence[str]) -> None:
         print('note: --freeze_signal/--freeze_per_lr/--freeze_earliest/--freeze_window/--freeze_threshold/'
               '--freeze_patience/--freeze_tail/--freeze_spacing only act with --freeze_policy adaptive')
     args.freezeout = args.t_0 is not None or args.how_scale is not None or not schedule
+    # floor of a freezing unit's own cosine: ViTFreeze's unit curves end at 0 (its global one at --min_lr), so the
+    # vitfreeze default is 0; a typed --min_lr is the floor of every curve
+    args.unit_min_lr = args.min_lr if ('min_lr' in given or args.freeze_schedule != 'vitfreeze') else 0.0
+    if getattr(args, 'freezeout_weight_decay', None) is not None and not args.freezeout:
+        print('note: --freezeout_weight_decay only acts with FreezeOut (--t_0/--how_scale/--freeze_policy)')
     if args.freezeout and schedule:
         args.t_0 = 0.8 if args.t_0 is None else args.t_0
         args.how_scale = args.how_scale or 'cubic'

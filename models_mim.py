@@ -81,11 +81,13 @@ def cell_size(patch_size: int, scale: float) -> int:
     return int(c)
 
 
-STAGE_WEIGHT_PRESETS = ('equal', '4321', '1overk', 'inv4321')
-STAGE_WEIGHTS_HELP = ("'equal' (paper: 1 each); '4321' and '1overk' as ViTFreeze's weighted runs computed them, over "
-                      "the stages still active: the k-th active stage (k = 0 shallowest) gets S_active - k ('4321') "
-                      "or 1/(k+1) ('1overk'), so the weights shift when freezing switches a stage off; 'inv4321': "
-                      "fixed 1/S, .., 1/2, 1 shallow->deep; or a comma list of S numbers, fixed per stage")
+STAGE_WEIGHT_PRESETS = ('equal', '4321', 'cum4321', '1overk', 'inv4321')
+STAGE_WEIGHTS_HELP = ("'equal' (paper: 1 each); '4321', 'cum4321' and '1overk' as ViTFreeze's weighted runs computed "
+                      "them, over the stages still active: the k-th active stage (k = 0 shallowest) gets S_active - k "
+                      "('4321', its late-January runs), (S_active - k)! ('cum4321': 24, 6, 2, 1, its mid-January "
+                      "in-loop edit that multiplied the running sum by S_active - k) or 1/(k+1) ('1overk'), so the "
+                      "weights shift when freezing switches a stage off; 'inv4321': fixed 1/S, .., 1/2, 1 "
+                      "shallow->deep; or a comma list of S numbers, fixed per stage")
 
 
 def _parse_spec(spec: Union[str, Sequence[float], None], num_stages: int,
@@ -128,9 +130,11 @@ def stage_weights_for(spec: Union[str, Sequence[float], None], num_stages: int,
                       active: Optional[Sequence[int]] = None) -> List[float]:
     """Loss weight of every stage (0 for inactive ones) given the ``active`` stages (default: all).
 
-    ``4321``/``1overk`` rank the active stages (ViTFreeze's edit of the loss, whose stage list shrank as stages were
-    switched off): rank r of S_a active stages gets S_a - r, resp. 1/(r + 1). ``inv4321`` and comma lists are fixed
-    per stage index.
+    ``4321``/``cum4321``/``1overk`` rank the active stages (ViTFreeze's edits of the loss, whose stage list shrank as
+    stages were switched off): rank r of S_a active stages gets S_a - r, (S_a - r)!, resp. 1/(r + 1). ``cum4321`` is
+    what ViTFreeze's mid-January loop ``loss += L_r; loss *= S_a - r`` computed: every earlier term is multiplied by
+    every later factor, so the weights are the cumulative products 24, 6, 2, 1 of 4, 3, 2, 1 (S_a = 4). ``inv4321``
+    and comma lists are fixed per stage index.
     """
     p = _parse_spec(spec, num_stages)
     active = list(range(num_stages)) if active is None else sorted(active)
@@ -142,6 +146,8 @@ def stage_weights_for(spec: Union[str, Sequence[float], None], num_stages: int,
             out[k] = 1.0
         elif p == '4321':
             out[k] = float(len(active) - r)
+        elif p == 'cum4321':
+            out[k] = float(math.factorial(len(active) - r))
         elif p == '1overk':
             out[k] = 1.0 / (r + 1)
         else:  # inv4321

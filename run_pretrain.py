@@ -55,8 +55,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                        weight_decay=0.05,
                        weight_decay_help='AdamW weight decay; none on biases, norms and other 1-D params',
                        blr_note='; LocalMIM ViT-B uses 2e-4',
-                       min_lr_note="; also where every FreezeOut unit's cosine ends. ViTFreeze's unit cosines end at "
-                                   '0 ("min_lr is 0 based on freeze_out"): --min_lr 0 reproduces them exactly')
+                       min_lr_note="; with FreezeOut also where the global curve (--non_layerwise_lr, never-frozen "
+                                   "units) ends. Under --freeze_schedule vitfreeze a freezing unit's own cosine ends "
+                                   "at 0, as ViTFreeze's (\"min_lr is 0 based on freeze_out\"), unless --min_lr is "
+                                   'typed: then every curve ends at it')
     g.add_argument('--lr_schedule', default='cosine', choices=['cosine', 'constant'],
                    help='after the linear warm-up: cosine = half-cosine to --min_lr (MAE/LocalMIM); constant = hold '
                         'the peak LR to the end. With FreezeOut a unit holds its peak and anneals to --min_lr over a '
@@ -105,6 +107,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                              'schedule)')
     g.add_argument('--plan_only', action='store_true',
                    help='print the FreezeOut plan (and projected saving) and exit without training')
+    g.add_argument('--freezeout_weight_decay', default=None, type=float, metavar='WD',
+                   help='AdamW weight decay of the FreezeOut units\' matrices (biases, norms and other 1-D params '
+                        'stay at 0), >= 0; the never-frozen embedding of --dont_freeze_pe keeps --weight_decay. '
+                        'ViTFreeze\'s FreezeOut runs until 2024-01-26 used 1e-5 here (its param-group builder\'s '
+                        'default) against 0.05 in its baseline: docs/SEED_RUNS.md (default: --weight_decay)',
+                   domain=real(0.0), defines_run=True)
     add_freeze_args(g)
     g = p.add_argument_group('evaluation during pre-training')
     g.add_argument('--knn_eval_freq', default=0, type=int,
@@ -208,6 +216,8 @@ def main(args: argparse.Namespace) -> None:
         flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
         du.print0(freezer.format_plan(spe, flops))
     check_stage_weights(model, freezer, schedule.total_steps, spe)  # a zero loss after a freeze: refused now
+    groups = _freezeout_param_groups(freezer, args) if freezer else param_groups_weight_decay(model, args.weight_decay)
+    du.print0(param_group_summary(groups))
     if args.plan_only:
         if not args.freezeout:
             du.print0(f'no FreezeOut (--t_0/--how_scale not given): plain warm-up + {args.lr_schedule}, nothing '
@@ -215,7 +225,6 @@ def main(args: argparse.Namespace) -> None:
         du.cleanup()
         return
 
-    groups = freezer.param_groups(args.weight_decay) if freezer else param_groups_weight_decay(model, args.weight_decay)
     # fused: one kernel for all parameters (CPU and CUDA); 3-4x faster optimizer step than the per-tensor loop
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
     amp = make_amp(device, args.amp)
@@ -285,6 +294,31 @@ def plan(args: argparse.Namespace, world_size: int = 1):
                           seed=args.seed, distributed=world_size > 1, world_size=world_size, rank=0)
     schedule, spe = make_schedule(args, len(loader), world_size)
     return (build_freezer(args, model, schedule) if args.freezeout else None), schedule, spe
+
+
+def _freezeout_param_groups(freezer, args) -> list:
+    """The FreezeOut units' groups with --freezeout_weight_decay (default --weight_decay) on their matrices; the
+    never-frozen embedding's groups (unit -1, --dont_freeze_pe) keep --weight_decay."""
+    wd = args.weight_decay if args.freezeout_weight_decay is None else args.freezeout_weight_decay
+    groups = freezer.param_groups(wd)
+    if wd != args.weight_decay:
+        base = freezer.param_groups(args.weight_decay)  # same layout, group for group
+        groups = [b if b['unit'] < 0 else g for g, b in zip(groups, base)]
+    return groups
+
+
+def param_group_summary(groups: list) -> str:
+    """One line: the AdamW weight decay of the parameter groups, counted in tensors, per kind of group."""
+    kinds: dict = {}
+    for g in groups:
+        u = g.get('unit')
+        kind = 'all parameters' if u is None else 'FreezeOut units' if u >= 0 else 'never-frozen embedding'
+        kinds.setdefault(kind, {}).setdefault(g['weight_decay'], 0)
+        kinds[kind][g['weight_decay']] += len(g['params'])
+    parts = [f'{kind}: ' + ', '.join(f'{wd:g} on {n} tensors' for wd, n in sorted(c.items(), reverse=True))
+             for kind, c in kinds.items()]
+    return (f'AdamW weight decay ({len(groups)} param groups; biases, norms and other 1-D tensors get 0): '
+            + '; '.join(parts))
 
 
 def _print_setup(args, dataset, loader, spe: int, model, cuda_flags) -> None:

@@ -229,8 +229,9 @@ def test_vitfreeze_non_layerwise_and_min_lr_0_is_vitfreeze_curve():
     for i in range(5):
         for j in (0, 19, 20, 21, 90, 110):
             assert sched.lr_at(i, j) == sched.global_lr_at(j) == warmup_cosine(j, lr, 1e-6, warm, total)
-    # still frozen at W + t (T - W): t = .5 .625 .75 .875 -> 110, 132.5, 155, 177.5
-    assert [u.freeze_step for u in sched.units] == [110, 133, 155, 178, None]
+    # still frozen after W + t (T - W): t = .5 .625 .75 .875 -> 110, 132.5, 155, 177.5; non-layer-wise a whole F_i
+    # still trains at step F_i (its LR is the global one, not 0), as ViTFreeze's j - W > t (T - W)
+    assert [u.freeze_step for u in sched.units] == [111, 133, 156, 178, None]
     # --min_lr 0: ViTFreeze's own lr_i = a_i/2 (1 + cos(pi (j - W) / (t_i (T - W))))
     s0 = FreezeOutSchedule([f'u{i}' for i in range(5)], total, warm, lr, 0.0, t_0=0.5, how_scale='linear')
     for i, u in enumerate(s0.units[:-1]):
@@ -297,10 +298,15 @@ def test_constant_lr_holds_the_peak_then_a_cosine_tail_to_the_freeze_step(freeze
             assert sched.lr_at(i, j) == pytest.approx(want, rel=1e-9), (i, j)
         assert sched.lr_at(i, u.freeze_step - 1) < alpha * 0.01  # nothing freezes at a high LR
     assert sched.lr_at(4, 999) == lr  # the never-frozen unit holds to the end, like the plain run
-    # non-layerwise: the global (constant) curve for everyone, frozen at the same steps
+    # non-layerwise: the global (constant) curve for everyone, frozen at the same steps, except that vitfreeze still
+    # trains a unit at a whole F_i (550, 775 here: its LR there is the global peak), as ViTFreeze's j - W > t (T - W)
     nl = FreezeOutSchedule([f'u{i}' for i in range(5)], total, warm, lr, min_lr, t_0=0.5, how_scale='linear',
                            freeze_schedule=freeze_schedule, lr_schedule='constant', layerwise_lr=False)
-    assert [u.freeze_step for u in nl.units] == [u.freeze_step for u in sched.units]
+    want = [u.freeze_step for u in sched.units]
+    if freeze_schedule == 'vitfreeze':
+        assert want == [550, 663, 775, 888, None]
+        want = [551, 663, 776, 888, None]
+    assert [u.freeze_step for u in nl.units] == want
     assert all(nl.lr_at(i, j) == plain.lr_at(j) for i in range(5) for j in (0, 99, 100, 600))
 
 
@@ -405,7 +411,7 @@ def test_plan_only_vitfreeze_is_the_default_with_accumulation(cli_runs):
     assert 'FreezeOut plan' not in cli_runs['bad_t0'].stdout
     # --lr_schedule constant reaches the plan: same freeze steps as the cosine run, the tail named
     const = _ok_stdout(cli_runs['const'])
-    assert 'constant LR: hold the peak after warm-up, a freezing unit anneals to min_lr over the last 0.25' in const
+    assert 'constant LR: hold the peak after warm-up, a freezing unit anneals to its LR floor over the last 0.25' in const
     assert [r[5] for r in _parse_plan(const)[1]] == [r[5] for r in _parse_plan(_ok_stdout(cli_runs['cubic']))[1]]
 
 

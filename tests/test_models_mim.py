@@ -137,7 +137,7 @@ def test_stage_loss_equals_literal_formula_on_random_tensors():
         assert abs(model.stage_loss(pred2, target, w).item() - got.item()) < 1e-5
 
 
-@pytest.mark.parametrize('spec,weights', [('equal', [1, 1, 1, 1]), ('4321', [4, 3, 2, 1]),
+@pytest.mark.parametrize('spec,weights', [('equal', [1, 1, 1, 1]), ('4321', [4, 3, 2, 1]), ('cum4321', [24, 6, 2, 1]),
                                           ('1overk', [1, 1 / 2, 1 / 3, 1 / 4]), ('inv4321', [1 / 4, 1 / 3, 1 / 2, 1]),
                                           ('0.5,1,2,0', [0.5, 1, 2, 0])])
 def test_forward_loss_is_weighted_sum_of_literal_stage_losses(spec, weights):
@@ -177,6 +177,7 @@ def test_parse_stage_weights_presets_and_errors():
     assert parse_stage_weights('equal', 4) == [1.0] * 4
     assert parse_stage_weights(None, 3) == [1.0] * 3
     assert parse_stage_weights('4321', 4) == [4.0, 3.0, 2.0, 1.0]
+    assert parse_stage_weights('cum4321', 4) == [24.0, 6.0, 2.0, 1.0]
     assert parse_stage_weights('1overk', 4) == pytest.approx([1.0, 0.5, 1 / 3, 0.25])
     assert parse_stage_weights('inv4321', 4) == pytest.approx([0.25, 1 / 3, 0.5, 1.0])
     assert parse_stage_weights('1, 2.5,0,3', 4) == [1.0, 2.5, 0.0, 3.0]
@@ -195,14 +196,21 @@ def test_parse_stage_weights_presets_and_errors():
 
 def vitfreeze_weights(spec, active, num_stages):
     """ViTFreeze's weighted loss: its stage list shrank as stages were switched off; stage k of the remaining list
-    (k = 0 shallowest) got len(pred) - k ('4321') or 1 / (k + 1) ('1overk')."""
+    (k = 0 shallowest) got len(pred) - k ('4321') or 1 / (k + 1) ('1overk'). 'cum4321' replays its mid-January
+    loop literally, ``loss += L_k; loss *= len(pred) - k``, on the coefficient of every stage."""
     out = [0.0] * num_stages
+    if spec == 'cum4321':
+        coef = [0.0] * num_stages
+        for k, stage in enumerate(sorted(active)):
+            coef[stage] += 1.0
+            coef = [c * (len(active) - k) for c in coef]
+        return coef
     for k, stage in enumerate(sorted(active)):
         out[stage] = {'4321': len(active) - k, '1overk': 1 / (k + 1)}[spec]
     return out
 
 
-@pytest.mark.parametrize('spec', ['4321', '1overk', 'inv4321', '1,2,3,4'])
+@pytest.mark.parametrize('spec', ['4321', 'cum4321', '1overk', 'inv4321', '1,2,3,4'])
 def test_stage_weight_presets_before_and_after_a_stage_switches_off(spec):
     """depth 4: taps [1, 3, 1, 3]; freezing blocks 1-2 switches off stages 0 and 2 (fed by block 2)."""
     model = tiny(seed=0, stage_weights=spec)
@@ -226,6 +234,10 @@ def test_stage_weight_presets_before_and_after_a_stage_switches_off(spec):
         assert model.current_stage_weights() == [0.0, 2.0, 0.0, 1.0]
     if spec == '1overk':
         assert model.current_stage_weights() == [0.0, 1.0, 0.0, 0.5]
+    if spec == 'cum4321':  # 2 active: (2 L1) * 1 + L3 -> 2, 1; with 4 active it was 24, 6, 2, 1
+        assert model.current_stage_weights() == [0.0, 2.0, 0.0, 1.0]
+        assert vitfreeze_weights(spec, [0, 1, 2, 3], 4) == [24.0, 6.0, 2.0, 1.0]
+        assert models_mim.stage_weights_for(spec, 4, [1, 2, 3]) == [0.0, 6.0, 2.0, 1.0]
 
 
 def test_stage_weight_curriculum_is_linear_in_progress_and_written_only_on_change():

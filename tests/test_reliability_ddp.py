@@ -48,7 +48,7 @@ def test_ddp_two_processes_freezeout(launcher: str, schedule: str, demo_root: Pa
     # T and W from 2 processes x accum 2 (2 steps/epoch): the freezes happen where the formulas put them
     assert 'T=6 optimizer steps (2/epoch), warm-up W=2' in r.stdout and f'schedule: {schedule} (' in r.stdout
     sched = FreezeOutSchedule(['embed', 'block1', 'block2', 'block3', 'block4'], 6, 2, 6.25e-4, 1e-6, 0.3, 'linear',
-                              freeze_schedule=schedule)
+                              freeze_schedule=schedule, unit_min_lr=0.0 if schedule == 'vitfreeze' else None)
     events = [int(x) for x in re.findall(r'FreezeOut: step (\d+) \(epoch \d\): frozen units', r.stdout)]
     assert events == sorted({u.freeze_step for u in sched.units if u.freeze_step is not None and u.freeze_step < 6})
     assert events == ([4, 5] if schedule == 'vitfreeze' else [2, 3, 4, 5])  # 2 + 4 t_i, resp. 6 t_i, rounded up
