@@ -300,6 +300,8 @@ FLAG_DOMAINS: Dict[str, Domain] = {
     # FreezeOut
     't_0': _real(0.0, 1.0, lo_open=True), 'freeze_earliest': _real(0.0, 1.0, hi_open=True), 'freeze_window': _int(1),
     'freeze_threshold': _real(0.0, 1.0, lo_open=True), 'freeze_patience': _int(1), 'freeze_tail': _int(0),
+    'grad_window': _int(1), 'grad_percentile': _real(0.0, 100.0), 'grad_earliest': _real(0.0, 1.0, hi_open=True),
+    'grad_tail': _int(0), 'grad_spacing': _int(0),
     'constant_tail': _real(0.0, 1.0),
     # augmentation
     'color_jitter': _real(0.0), 'smoothing': _real(0.0, 1.0, hi_open=True), 'reprob': _PROB, 'recount': _int(1),
@@ -351,6 +353,23 @@ def _check_stage_weights(flag: str, value: str) -> Optional[str]:
     return None
 
 
+def _check_mask_curriculum(flag: str, value: str) -> Optional[str]:
+    """START:END, each a number > 0 or min/max (the reachable range depends on the grid: checked at model build)."""
+    parts = value.split(':')
+    if len(parts) == 2 and all(p in ('min', 'max') or _positive(p) for p in parts):
+        return None
+    return f"{flag} {value!r}: expected START:END, each a difficulty > 0 (mean distance in patches of a masked token " \
+           f"to its nearest visible one) or min/max, e.g. min:2.5"
+
+
+def _positive(text: str) -> bool:
+    try:
+        v = float(text)
+    except ValueError:
+        return False
+    return math.isfinite(v) and v > 0
+
+
 # String flags with a fixed vocabulary or syntax that argparse ``choices`` do not already express.
 STRING_DOMAINS = {
     'device': lambda f, v: None if _DEVICE.match(v) else f'{f} {v!r}: must be cpu, cuda, cuda:N or mps',
@@ -359,6 +378,7 @@ STRING_DOMAINS = {
     'aa': _check_aa,
     'stage_weights': _check_stage_weights,
     'stage_weights_end': _check_stage_weights,
+    'mask_curriculum': _check_mask_curriculum,
 }
 
 

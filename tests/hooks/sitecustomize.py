@@ -97,6 +97,15 @@ def _patch_dump(checkpoint) -> None:
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
+    def jsonable(v):
+        if torch.is_tensor(v):
+            return digest([('', v)])
+        if isinstance(v, dict):
+            return {str(k): jsonable(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [jsonable(x) for x in v]
+        return v
+
     def save_checkpoint(output_dir, epoch, state, args, numbered):
         paths = original(output_dir, epoch, state, args, numbered)
         opt = [(f'{i}.{k}', v) for i, st in sorted(state['optimizer']['state'].items())
@@ -105,9 +114,10 @@ def _patch_dump(checkpoint) -> None:
         with open(os.path.join(_DUMP_DIR, f'rank{du.get_rank()}-epoch{epoch}.json'), 'w') as f:
             json.dump({'rank': du.get_rank(), 'epoch': epoch, 'model': digest(sorted(state['model'].items())),
                        'optimizer': digest(opt), 'world_size': du.get_world_size(),
-                       # the frozen set and the adaptive policy's decisions, to compare the ranks' FreezeOut
-                       'freezeout': {k: v for k, v in (state.get('freezeout') or {}).items()
-                                     if k in ('num_frozen', 'frozen_units', 'decisions')}}, f)
+                       # the frozen set and the policy's state (decisions, signals; tensors as digests), to
+                       # compare the ranks' FreezeOut
+                       'freezeout': jsonable({k: v for k, v in (state.get('freezeout') or {}).items()
+                                              if k in ('num_frozen', 'frozen_units', 'policy_state')})}, f)
         return paths
     checkpoint.save_checkpoint = save_checkpoint
 
