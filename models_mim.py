@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
+from masking import BlockMaskCurriculum
 from util.errors import UserError
 from util.pos_embed import sincos_2d_tensor
 
@@ -460,6 +461,10 @@ class LocalMIM(nn.Module):
         stage_scales: scales of the four default taps (4, 2, 1, 0.5).
         decoder_embed_dim, decoder_depth, decoder_num_heads: per-stage decoder shape (256, 1, 8).
         hog_bias_seed: seed of the hog bias draw (same on all ranks).
+        mask_curriculum: ``'START:END'`` (``--mask_curriculum``): block-wise masks whose difficulty moves linearly
+            over training (``masking.BlockMaskCurriculum``, calibrated at ``mask_ratio``; the engine calls
+            :meth:`set_progress`); None: MAE's random masking (:meth:`random_masking`).
+        mask_ratio: the ratio the curriculum is calibrated for (the run's ``--mask_ratio``).
     """
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 16, embed_dim: int = 1024,
@@ -468,7 +473,8 @@ class LocalMIM(nn.Module):
                  stage_weights: Union[str, Sequence[float], None] = 'equal',
                  stage_scales: Sequence[float] = (4, 2, 1, 0.5), decoder_embed_dim: int = 256,
                  decoder_depth: int = 1, decoder_num_heads: int = 8, hog_bias_seed: int = 0, in_chans: int = 3,
-                 stage_weights_end: Union[str, Sequence[float], None] = None):
+                 stage_weights_end: Union[str, Sequence[float], None] = None,
+                 mask_curriculum: Optional[str] = None, mask_ratio: float = 0.75):
         super().__init__()
         if isinstance(img_size, (tuple, list)):
             if len(img_size) != 2 or img_size[0] != img_size[1]:
@@ -514,6 +520,8 @@ class LocalMIM(nn.Module):
             StageDecoder(embed_dim, self.grid, out_dim, s, decoder_embed_dim, decoder_depth, decoder_num_heads)
             for s in self.stage_scales])
         self.hog = HOGTargets(hog_nbins, self.cell_sizes, bias=hog_bias, bias_seed=hog_bias_seed)
+        # None: random_masking, untouched; else a host-side generator (no parameters, nothing in the state dict)
+        self.masking = BlockMaskCurriculum(mask_curriculum, self.grid, mask_ratio) if mask_curriculum else None
 
         # FreezeOut state (declared here, driven by freezeout.py through set_frozen)
         self.num_frozen_blocks = 0
@@ -572,6 +580,22 @@ class LocalMIM(nn.Module):
             src = src.pin_memory()  # a pageable-memory copy would synchronise the host with the stream
         self.stage_weight.copy_(src, non_blocking=True)
         return True
+
+    @property
+    def follows_progress(self) -> bool:
+        """True when something in the model changes with the training step (a stage-loss or mask curriculum): the
+        engine then calls :meth:`set_progress` once per optimizer step."""
+        return self.stage_weight_schedule.varies or self.masking is not None
+
+    def set_progress(self, progress: float) -> None:
+        """Training progress ``progress`` = step / T, at an optimizer-step boundary (a host float, no sync)."""
+        self.update_stage_weights(progress)
+        if self.masking is not None:
+            self.masking.set_progress(progress)
+
+    def progress_record(self) -> Dict[str, float]:
+        """Per-epoch log fields of what follows the step (the mask curriculum's difficulty), {} otherwise."""
+        return self.masking.record() if self.masking is not None else {}
 
     def current_stage_weights(self) -> List[float]:
         """The weights the loss uses now (host copy, for logging)."""
@@ -661,7 +685,8 @@ class LocalMIM(nn.Module):
         latents: Dict[int, torch.Tensor] = {}
         with prefix_ctx:
             x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
-            x, mask, ids_restore = self.random_masking(x, mask_ratio)
+            x, mask, ids_restore = (self.random_masking(x, mask_ratio) if self.masking is None
+                                    else self.masking(x, mask_ratio))
             cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], dim=1)
             for blk in self.blocks[:k_frozen]:

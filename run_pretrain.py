@@ -71,6 +71,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'encoder) (default: 256)')
     g.add_argument('--mask_ratio', default=0.75, type=float,
                    help='fraction of patches removed from the encoder input, in [0, 1) (default: 0.75)')
+    g.add_argument('--mask_curriculum', default=None, type=str, metavar='START:END',
+                   help='mask curriculum by token distance: block-wise masks (s x s blocks of patches, tokens of '
+                        'the last visible block at random) whose difficulty = the mean Euclidean distance, in '
+                        'patches, from a masked token to its nearest visible token moves linearly over the optimizer '
+                        'steps from START (step 0) to END (reached at step T); each image draws its block side so '
+                        'that the expected difficulty is the target (sides calibrated at model build for '
+                        '--mask_ratio and the patch grid). min = the difficulty of random masking (~1.2 at ratio '
+                        '0.75), max = the hardest block masks; e.g. min:2.5. Logged per epoch as mask_difficulty '
+                        '(default: none: random masking)')
     g.add_argument('--hog_nbins', default=9, type=int, help='HOG orientation bins over 180 degrees (default: 9)')
     g.add_argument('--hog_bias', action='store_true',
                    help='frozen random bias on the HOG gradients, as in the ViT-L recipe (default: off)')
@@ -153,7 +162,8 @@ def build_model(args: argparse.Namespace) -> models_mim.LocalMIM:
         args.model, img_size=args.input_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
         depth=args.depth, num_heads=args.num_heads, hog_nbins=args.hog_nbins, hog_bias=args.hog_bias,
         all_stages=args.all_stages, stage_weights=args.stage_weights, hog_bias_seed=args.seed,
-        stage_weights_end=args.stage_weights_end, decoder_embed_dim=args.decoder_embed_dim)
+        stage_weights_end=args.stage_weights_end, decoder_embed_dim=args.decoder_embed_dim,
+        mask_curriculum=args.mask_curriculum, mask_ratio=args.mask_ratio)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -271,6 +281,8 @@ def _print_setup(args, dataset, loader, spe: int, model, cuda_flags) -> None:
     du.print0(f'model {args.model}: {args.input_size}px, patch {model.patch_size}, {model.depth} blocks, stages '
               f'(block, scale, cell px): {list(zip(model.stage_blocks, model.stage_scales, model.cell_sizes))}, '
               f'stage weights {model.stage_weights}' + _curriculum_note(args, model))
+    if model.masking is not None:
+        du.print0(model.masking.describe())
     if cuda_flags:
         du.print0(f'CUDA: {cuda_flags}, fused AdamW, pinned memory {args.pin_mem} + non_blocking copies')
     note = fused_attention_report(model)

@@ -334,7 +334,7 @@ RUN_DEFINING_FLAGS = ('model', 'input_size', 'patch_size', 'mask_ratio', 'hog_nb
                       'weight_decay', 'seed', 'world_size', 't_0', 'how_scale', 'not_scale_lr', 'non_layerwise_lr',
                       'dont_freeze_pe', 'freezeout', 'freeze_schedule', 'lr_schedule', 'constant_tail',
                       'stage_weights_end', 'layer_decay', 'drop_path', 'nb_classes', 'smoothing', 'mixup',
-                      'cutmix')
+                      'cutmix', 'mask_curriculum')
 
 
 def warn_changed_flags(saved: Dict[str, Any], args: argparse.Namespace) -> List[str]:
