@@ -70,8 +70,8 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
     epoch_start, compute_time, images = time.time(), 0.0, 0
     reset_peak_memory(device)
     mw = state.model_without_ddp
-    # a stage-loss curriculum changes the weights every optimizer step; otherwise they change only at freeze events
-    curriculum = mw.stage_weight_schedule.varies
+    # a stage-loss or mask curriculum changes every optimizer step; otherwise the weights change only at freezes
+    curriculum = mw.follows_progress
     unit_lr_tb = bool(log_writer) and state.freezer is not None
     describe = lambda: f'active stages {mw.active_stages()}'  # noqa: E731
     data_wait, ready = 0.0, epoch_start  # host time blocked in the loader, between iterations
@@ -86,7 +86,7 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
                 model = state.model = state.rewrap()
                 model.train(True)
             if curriculum:
-                mw.update_stage_weights(state.global_step / state.total_steps)
+                mw.set_progress(state.global_step / state.total_steps)
             step_lr = state.schedule.lr_at(state.global_step)  # the global LR (units' own LRs: freezeout/unit_lr)
         samples = samples.to(device, non_blocking=True)
         update = (i + 1) % accum == 0
@@ -149,7 +149,7 @@ def fit(state: PretrainState, loader, args, log_writer: TensorBoard, flops: Opti
         seed_loader_epoch(loader, args.seed, epoch, du.get_rank())
         stats = train_one_epoch(state, loader, epoch, args, log_writer, stop=stop)
         record = {**{f'train_{k}': v for k, v in stats.items()}, 'epoch': epoch, 'step': state.global_step,
-                  'lr': state.schedule.lr_at(max(0, state.global_step - 1)),
+                  'lr': state.schedule.lr_at(max(0, state.global_step - 1)), **model.progress_record(),
                   'stage_weights': model.current_stage_weights(), **(init_record if epoch == 0 and init_record
                                                                      else {})}
         if freezer is not None:
@@ -229,6 +229,9 @@ def log_epoch(tb: TensorBoard, record: dict, freezing: bool) -> None:
             tb.scalar(f'perf/{k[6:]}', record[k], x)
     for k, w in enumerate(record.get('stage_weights', [])):
         tb.scalar(f'stage_weight/stage{k}', w, x)
+    for k in ('mask_difficulty', 'mask_block_side'):
+        if k in record:
+            tb.scalar(f'mask/{k[5:]}', record[k], x)
     if freezing:  # (the per-unit LR goes to TensorBoard from the training loop, per optimizer step)
         tb.scalar('freezeout/frozen_units', record['frozen_units'], x)
         tb.scalar('freezeout/active_stages', len(record['active_stages']), x)

@@ -57,7 +57,7 @@ caller re-wraps DDP so frozen parameters are no longer all-reduced.
 """
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -305,9 +305,20 @@ class UnitView:
     sync: Callable[[torch.Tensor], torch.Tensor]
     offset: int                      # model units before the first scheduled one (1 with --dont_freeze_pe)
     base_lr: Callable[[int], float]  # the run's global schedule
+    optimizer: Optional[torch.optim.Optimizer] = None  # the optimizer being stepped (set by FreezeOut.step)
 
     def params(self, unit: int) -> List[torch.Tensor]:
         return [p.detach() for p in self.units[unit].params.values()]
+
+    def optimizer_state(self, unit: int) -> List[Tuple[Dict[str, Any], Dict[str, Any]]]:
+        """``(state, param group)`` of each of the unit's parameters in the optimizer (read-only; a state is empty
+        before the parameter's first update). The state holds what the optimizer accumulated from the gradients
+        (AdamW: ``exp_avg``, ``exp_avg_sq``, ``step``), which are gone by the time a policy observes."""
+        if self.optimizer is None:
+            return []
+        group_of = {id(p): g for g in self.optimizer.param_groups for p in g['params']}
+        return [(self.optimizer.state.get(p, {}), group_of[id(p)])
+                for p in self.units[unit].params.values() if id(p) in group_of]
 
     def outputs(self, units: Sequence[int]) -> Dict[int, torch.Tensor]:
         if self.probe is None:
@@ -414,7 +425,7 @@ class FreezeOut:
         """At optimizer step ``step``: let the policy observe, freeze what it says, set every group's LR.
 
         Returns True when the frozen set changed (the caller then re-wraps DDP)."""
-        self.view.num_frozen = self.num_frozen
+        self.view.num_frozen, self.view.optimizer = self.num_frozen, optimizer
         self._events += self.policy.observe(step, self.view)
         due = int(self.policy.frozen_units(step))
         if due < self.num_frozen or due > len(self.sched_units):
@@ -1123,6 +1134,8 @@ def format_decision(ev: Dict[str, Any], epoch: int) -> str:
         return (f"FreezeOut adaptive: step {ev['step']} (epoch {epoch}): {ev['unit']} stalled (plasticity "
                 f"{ev['plasticity']:.3f} < {ev['threshold']:g} for {ev['patience']} evaluations); its LR anneals to "
                 f"0 and it freezes at step {ev['freeze_step']}")
+    if 'text' in ev:  # a policy's own wording of its decision
+        return f"FreezeOut {ev.get('policy', '')}: step {ev['step']} (epoch {epoch}): {ev['text']}"
     return (f"FreezeOut: step {ev['step']} (epoch {epoch}): {ev['unit']} decided" +
             (f"; it freezes at step {ev['freeze_step']}" if 'freeze_step' in ev else ''))
 
@@ -1197,7 +1210,9 @@ def add_freeze_args(g, embed: str = 'patch embedding and cls token') -> None:
     g.add_argument('--freeze_policy', default='schedule', type=str, metavar='NAME',
                    help=f"who decides what freezes when: {' | '.join(POLICIES)} (built in: schedule = FreezeOut, unit "
                         f"i freezes at t_i, --t_0/--how_scale; adaptive = a unit freezes once its plasticity signal "
-                        f"has stalled, in prefix order, within the --freeze_* bounds), or module:Class, a "
+                        f"has stalled, in prefix order, within the --freeze_* bounds; grad_norm = AutoFreeze, the "
+                        f"prefix freezes up to the first unit whose accumulated-gradient-norm change is above a "
+                        f"percentile, within the --grad_* bounds), or module:Class, a "
                         f"freezeout.FreezePolicy importable from PYTHONPATH (its flags then show in --help). Any "
                         f"policy but schedule turns freezing on by itself (default: schedule)", defines_run=True)
     g.add_argument('--dont_freeze_pe', action='store_true',
@@ -1236,9 +1251,10 @@ def resolve_freeze_args(args, argv: Sequence[str]) -> None:
             raise UserError(f"{'/'.join(clash)} shape the scheduled FreezeOut; with --freeze_policy "
                             f"{args.freeze_policy} there is no t_i: drop {'them' if len(clash) > 1 else 'it'} or use "
                             f"--freeze_policy schedule")
-    if args.freeze_policy != 'adaptive' and any(f in given for f in ADAPTIVE_FLAGS):
-        print('note: --freeze_signal/--freeze_per_lr/--freeze_earliest/--freeze_window/--freeze_threshold/'
-              '--freeze_patience/--freeze_tail/--freeze_spacing only act with --freeze_policy adaptive')
+    for name, cls in POLICIES.items():  # another built-in policy's flags: say they do nothing here
+        idle = [f'--{f}' for f in policy_flag_dests(cls)[:-1] if f in given] if name != 'schedule' else []
+        if idle and name != args.freeze_policy:
+            print(f"note: {'/'.join(idle)} only act with --freeze_policy {name}")
     args.freezeout = args.t_0 is not None or args.how_scale is not None or not schedule
     # floor of a freezing unit's own cosine: ViTFreeze's unit curves end at 0 (its global one at --min_lr), so the
     # vitfreeze default is 0; a typed --min_lr is the floor of every curve
@@ -1293,3 +1309,4 @@ def AdaptiveFreezeOut(model: nn.Module, total_steps: int, warmup_steps: int, bas
 
 from util import plugins as _plugins  # noqa: E402  (the hook needs the registry above)
 _plugins.register_plugin_flag('--freeze_policy', _plugin_policy_flags)
+import freeze_grad_norm  # noqa: E402,F401  (registers --freeze_policy grad_norm)

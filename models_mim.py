@@ -29,6 +29,7 @@ from timm.models.vision_transformer import Block
 
 import targets as targets_lib
 from targets import HOGTargets, Stage, Target  # noqa: F401 - HOGTargets re-exported (it lived here)
+from masking import BlockMaskCurriculum
 from util.errors import UserError
 from util.pos_embed import sincos_2d_tensor
 
@@ -374,6 +375,10 @@ class LocalMIM(nn.Module):
         stage_targets: one target name per stage, or one for all (``--stage_targets``); overrides ``target``.
         target_options: settings for the targets (``run_pretrain.py`` passes all its flags); ``hog_nbins``,
             ``hog_bias``, ``hog_bias_seed`` and ``in_chans`` are set from the arguments above.
+        mask_curriculum: ``'START:END'`` (``--mask_curriculum``): block-wise masks whose difficulty moves linearly
+            over training (``masking.BlockMaskCurriculum``, calibrated at ``mask_ratio``; the engine calls
+            :meth:`set_progress`); None: MAE's random masking (:meth:`random_masking`).
+        mask_ratio: the ratio the curriculum is calibrated for (the run's ``--mask_ratio``).
     """
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 16, embed_dim: int = 1024,
@@ -384,7 +389,8 @@ class LocalMIM(nn.Module):
                  decoder_depth: int = 1, decoder_num_heads: int = 8, hog_bias_seed: int = 0, in_chans: int = 3,
                  stage_weights_end: Union[str, Sequence[float], None] = None,
                  target: Union[str, type, Target] = 'hog', stage_targets: Union[str, Sequence[str], None] = None,
-                 target_options: Optional[Dict[str, object]] = None):
+                 target_options: Optional[Dict[str, object]] = None,
+                 mask_curriculum: Optional[str] = None, mask_ratio: float = 0.75):
         super().__init__()
         if isinstance(img_size, (tuple, list)):
             if len(img_size) != 2 or img_size[0] != img_size[1]:
@@ -436,6 +442,8 @@ class LocalMIM(nn.Module):
         self.decoder = nn.ModuleList([
             StageDecoder(embed_dim, self.grid, d, s, decoder_embed_dim, decoder_depth, decoder_num_heads)
             for s, d in zip(self.stage_scales, self.target_dims)])
+        # None: random_masking, untouched; else a host-side generator (no parameters, nothing in the state dict)
+        self.masking = BlockMaskCurriculum(mask_curriculum, self.grid, mask_ratio) if mask_curriculum else None
 
         # FreezeOut state (declared here, driven by freezeout.py through set_frozen)
         self.num_frozen_blocks = 0
@@ -494,6 +502,22 @@ class LocalMIM(nn.Module):
             src = src.pin_memory()  # a pageable-memory copy would synchronise the host with the stream
         self.stage_weight.copy_(src, non_blocking=True)
         return True
+
+    @property
+    def follows_progress(self) -> bool:
+        """True when something in the model changes with the training step (a stage-loss or mask curriculum): the
+        engine then calls :meth:`set_progress` once per optimizer step."""
+        return self.stage_weight_schedule.varies or self.masking is not None
+
+    def set_progress(self, progress: float) -> None:
+        """Training progress ``progress`` = step / T, at an optimizer-step boundary (a host float, no sync)."""
+        self.update_stage_weights(progress)
+        if self.masking is not None:
+            self.masking.set_progress(progress)
+
+    def progress_record(self) -> Dict[str, float]:
+        """Per-epoch log fields of what follows the step (the mask curriculum's difficulty), {} otherwise."""
+        return self.masking.record() if self.masking is not None else {}
 
     def current_stage_weights(self) -> List[float]:
         """The weights the loss uses now (host copy, for logging)."""
@@ -583,7 +607,8 @@ class LocalMIM(nn.Module):
         latents: Dict[int, torch.Tensor] = {}
         with prefix_ctx:
             x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
-            x, mask, ids_restore = self.random_masking(x, mask_ratio)
+            x, mask, ids_restore = (self.random_masking(x, mask_ratio) if self.masking is None
+                                    else self.masking(x, mask_ratio))
             cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], dim=1)
             for blk in self.blocks[:k_frozen]:

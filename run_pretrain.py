@@ -15,6 +15,7 @@ import torch.nn as nn
 from timm.optim import param_groups_weight_decay
 
 import models_mim
+from masking import check_mask_curriculum
 from checkpoint_formats import adopt_reference_pretrain
 from engine_common import restore_training
 from engine_pretrain import PretrainState, fit
@@ -87,6 +88,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='one target per stage, shallow to deep (e.g. hog,hog,pixel,pixel), each as for --target; '
                         'a single name applies to every stage; overrides --target (default: none, --target '
                         'everywhere)', domain=check_targets, defines_run=True)
+    g.add_argument('--mask_curriculum', default=None, type=str, metavar='START:END',
+                   help='mask curriculum by token distance: block-wise masks (s x s blocks of patches, tokens of '
+                        'the last visible block at random) whose difficulty = the mean Euclidean distance, in '
+                        'patches, from a masked token to its nearest visible token moves linearly over the optimizer '
+                        'steps from START (step 0) to END (reached at step T); each image draws its block side so '
+                        'that the expected difficulty is the target (sides calibrated at model build for '
+                        '--mask_ratio and the patch grid). min = the difficulty of random masking (~1.2 at ratio '
+                        '0.75), max = the hardest block masks; e.g. min:2.5. Logged per epoch as mask_difficulty '
+                        '(default: none: random masking)', domain=check_mask_curriculum, defines_run=True)
     g.add_argument('--hog_nbins', default=9, type=int, help='HOG orientation bins over 180 degrees (default: 9)',
                    domain=integer(1, 180), defines_run=True)
     g.add_argument('--hog_bias', action='store_true',
@@ -183,7 +193,8 @@ def build_model(args: argparse.Namespace) -> models_mim.LocalMIM:
         depth=args.depth, num_heads=args.num_heads, hog_nbins=args.hog_nbins, hog_bias=args.hog_bias,
         all_stages=args.all_stages, stage_weights=args.stage_weights, hog_bias_seed=args.seed,
         stage_weights_end=args.stage_weights_end, decoder_embed_dim=args.decoder_embed_dim,
-        target=args.target, stage_targets=args.stage_targets, target_options=vars(args))
+        target=args.target, stage_targets=args.stage_targets, target_options=vars(args),
+        mask_curriculum=args.mask_curriculum, mask_ratio=args.mask_ratio)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -330,6 +341,8 @@ def _print_setup(args, dataset, loader, spe: int, model, cuda_flags) -> None:
     du.print0(f'model {args.model}: {args.input_size}px, patch {model.patch_size}, {model.depth} blocks, stages '
               f'(block, scale, cell px): {list(zip(model.stage_blocks, model.stage_scales, model.cell_sizes))}, '
               f'stage weights {model.stage_weights}' + _curriculum_note(args, model))
+    if model.masking is not None:
+        du.print0(model.masking.describe())
     if cuda_flags:
         du.print0(f'CUDA: {cuda_flags}, fused AdamW, pinned memory {args.pin_mem} + non_blocking copies')
     note = fused_attention_report(model)

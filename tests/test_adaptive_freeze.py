@@ -227,7 +227,7 @@ def test_cli_adaptive_resume_is_bit_exact(demo_root, tmp_path, run_pretrain, sig
     units = ['embed', 'block1', 'block2', 'block3']
     assert lines == [(str(s), u, str(s + 3)) for s, u in zip(range(first, 21, 3), units)], r.stdout[-3000:]
     ck1 = torch.load(ref / 'checkpoint-1.pth', map_location='cpu', weights_only=True)
-    fo1 = ck1['freezeout']['policy_state']
+    fo1 = ck1['freezeout']['policy_state']  # the adaptive policy's own state (policy seam)
     assert ck1['step'] == 16 and fo1['snapshot_step'] == 14 and max(fo1['peak']) > 0
     # a decided unit whose freeze is after the checkpoint, and undecided ones with their snapshot (from step 14)
     assert fo1['tails'] and fo1['snapshot'] and not set(fo1['tails']) & set(fo1['snapshot'])

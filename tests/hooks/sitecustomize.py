@@ -119,14 +119,6 @@ def _patch_engine(engine) -> None:  # one import hook per module: apply every re
         _patch_epoch_masks(engine)
 
 
-def _freeze_summary(fo: dict) -> dict:
-    """The frozen set and the policy's decisions (JSON-able), to compare the ranks' FreezeOut."""
-    out = {k: fo[k] for k in ('num_frozen', 'frozen_units') if k in fo}
-    policy = fo.get('policy_state') or {}
-    out['policy_state'] = {k: policy[k] for k in ('decisions', 'tails') if k in policy}
-    return out
-
-
 def _patch_dump(checkpoint) -> None:
     import hashlib
     import json
@@ -143,6 +135,15 @@ def _patch_dump(checkpoint) -> None:
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
+    def jsonable(v):
+        if torch.is_tensor(v):
+            return digest([('', v)])
+        if isinstance(v, dict):
+            return {str(k): jsonable(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [jsonable(x) for x in v]
+        return v
+
     def save_checkpoint(output_dir, epoch, state, args, numbered):
         paths = original(output_dir, epoch, state, args, numbered)
         opt = [(f'{i}.{k}', v) for i, st in sorted(state['optimizer']['state'].items())
@@ -156,8 +157,11 @@ def _patch_dump(checkpoint) -> None:
                        'rng': digest([('torch', rng['torch']), ('numpy', rng['numpy']['keys']),
                                       ('numpy_pos', torch.tensor([rng['numpy']['pos']])),
                                       ('python', torch.tensor(rng['python']['state'], dtype=torch.int64))]),
-                       # the frozen set and the adaptive policy's decisions, to compare the ranks' FreezeOut
-                       'freezeout': _freeze_summary(state.get('freezeout') or {})}, f)
+                       # the frozen set and the policy's state (decisions, signals; tensors as digests), to
+                       # compare the ranks' FreezeOut
+                       'freezeout': jsonable({k: v for k, v in (state.get('freezeout') or {}).items()
+                                              if k in ('num_frozen', 'frozen_units', 'policy_state')})}, f)
+
         return paths
     checkpoint.save_checkpoint = save_checkpoint
 
