@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    # pytest -n 2 on the 2-core CI box: one intra-op thread per worker (two 2-thread torch processes on 2 cores slow
+    # each other 5-7x); set before torch is imported so OpenMP starts with it, and inherited by the subprocesses
+    os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = '1'
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
