@@ -19,6 +19,16 @@ if str(REPO_ROOT) not in sys.path:
 
 from util.demo_data import make_demo_dataset  # noqa: E402
 
+# Module fixtures that train or launch many runs: every test using one belongs to the full suite (CI) only, not to the
+# fast tier (`pytest -m "not slow"`). Marked here so the rule has one home and follows new tests that use them.
+SLOW_FIXTURES = frozenset({'runs', 'cli_runs', 'bad_input_results', 'eval_bad_input_results'})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, 'fixturenames', ())):
+            item.add_marker(pytest.mark.slow)
+
 # ---- data ------------------------------------------------------------------------------------------------------
 
 DEMO_KW = dict(num_classes=4, train_per_class=8, val_per_class=4, size=32, seed=0)

@@ -35,7 +35,7 @@ def test_pretrain_step_with_hog_reference(tmp_path):
     assert 'speed-up' in p.stdout
 
 
-@pytest.mark.parametrize('vs', ['full_decode', 'compile'])
+@pytest.mark.parametrize('vs', ['full_decode', pytest.param('compile', marks=pytest.mark.slow)])
 def test_step_ab(tmp_path, vs):
     """Both sides train in one process; the full decode counts more FLOPs (the masked-only path skips the visible
     cells' queries, MLPs and heads); the compiled side (dynamo's eager backend: no C++ build in a unit test) reports

@@ -44,6 +44,7 @@ def _run(model, sched, steps, imgs, on_step=None):
     return losses
 
 
+@pytest.mark.slow
 def test_compiled_freezeout_freezes_for_real_and_tracks_eager():
     imgs = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)

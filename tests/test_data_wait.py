@@ -43,6 +43,7 @@ def _train(demo_root, tmp_path, monkeypatch, capsys, delay):
     return log, capsys.readouterr().out, out
 
 
+@pytest.mark.slow
 def test_data_bound_note_for_slow_loader_only(demo_root, tmp_path, monkeypatch, capsys):
     fast, fast_out, _ = _train(demo_root, tmp_path, monkeypatch, capsys, 0)
     slow, slow_out, slow_dir = _train(demo_root, tmp_path, monkeypatch, capsys, 0.4)

@@ -115,6 +115,7 @@ def copy_of(trained: Path, tmp: Path) -> Path:
 # ---- one run per folder: run id, refusal, --overwrite, same-run auto-resume, log trimming ------------------------
 
 
+@pytest.mark.slow
 def test_run_id_refuse_overwrite_checksum_and_resume_only_the_same_run(trained: Path, demo_root: Path,
                                                                         run_pretrain, tmp_path: Path) -> None:
     from util.checkpoint import load_checkpoint, state_digest

@@ -88,6 +88,7 @@ def test_plan_only_shows_the_plugin_plan(plugin_dir, demo_root):
     assert 0 < saving < 100
 
 
+@pytest.mark.slow
 def test_trains_freezes_and_resumes_exactly(plugin_dir, demo_root, tmp_path):
     ref = tmp_path / 'ref'
     rc, out, err = cli('run_pretrain.py', _args(demo_root, ref))

@@ -75,6 +75,7 @@ def test_adaptive_plan_says_when_it_can_never_freeze():
     assert 'first possible freeze: step 30' in text
 
 
+@pytest.mark.slow
 def test_logged_lr_is_the_global_schedule_and_memory_is_per_epoch(demo_root, tmp_path):
     """Item 6: the logged lr was the max over groups (lr/t_0^3 under vitfreeze after warm-up)."""
     out = tmp_path / 'run'

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -61,6 +62,7 @@ def test_render_stages_tags_shapes_and_rng_isolation():
     assert model.training, 'render_stages restores train mode'
 
 
+@pytest.mark.slow
 def test_event_file_holds_decodable_images(tmp_path, demo_root):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = tmp_path / 'run'
