@@ -601,8 +601,10 @@ class LocalMIM(nn.Module):
                                      for _ in range(depth)])
 
         # stages
-        self.layout = stage_layout(depth, patch_size, stage_scales, all_stages, parse_stage_taps(stage_taps, depth),
-                                   tap_scales)
+        taps = parse_stage_taps(stage_taps, depth)
+        if all_stages and taps is not None and taps != list(range(depth)):
+            raise UserError(f'--all_stages and --stage_taps {stage_taps}: --all_stages is --stage_taps all; give one')
+        self.layout = stage_layout(depth, patch_size, stage_scales, all_stages, taps, tap_scales)
         self.stage_blocks = [b for b, _ in self.layout]
         self.stage_scales = [s for _, s in self.layout]
         self.cell_sizes = [cell_size(patch_size, s) for s in self.stage_scales]

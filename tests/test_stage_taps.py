@@ -156,3 +156,9 @@ def test_cli_errors_are_one_line(demo_root, extra, msg):
     rc, out, err = _plan(demo_root, *extra)
     lines = [l for l in err.splitlines() if l.strip()]
     assert rc == 2 and len(lines) == 1 and lines[0].startswith(msg), err
+
+
+def test_all_stages_and_a_tap_list_are_one_or_the_other():
+    assert tiny(all_stages=True, stage_taps='all').layout == tiny(all_stages=True).layout
+    with pytest.raises(UserError, match=r'--all_stages and --stage_taps 2,4: --all_stages is --stage_taps all'):
+        tiny(all_stages=True, stage_taps='2,4')
