@@ -184,3 +184,23 @@ def test_cli_errors_are_one_line(demo_root, tmp_path, extra, msg):
     lines = [l for l in err.splitlines() if l.strip()]
     assert rc == 2 and len(lines) == 1 and lines[0].startswith(msg), err
     assert not (tmp_path / 'o').exists()
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_drop_the_same_blocks(demo_root, tmp_path):
+    """gloo, 2 ranks with FreezeOut: both ranks draw the same dropped blocks (seed, step) and DDP is built with
+    find_unused_parameters, so a step whose dropped blocks get no gradient reduces (without it the second step
+    fails: checked by hand) through the freeze events to the end."""
+    import subprocess
+    import sys
+    from reliability_common import free_port
+    from cli_inproc import REPO
+    out = tmp_path / 'ddp'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
+           str(REPO / 'run_pretrain.py'), *map(str, _args(demo_root, out, '--layer_drop', '0.3', '--layer_drop_gamma',
+                                                           '4', '--batch_size', '4', '--t_0', '0.5',
+                                                           '--how_scale', 'linear'))]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    recs = [json.loads(l) for l in (out / 'log.txt').read_text().splitlines()]
+    assert len(recs) == 2 and recs[-1]['frozen_units'] > 0 and 'layer_drop_theta' in recs[-1]
