@@ -233,6 +233,9 @@ def log_epoch(tb: TensorBoard, record: dict, freezing: bool) -> None:
     for k in ('mask_difficulty', 'mask_block_side'):
         if k in record:
             tb.scalar(f'mask/{k[5:]}', record[k], x)
+    for k in ('layer_drop_theta', 'layer_drop_keep_last', 'layer_drop_kept_share'):
+        if k in record:
+            tb.scalar(f'layer_drop/{k[11:]}', record[k], x)
     if freezing:  # (the per-unit LR goes to TensorBoard from the training loop, per optimizer step)
         tb.scalar('freezeout/frozen_units', record['frozen_units'], x)
         tb.scalar('freezeout/active_stages', len(record['active_stages']), x)

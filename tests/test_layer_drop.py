@@ -156,9 +156,12 @@ def test_plan_only_shows_the_expected_saving(demo_root):
 def test_cli_logs_theta_and_resumes_exactly(demo_root, tmp_path):
     flags = ['--layer_drop', '0.3', '--layer_drop_gamma', '4']
     ref, res = tmp_path / 'ref', tmp_path / 'res'
-    rc, out, err = cli('run_pretrain.py', _args(demo_root, ref, *flags))
+    rc, out, err = cli('run_pretrain.py', _args(demo_root, ref, *flags, '--log_dir', ref / 'tb'))
     assert rc == 0, err[-3000:]
     recs = [json.loads(l) for l in (ref / 'log.txt').read_text().splitlines()]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(ref / 'tb')).Reload()
+    assert [e.value for e in ea.Scalars('layer_drop/theta')] == pytest.approx([r['layer_drop_theta'] for r in recs])
     for r, j in zip(recs, (3, 7)):  # the epoch's last optimizer step j of T = 8
         assert r['layer_drop_theta'] == pytest.approx(0.7 * math.exp(-4 * j / 8) + 0.3)
         assert 0 < r['layer_drop_kept_share'] <= 1
