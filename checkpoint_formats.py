@@ -575,7 +575,8 @@ def adopt_reference_pretrain(path: str, ckpt: Dict[str, Any], model: nn.Module, 
     theirs = depth if ns.get('all_stages') else 4
     if theirs != len(stage_blocks) or present != list(range(len(present))) or len(present) > theirs:
         refuse(f"it has {theirs} stages (norms {', '.join(f'norm.{i}' for i in present)}), this model "
-               f"{len(stage_blocks)}; resume with the run's --model/--depth/--all_stages")
+               f"{len(stage_blocks)}; resume with the run's --model/--depth/--all_stages (a reference run has no "
+               f"--stage_taps)")
     removed = theirs - len(present)  # frozen stages ViTFreeze deleted; the rest were renumbered from 0
 
     def ours(k: str) -> str:

@@ -70,7 +70,8 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
     epoch_start, compute_time, images = time.time(), 0.0, 0
     reset_peak_memory(device)
     mw = state.model_without_ddp
-    # a stage-loss or mask curriculum changes every optimizer step; otherwise the weights change only at freezes
+    # a stage-loss or mask curriculum, or layer dropping, changes every optimizer step; otherwise the weights
+    # change only at freezes
     curriculum = mw.follows_progress
     unit_lr_tb = bool(log_writer) and state.freezer is not None
     describe = lambda: f'active stages {mw.active_stages()}'  # noqa: E731
@@ -86,7 +87,7 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
                 model = state.model = state.rewrap()
                 model.train(True)
             if curriculum:
-                mw.set_progress(state.global_step / state.total_steps)
+                mw.set_progress(state.global_step / state.total_steps, step=state.global_step)
             step_lr = state.schedule.lr_at(state.global_step)  # the global LR (units' own LRs: freezeout/unit_lr)
         samples = samples.to(device, non_blocking=True)
         update = (i + 1) % accum == 0
@@ -232,6 +233,9 @@ def log_epoch(tb: TensorBoard, record: dict, freezing: bool) -> None:
     for k in ('mask_difficulty', 'mask_block_side'):
         if k in record:
             tb.scalar(f'mask/{k[5:]}', record[k], x)
+    for k in ('layer_drop_theta', 'layer_drop_keep_last', 'layer_drop_kept_share'):
+        if k in record:
+            tb.scalar(f'layer_drop/{k[11:]}', record[k], x)
     if freezing:  # (the per-unit LR goes to TensorBoard from the training loop, per optimizer step)
         tb.scalar('freezeout/frozen_units', record['frozen_units'], x)
         tb.scalar('freezeout/active_stages', len(record['active_stages']), x)

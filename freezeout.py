@@ -518,7 +518,7 @@ class FreezeOut:
         if pe_then != self.dont_freeze_pe:
             hint = f"resume {'with' if pe_then else 'without'} --dont_freeze_pe, as the run was trained"
         else:
-            hint = 'resume with the architecture flags (--depth, --all_stages) it was trained with'
+            hint = 'resume with the architecture flags (--depth, --all_stages, --stage_taps) it was trained with'
         raise UserError(f"--resume: the checkpoint {'schedules' if saved is not None else 'has frozen'} FreezeOut "
                         f"units {', '.join(was)} but this run schedules {', '.join(names)}; {hint}")
 

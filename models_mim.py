@@ -19,7 +19,7 @@ import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -34,7 +34,8 @@ from util.errors import UserError
 from util.pos_embed import sincos_2d_tensor
 
 __all__ = ['HOGTargets', 'Stage', 'Target', 'LocalMIM', 'ParamUnit', 'stage_layout', 'parse_stage_weights', 'stage_weights_for',
-           'StageWeightSchedule', 'create_model',
+           'StageWeightSchedule', 'LayerDrop', 'parse_stage_taps', 'check_stage_taps', 'parse_stage_scales',
+           'check_stage_scales', 'create_model',
            'MODEL_NAMES']
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -48,24 +49,110 @@ def default_taps(depth: int) -> List[int]:
     return [1, 3, depth - 3, depth - 1]
 
 
-def stage_layout(depth: int, patch_size: int, base_scales: Sequence[float] = (4, 2, 1, 0.5),
-                 all_stages: bool = False) -> List[Tuple[int, float]]:
-    """``[(feeding_block, scale), ...]`` per stage, shallow to deep.
+STAGE_TAPS_HELP = ("encoder blocks feeding a stage decoder, 1-based, shallow to deep: 'all' (every block; as "
+                   "--all_stages) or a strictly increasing comma list ending at the last block, e.g. 2,4,6,8,10,12 "
+                   "for depth 12. Scales by the rule of models_mim.stage_layout unless --stage_scales: a tap gets "
+                   "the scale of the deepest LocalMIM default tap (blocks 2, 4, depth-2, depth: scales 4, 2, 1, "
+                   "0.5) at or before it, a tap before block 2 (i.e. block 1) twice block 2's scale where that is a "
+                   "whole-pixel cell")
 
-    Default: the four LocalMIM taps with ``base_scales``. ``all_stages``: every block feeds a decoder; block b gets
-    the scale of the last default tap at or before b, and blocks before the first tap get twice the first tap's
-    scale (if that gives an integer HOG cell, else the first tap's scale). For depth 12 this is exactly the seed's
-    table 8,4,4,2,2,2,2,2,2,1,1,0.5. With depth < 7 the default taps repeat a block (e.g. depth 4: [1,3,1,3]); each
+
+def parse_stage_taps(spec: Union[str, Sequence[int], None], depth: int) -> Optional[List[int]]:
+    """``--stage_taps`` -> 0-based feeding blocks (None: the LocalMIM default taps). ``'all'``: every block; else
+    1-based block indices, strictly increasing, within 1..depth and ending at ``depth`` (blocks after the deepest
+    tap would get no gradient, and the evaluated encoder's final norm is the deepest stage's norm)."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec.strip() == 'all':
+            return list(range(depth))
+        msg = check_stage_taps('--stage_taps', spec)
+        if msg:
+            raise UserError(msg)
+        taps = [int(x) for x in spec.split(',') if x.strip()]
+    else:
+        taps = [int(x) for x in spec]
+    if not taps or any(b < 1 or b > depth for b in taps) or taps != sorted(set(taps)):
+        raise UserError(f"--stage_taps {','.join(map(str, taps))}: blocks must be strictly increasing within "
+                        f'1..{depth} (the depth)')
+    if taps[-1] != depth:
+        raise UserError(f"--stage_taps {','.join(map(str, taps))}: the deepest tap must be the last block, {depth}: "
+                        f"blocks after it would get no gradient and the evaluated encoder's final norm is the "
+                        f'deepest stage\'s')
+    return [b - 1 for b in taps]
+
+
+def check_stage_taps(flag: str, value: str) -> Optional[str]:
+    """The string domain of --stage_taps (util.args.domain_errors): 'all' or a strictly increasing comma list of
+    1-based block indices (the depth is checked when the model is built)."""
+    if value.strip() == 'all':
+        return None
+    try:
+        taps = [int(x) for x in value.split(',') if x.strip()]
+    except ValueError:
+        return f"{flag} {value!r}: must be 'all' or a comma list of 1-based block indices, e.g. 2,4,10,12"
+    if not taps or taps[0] < 1 or any(a >= b for a, b in zip(taps, taps[1:])):
+        return f'{flag} {value!r}: block indices must be >= 1 and strictly increasing'
+    return None
+
+
+def _scale_ok(s: float) -> bool:
+    return s == 0.5 or (s >= 1 and math.log2(s) == int(math.log2(s)))
+
+
+def check_stage_scales(flag: str, value: str) -> Optional[str]:
+    """The string domain of --stage_scales: a comma list of decoder scales, each 0.5 or a power of two >= 1 (the
+    count is checked against the taps when the model is built)."""
+    try:
+        sc = [float(x) for x in value.split(',') if x.strip()]
+    except ValueError:
+        return f'{flag} {value!r}: must be a comma list of scales (0.5 or powers of two >= 1), e.g. 4,2,1,0.5'
+    if not sc or not all(math.isfinite(s) and _scale_ok(s) for s in sc):
+        return f'{flag} {value!r}: every scale must be 0.5 or a power of two >= 1 (1, 2, 4, ...)'
+    return None
+
+
+def parse_stage_scales(spec: Union[str, Sequence[float], None], num_taps: int) -> Optional[List[float]]:
+    """``--stage_scales`` -> one scale per tap (None: by the rule of :func:`stage_layout`)."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        msg = check_stage_scales('--stage_scales', spec)
+        if msg:
+            raise UserError(msg)
+        spec = [float(x) for x in spec.split(',') if x.strip()]
+    sc = [float(x) for x in spec]
+    if len(sc) != num_taps:
+        raise UserError(f"--stage_scales {','.join(f'{s:g}' for s in sc)}: {len(sc)} scales for {num_taps} stage "
+                        f'taps; give one per tap (shallow to deep)')
+    return sc
+
+
+def stage_layout(depth: int, patch_size: int, base_scales: Sequence[float] = (4, 2, 1, 0.5),
+                 all_stages: bool = False, taps: Optional[Sequence[int]] = None,
+                 tap_scales: Optional[Sequence[float]] = None) -> List[Tuple[int, float]]:
+    """``[(feeding_block, scale), ...]`` per stage, shallow to deep (blocks 0-based).
+
+    Default: the four LocalMIM taps with ``base_scales``. ``taps`` (0-based, e.g. from :func:`parse_stage_taps`) or
+    ``all_stages`` (every block): block b gets ``tap_scales`` if given, else the scale of the last default tap at
+    or before b, and blocks before the first default tap get twice the first tap's scale (if that gives an integer
+    HOG cell, else the first tap's scale). For depth 12 and every block this is exactly the seed's table
+    8,4,4,2,2,2,2,2,2,1,1,0.5. With depth < 7 the default taps repeat a block (e.g. depth 4: [1,3,1,3]); each
     stage still has its own norm and decoder.
     """
-    taps = default_taps(depth)
-    if not all_stages:
-        return list(zip(taps, [float(s) for s in base_scales]))
+    default = default_taps(depth)
+    if taps is None and not all_stages:
+        if tap_scales is not None:
+            return list(zip(default, parse_stage_scales(tap_scales, len(default))))
+        return list(zip(default, [float(s) for s in base_scales]))
+    taps = list(range(depth)) if taps is None else list(taps)
+    if tap_scales is not None:
+        return list(zip(taps, parse_stage_scales(tap_scales, len(taps))))
     layout = []
-    for b in range(depth):
-        before = [i for i, t in enumerate(taps) if t <= b]
+    for b in taps:
+        before = [i for i, t in enumerate(default) if t <= b]
         if before:
-            s = float(base_scales[max(before, key=lambda i: (taps[i], -i))])
+            s = float(base_scales[max(before, key=lambda i: (default[i], -i))])
         else:
             s = 2.0 * base_scales[0]
             if (patch_size / s) != int(patch_size / s):
@@ -78,7 +165,7 @@ def cell_size(patch_size: int, scale: float) -> int:
     c = patch_size / scale
     if c != int(c) or c < 1:
         raise UserError(f'HOG cell of patch_size/scale = {patch_size}/{scale:g} = {c:g} px is not a whole number of '
-                        f'pixels; choose --patch_size divisible by {scale:g} (or drop --all_stages)')
+                        f'pixels; choose --patch_size divisible by {scale:g} (or other --stage_taps/--stage_scales)')
     return int(c)
 
 
@@ -186,6 +273,100 @@ class StageWeightSchedule:
             return w0
         w1 = stage_weights_for(self.end, self.num_stages, active)
         return [a + (b - a) * progress for a, b in zip(w0, w1)]
+
+
+class LayerDrop:
+    """Progressive layer dropping (Zhang & He 2020, PLD): the keep probability of the whole network falls over
+    training, ``theta(t) = (1 - theta_bar) · exp(-gamma · t) + theta_bar`` with t = step / T in [0, 1] (``gamma``
+    in units of 1/T: the paper's gamma = 100/T per step is 100 here), and over depth: block l (1-based, of L) is
+    kept with ``p_l = 1 - l / L · (1 - theta(t))``.
+
+    One decision per block per optimizer step (its accumulated micro-batches share it, so a step's gradient is
+    that of one sub-network), drawn by :meth:`set_step` from a CPU generator seeded by (seed, step): no device
+    RNG, no host sync, the same on every rank, and a resumed run draws exactly the decisions it would have.
+    ``plan[b]``: 0.0 = dropped (the block is not run), else the factor 1/p_b of a kept block's residual branch
+    (1.0 exactly when p_b = 1). Blocks of the FreezeOut-frozen prefix are never dropped: they cost no backward
+    (dropping one saves only its forward), and skipping a frozen block changes the features the trained blocks
+    above it see and have learnt from, with nothing left to adapt to it.
+    """
+
+    def __init__(self, theta_bar: float, gamma: float, depth: int, seed: int = 0):
+        if not 0.0 < theta_bar <= 1.0 or not (math.isfinite(gamma) and gamma >= 0):
+            raise UserError(f'--layer_drop {theta_bar:g} / --layer_drop_gamma {gamma:g}: need 0 < theta_bar <= 1 '
+                            f'and gamma >= 0')
+        self.theta_bar, self.gamma, self.depth, self.seed = float(theta_bar), float(gamma), depth, int(seed)
+        self.progress, self.step = 0.0, None
+        self.plan: List[float] = [1.0] * depth  # before the first set_step (t = 0): theta = 1, nothing dropped
+        self.kept_steps, self.block_steps = 0, 0
+
+    def theta(self, progress: float) -> float:
+        return (1.0 - self.theta_bar) * math.exp(-self.gamma * progress) + self.theta_bar
+
+    def keep_probs(self, progress: float) -> List[float]:
+        """p_l of every block (0-based b = l - 1) at training progress ``progress``."""
+        th = self.theta(progress)
+        return [1.0 - (b + 1) / self.depth * (1.0 - th) for b in range(self.depth)]
+
+    def decisions(self, progress: float, step: int, num_frozen_blocks: int = 0) -> List[float]:
+        """``plan`` of optimizer step ``step`` (see the class doc); a pure function of (seed, step, progress)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(step))
+        u = torch.rand(self.depth, generator=g, dtype=torch.float64).tolist()
+        out = []
+        for b, p in enumerate(self.keep_probs(progress)):
+            if b < num_frozen_blocks or p >= 1.0:
+                out.append(1.0)
+            else:
+                out.append(1.0 / p if u[b] < p else 0.0)
+        return out
+
+    def set_step(self, progress: float, step: int, num_frozen_blocks: int = 0) -> None:
+        self.progress, self.step = float(progress), int(step)
+        self.plan = self.decisions(progress, step, num_frozen_blocks)
+        trainable = self.plan[num_frozen_blocks:]
+        self.kept_steps += sum(1 for f in trainable if f > 0)
+        self.block_steps += len(trainable)
+
+    def record(self) -> Dict[str, float]:
+        """Per-epoch log: theta(t) now, the deepest block's keep probability, and the share of trainable blocks
+        run over the steps since the last record (this process's count; resets)."""
+        out = {'layer_drop_theta': self.theta(self.progress), 'layer_drop_keep_last': self.keep_probs(self.progress)[-1]}
+        if self.block_steps:
+            out['layer_drop_kept_share'] = self.kept_steps / self.block_steps
+        self.kept_steps, self.block_steps = 0, 0
+        return out
+
+    def expected_saving(self, flops: Dict[str, Any], total_steps: int, frozen_blocks_at: Callable[[int], int],
+                        boundaries: Sequence[int] = (), base_cost: Optional[Callable[[int], float]] = None) -> float:
+        """FLOP-model saving of dropping over steps [0, T): sum over steps of sum over trainable blocks b of
+        (1 - p_b(t)) · 3 · (block b's encoder forward), divided by the run's cost without dropping (``base_cost(step)``
+        per step, default the sum of all units' and shared forward x3). ``frozen_blocks_at(step)`` gives the
+        FreezeOut prefix (constant between ``boundaries``). Exact: 1 - p_b(t) = b/L · (1 - theta_bar) · (1 -
+        exp(-gamma · t / T)) is summed over each interval as a geometric series."""
+        T = max(1, int(total_steps))
+        enc = flops.get('unit_enc_fwd', flops['unit_fwd'])[1:1 + self.depth]  # unit 0 is the embedding
+        a = self.gamma / T
+
+        def s_one_minus_exp(lo: int, hi: int) -> float:  # sum_{t=lo}^{hi-1} (1 - e^{-a t})
+            n = hi - lo
+            if a == 0:
+                return 0.0
+            return n - math.exp(-a * lo) * (-math.expm1(-a * n)) / (-math.expm1(-a))
+
+        bounds = [0] + sorted({int(b) for b in boundaries if 0 < b < T}) + [T]
+        saved = run = 0.0
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            k = frozen_blocks_at(lo)
+            w = sum((b + 1) / self.depth * enc[b] for b in range(k, self.depth))
+            saved += 3.0 * (1.0 - self.theta_bar) * w * s_one_minus_exp(lo, hi)
+            run += (hi - lo) * (base_cost(lo) if base_cost is not None
+                                else flops['shared_fwd'] + 3.0 * sum(flops['unit_fwd']))
+        return saved / run if run else 0.0
+
+    def describe(self) -> str:
+        th = [self.theta(p) for p in (0.0, 0.1, 0.5, 1.0)]
+        return (f'layer drop (PLD): theta_bar={self.theta_bar:g}, gamma={self.gamma:g}/T; theta at 0/10/50/100% of '
+                f"training: {', '.join(f'{t:.3f}' for t in th)}; deepest block kept with p = theta at the end; "
+                f'frozen blocks never dropped')
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -379,6 +560,11 @@ class LocalMIM(nn.Module):
             over training (``masking.BlockMaskCurriculum``, calibrated at ``mask_ratio``; the engine calls
             :meth:`set_progress`); None: MAE's random masking (:meth:`random_masking`).
         mask_ratio: the ratio the curriculum is calibrated for (the run's ``--mask_ratio``).
+        stage_taps: ``--stage_taps``: ``'all'`` or 1-based feeding blocks (:func:`parse_stage_taps`); None: the
+            LocalMIM taps (or every block with ``all_stages``).
+        tap_scales: ``--stage_scales``: one decoder scale per tap; None: by the rule of :func:`stage_layout`.
+        layer_drop, layer_drop_gamma, layer_drop_seed: progressive layer dropping (:class:`LayerDrop`;
+            ``layer_drop`` = theta_bar, 0 = off).
     """
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 16, embed_dim: int = 1024,
@@ -390,7 +576,10 @@ class LocalMIM(nn.Module):
                  stage_weights_end: Union[str, Sequence[float], None] = None,
                  target: Union[str, type, Target] = 'hog', stage_targets: Union[str, Sequence[str], None] = None,
                  target_options: Optional[Dict[str, object]] = None,
-                 mask_curriculum: Optional[str] = None, mask_ratio: float = 0.75):
+                 mask_curriculum: Optional[str] = None, mask_ratio: float = 0.75,
+                 stage_taps: Union[str, Sequence[int], None] = None,
+                 tap_scales: Union[str, Sequence[float], None] = None,
+                 layer_drop: float = 0.0, layer_drop_gamma: float = 100.0, layer_drop_seed: int = 0):
         super().__init__()
         if isinstance(img_size, (tuple, list)):
             if len(img_size) != 2 or img_size[0] != img_size[1]:
@@ -412,7 +601,10 @@ class LocalMIM(nn.Module):
                                      for _ in range(depth)])
 
         # stages
-        self.layout = stage_layout(depth, patch_size, stage_scales, all_stages)
+        taps = parse_stage_taps(stage_taps, depth)
+        if all_stages and taps is not None and taps != list(range(depth)):
+            raise UserError(f'--all_stages and --stage_taps {stage_taps}: --all_stages is --stage_taps all; give one')
+        self.layout = stage_layout(depth, patch_size, stage_scales, all_stages, taps, tap_scales)
         self.stage_blocks = [b for b, _ in self.layout]
         self.stage_scales = [s for _, s in self.layout]
         self.cell_sizes = [cell_size(patch_size, s) for s in self.stage_scales]
@@ -448,6 +640,8 @@ class LocalMIM(nn.Module):
         # FreezeOut state (declared here, driven by freezeout.py through set_frozen)
         self.num_frozen_blocks = 0
         self.embed_frozen = False
+        # None: every block runs every step, untouched; else host-side decisions (no parameters, no state dict)
+        self.layer_drop = LayerDrop(layer_drop, layer_drop_gamma, depth, layer_drop_seed) if layer_drop else None
 
     def _init_encoder(self) -> None:
         w = self.patch_embed.proj.weight.data
@@ -507,17 +701,26 @@ class LocalMIM(nn.Module):
     def follows_progress(self) -> bool:
         """True when something in the model changes with the training step (a stage-loss or mask curriculum): the
         engine then calls :meth:`set_progress` once per optimizer step."""
-        return self.stage_weight_schedule.varies or self.masking is not None
+        return self.stage_weight_schedule.varies or self.masking is not None or self.layer_drop is not None
 
-    def set_progress(self, progress: float) -> None:
-        """Training progress ``progress`` = step / T, at an optimizer-step boundary (a host float, no sync)."""
+    def set_progress(self, progress: float, step: Optional[int] = None) -> None:
+        """Training progress ``progress`` = step / T, at an optimizer-step boundary (a host float, no sync).
+        ``step`` (the optimizer step) seeds the layer-drop decisions of that step (needed with ``layer_drop``)."""
         self.update_stage_weights(progress)
         if self.masking is not None:
             self.masking.set_progress(progress)
+        if self.layer_drop is not None:
+            if step is None:
+                raise ValueError('set_progress: layer dropping needs the optimizer step (step=...)')
+            self.layer_drop.set_step(progress, step, self.num_frozen_blocks)
 
     def progress_record(self) -> Dict[str, float]:
-        """Per-epoch log fields of what follows the step (the mask curriculum's difficulty), {} otherwise."""
-        return self.masking.record() if self.masking is not None else {}
+        """Per-epoch log fields of what follows the step (the mask curriculum's difficulty, the layer-drop keep
+        probability), {} otherwise."""
+        out = self.masking.record() if self.masking is not None else {}
+        if self.layer_drop is not None:
+            out.update(self.layer_drop.record())
+        return out
 
     def current_stage_weights(self) -> List[float]:
         """The weights the loss uses now (host copy, for logging)."""
@@ -615,8 +818,14 @@ class LocalMIM(nn.Module):
                 x = blk(x)
         if self.embed_frozen:
             x = x.detach()
+        # progressive layer dropping: a dropped block is not run (identity), a kept one's residual branch is scaled
+        # by 1/p_b (inverted stochastic depth: expected output = the full network's); frozen blocks always run
+        drop = self.layer_drop.plan if (self.layer_drop is not None and self.training) else None
         for b in range(k_frozen, self.depth):
-            x = self.blocks[b](x)
+            if drop is None or drop[b] == 1.0:
+                x = self.blocks[b](x)
+            elif drop[b] > 0.0:
+                x = x + (self.blocks[b](x) - x) * drop[b]
             for k in want.get(b, ()):
                 latents[k] = self.norm[k](x)
         return latents, mask, ids_restore

@@ -19,8 +19,8 @@ from masking import check_mask_curriculum
 from checkpoint_formats import adopt_reference_pretrain
 from engine_common import restore_training
 from engine_pretrain import PretrainState, fit
-from freezeout import (add_freeze_args, build_freezer, check_stage_weights, eval_mode_probe, measure_unit_flops,
-                       projected_saving, resolve_freeze_args)
+from freezeout import (add_freeze_args, build_freezer, check_stage_weights, decided_saving, eval_mode_probe,
+                       measure_unit_flops, projected_saving, resolve_freeze_args)
 from util import distributed as du
 from util.amp import fused_attention_report, make_amp, set_cuda_speed_flags
 from util.args import (PROB, ArgumentParser, add_arch_args, add_common_args, add_optim_args, apply_demo_defaults,
@@ -105,6 +105,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--all_stages', action='store_true',
                    help='every block feeds a decoder instead of blocks [1, 3, depth-3, depth-1] (default: off)',
                    defines_run=True)
+    g.add_argument('--stage_taps', default=None, type=str, metavar='all|B1,B2,..',
+                   help=f'{models_mim.STAGE_TAPS_HELP}; each tap gets its own norm and decoder, and FreezeOut '
+                        f'switches a stage off with the block feeding it. --stage_weights/--stage_targets lists '
+                        f'then need one entry per tap (default: none: blocks 2, 4, depth-2, depth; --all_stages is '
+                        f'--stage_taps all)', domain=models_mim.check_stage_taps, defines_run=True)
+    g.add_argument('--stage_scales', default=None, type=str, metavar='S1,S2,..',
+                   help='decoder scale per tap, shallow to deep: 0.5 or a power of two >= 1; the stage\'s HOG/pixel '
+                        'cell is patch_size / scale px (whole pixels) (default: none: the rule of --stage_taps; '
+                        'the default taps: 4,2,1,0.5, ViT-H/14: 2,2,1,0.5)',
+                   domain=models_mim.check_stage_scales, defines_run=True)
+    g.add_argument('--layer_drop', default=0.0, type=float, metavar='THETA',
+                   help='progressive layer dropping (Zhang & He 2020): theta_bar in [0, 1], the floor of the keep '
+                        'probability theta(t) = (1 - theta_bar) exp(-gamma t) + theta_bar, t = step / T; block l of '
+                        'L is kept with p_l = 1 - l/L (1 - theta(t)), one draw per block per optimizer step, a '
+                        'dropped block is not run, a kept one\'s residual branch is scaled by 1/p_l. FreezeOut-frozen '
+                        'blocks are never dropped. Logged per epoch as layer_drop_theta; expected saving in '
+                        '--plan_only. The paper: 0.5 (default: 0 = off)', domain=PROB, defines_run=True)
+    g.add_argument('--layer_drop_gamma', default=100.0, type=float, metavar='GAMMA',
+                   help='with --layer_drop: temporal decay rate of theta(t) per unit of training progress (the '
+                        "paper's gamma = 100/T per step is 100: theta is within 1%% of theta_bar after 4.6%% of "
+                        'training) (default: 100)', domain=real(0), defines_run=True)
     g.add_argument('--stage_weights', default='equal', type=str,
                    help=f'per-stage loss weights, shallow->deep: {models_mim.STAGE_WEIGHTS_HELP} (default: equal)',
                    domain=models_mim.check_stage_weights, defines_run=True)
@@ -194,7 +215,9 @@ def build_model(args: argparse.Namespace) -> models_mim.LocalMIM:
         all_stages=args.all_stages, stage_weights=args.stage_weights, hog_bias_seed=args.seed,
         stage_weights_end=args.stage_weights_end, decoder_embed_dim=args.decoder_embed_dim,
         target=args.target, stage_targets=args.stage_targets, target_options=vars(args),
-        mask_curriculum=args.mask_curriculum, mask_ratio=args.mask_ratio)
+        mask_curriculum=args.mask_curriculum, mask_ratio=args.mask_ratio, stage_taps=args.stage_taps,
+        tap_scales=args.stage_scales, layer_drop=args.layer_drop, layer_drop_gamma=args.layer_drop_gamma,
+        layer_drop_seed=args.seed)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -226,6 +249,10 @@ def main(args: argparse.Namespace) -> None:
                                 sync=du.broadcast_from_rank0 if args.distributed else None)
         flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
         du.print0(freezer.format_plan(spe, flops))
+    if model.layer_drop is not None:
+        if flops is None:
+            flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
+        du.print0(layer_drop_plan(model, freezer, flops, schedule.total_steps, args.dont_freeze_pe))
     check_stage_weights(model, freezer, schedule.total_steps, spe)  # a zero loss after a freeze: refused now
     groups = _freezeout_param_groups(freezer, args) if freezer else param_groups_weight_decay(model, args.weight_decay)
     du.print0(param_group_summary(groups))
@@ -241,8 +268,10 @@ def main(args: argparse.Namespace) -> None:
     amp = make_amp(device, args.amp)
     # a fresh DDP reducer registers only parameters that still require grad: after a freeze, frozen ones stop
     # being all-reduced and no find_unused_parameters traversal is needed
+    # layer dropping: a dropped block's parameters get no gradient that step (the same blocks on every rank)
     rewrap = (lambda: nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)) \
+        model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False,
+        find_unused_parameters=model.layer_drop is not None)) \
         if args.distributed else (lambda: model)
     state = PretrainState(model=model, model_without_ddp=model, optimizer=optimizer, amp=amp, schedule=schedule,
                           freezer=freezer, steps_per_epoch=spe, total_steps=schedule.total_steps, rewrap=rewrap)
@@ -305,6 +334,28 @@ def plan(args: argparse.Namespace, world_size: int = 1):
                           seed=args.seed, distributed=world_size > 1, world_size=world_size, rank=0)
     schedule, spe = make_schedule(args, len(loader), world_size)
     return (build_freezer(args, model, schedule) if args.freezeout else None), schedule, spe
+
+
+def layer_drop_plan(model, freezer, flops, total_steps: int, dont_freeze_pe: bool) -> str:
+    """--plan_only lines of --layer_drop: the schedule and its expected FLOP-model saving (vs the same run without
+    dropping; with FreezeOut also the combined saving vs neither), frozen blocks never dropped."""
+    from freezeout import step_cost
+    ld = model.layer_drop
+    if freezer is None:
+        saving = ld.expected_saving(flops, total_steps, lambda step: 0)
+        return f'{ld.describe()}\nlayer drop: expected saving of training FLOPs (FLOP model): {100 * saving:.1f}%'
+    pe = freezer.dont_freeze_pe
+
+    def blocks_at(step: int) -> int:
+        n = freezer.num_frozen_at(step)
+        return n if pe else max(0, n - 1)
+    bounds = freezer.state_boundaries()
+    saving = ld.expected_saving(flops, total_steps, blocks_at, bounds,
+                                base_cost=lambda step: step_cost(flops, freezer.num_frozen_at(step), pe))
+    fo = decided_saving(freezer, flops, total_steps)
+    both = 1.0 - (1.0 - fo) * (1.0 - saving)
+    return (f'{ld.describe()}\nlayer drop: expected saving of training FLOPs (FLOP model) {100 * saving:.1f}% of the '
+            f'FreezeOut run; with FreezeOut {100 * both:.1f}% vs neither')
 
 
 def _freezeout_param_groups(freezer, args) -> list:
