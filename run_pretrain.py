@@ -455,7 +455,8 @@ def _knn_setup(args, device):
     data_path = args.knn_data_path or args.data_path
     train_loader, val_loader = build_knn_loaders(data_path, args.input_size, args.batch_size, args.num_workers,
                                                  shard=args.distributed, pin_mem=args.pin_mem,
-                                                 bad_images=args.bad_images,
+                                                 bad_images=args.bad_images, backend=args.data_backend,
+                                                 seed=args.seed, device=device,
                                                  flag='--knn_data_path' if args.knn_data_path else '--data_path')
     ks = [k for k in DEFAULT_KS if k <= len(train_loader.dataset)] or [len(train_loader.dataset)]
 

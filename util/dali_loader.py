@@ -115,7 +115,11 @@ class DaliLoader:
         self.train = kind in ('pretrain', 'finetune', 'linprobe')
         self.with_index = bool(getattr(dataset, 'with_index', False))
         self.epoch = 0
-        self.sampler = _EpochSampler(self)
+        if self.train:
+            self.sampler = _EpochSampler(self)
+        else:  # the contiguous shard it reads, so util.knn.is_sharded sees a sharded evaluation loader
+            from util.knn import ShardSampler
+            self.sampler = ShardSampler(len(dataset.samples), self.world_size, self.rank)
         self.num_workers = self.num_threads
 
     # ---- the epoch's shard ----------------------------------------------------------------------------------
