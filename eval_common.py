@@ -96,6 +96,9 @@ def prepare_args(args: argparse.Namespace, demo: Dict[str, Any]) -> None:
     if args.demo:
         apply_demo_defaults(args, dict(demo, data_path=str(demo_data_root())), args.argv)
     resolve_device_flag(args, args.argv)
+    if args.data_backend == 'dali':  # without DALI: the one-line install hint before any work
+        from util.dali_loader import require_dali
+        require_dali()
     check_output_dir(args.output_dir)
     if args.log_dir:
         check_output_dir(args.log_dir, '--log_dir')
@@ -162,9 +165,18 @@ def build_datasets(args: argparse.Namespace, train_tf: Any, val_tf: Any) -> Tupl
     return train, val, args.nb_classes
 
 
-def build_loaders(args: argparse.Namespace, train: Any, val: Any) -> Tuple[DataLoader, DataLoader]:
+def build_loaders(args: argparse.Namespace, train: Any, val: Any,
+                  train_kind: str = 'finetune') -> Tuple[DataLoader, DataLoader]:
+    """``(train, val)`` loaders; ``--data_backend dali``: util.dali_loader's with ``train_kind`` (finetune or
+    linprobe) augmentation and the eval transform's sizes, over the same file lists and shards."""
     world, rank = du.get_world_size(), du.get_rank()
     check_min_images(train, args.batch_size * world, '--batch_size')
+    if args.data_backend == 'dali':
+        from util.dali_loader import build_dali_loader
+        dist_eval = bool(args.dist_eval and args.distributed)
+        return (build_dali_loader(train, train_kind, args, world_size=world, rank=rank),
+                build_dali_loader(val, 'eval', args, shuffle_shard=dist_eval, drop_last=False, world_size=world,
+                                  rank=rank))
     train_loader = build_loader(train, args.batch_size, shuffle=True, drop_last=True, num_workers=args.num_workers,
                                 pin_mem=args.pin_mem, seed=args.seed, distributed=args.distributed,
                                 world_size=world, rank=rank)

@@ -112,7 +112,8 @@ def main(args: argparse.Namespace) -> None:
         model, source, epoch = encoder_for(args)  # first: the checkpoint may set --input_size
         shard = args.distributed and args.dist_eval
         train_l, val_l = build_knn_loaders(args.data_path, args.input_size, args.batch_size, args.num_workers, shard,
-                                           args.pin_mem, args.bad_images)
+                                           args.pin_mem, args.bad_images, backend=args.data_backend,
+                                           seed=args.seed, device=device)
         model.to(device).eval()
         amp = make_amp(device, args.amp if 'amp' in explicit_flags(args.argv) else 'none')
         pool = 'avg' if args.global_pool else 'token'

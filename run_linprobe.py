@@ -106,7 +106,7 @@ def main(args: argparse.Namespace) -> None:
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     du.print0(f'model {args.model} ({"mean patch token" if args.global_pool else "cls token"}): '
               f'{n_parameters} trainable head parameters; precision {amp.name}')
-    train_loader, val_loader = build_loaders(args, train_set, val_set)
+    train_loader, val_loader = build_loaders(args, train_set, val_set, train_kind='linprobe')
     if args.eval:
         check(resume is not None, '--eval needs a trained probe: pass --resume CKPT or an --output_dir with '
                                   'checkpoints')

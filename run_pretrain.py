@@ -199,6 +199,9 @@ def prepare_args(args: argparse.Namespace) -> None:
             make_demo_dataset(args.data_path)
     resolve_device_flag(args, argv)
     resolve_freeze_args(args, argv)
+    if args.data_backend == 'dali':  # without DALI: the one-line install hint before any work
+        from util.dali_loader import require_dali
+        require_dali()
     if args.compile and args.freezeout and args.compile_mode in ('reduce-overhead', 'max-autotune'):
         # CUDA graphs replay recorded kernels: a freeze changes which backward runs, and that path is unchecked
         raise UserError(f'--compile_mode {args.compile_mode}: uses CUDA graphs, not yet checked with FreezeOut '
@@ -236,9 +239,15 @@ def main(args: argparse.Namespace) -> None:
     dataset = build_dataset(args.data_path, 'train', pretrain_transform(args.input_size), allow_root=True,
                             bad_images=args.bad_images, seed=args.seed)  # per-sample seeds: same augmentation for any world size
     check_min_images(dataset, args.batch_size * du.get_world_size(), '--batch_size')
-    loader = build_loader(dataset, args.batch_size, shuffle=True, drop_last=True, num_workers=args.num_workers,
-                          pin_mem=args.pin_mem, seed=args.seed, distributed=args.distributed,
-                          world_size=du.get_world_size(), rank=du.get_rank(), prefetch_factor=args.prefetch_factor)
+    if args.data_backend == 'dali':  # the same file list, sharded by the reader; imported only when chosen
+        from util.dali_loader import build_dali_loader
+        loader = build_dali_loader(dataset, 'pretrain', args, world_size=du.get_world_size(), rank=du.get_rank(),
+                                   device=device)
+    else:
+        loader = build_loader(dataset, args.batch_size, shuffle=True, drop_last=True, num_workers=args.num_workers,
+                              pin_mem=args.pin_mem, seed=args.seed, distributed=args.distributed,
+                              world_size=du.get_world_size(), rank=du.get_rank(),
+                              prefetch_factor=args.prefetch_factor)
     knn = _knn_setup(args, device) if args.knn_eval_freq > 0 and not args.plan_only else None  # data checked now
     model.to(device)
     schedule, spe = make_schedule(args, len(loader), du.get_world_size())
@@ -497,7 +506,8 @@ def _knn_setup(args, device):
     data_path = args.knn_data_path or args.data_path
     train_loader, val_loader = build_knn_loaders(data_path, args.input_size, args.batch_size, args.num_workers,
                                                  shard=args.distributed, pin_mem=args.pin_mem,
-                                                 bad_images=args.bad_images,
+                                                 bad_images=args.bad_images, backend=args.data_backend,
+                                                 seed=args.seed, device=device,
                                                  flag='--knn_data_path' if args.knn_data_path else '--data_path')
     ks = [k for k in DEFAULT_KS if k <= len(train_loader.dataset)] or [len(train_loader.dataset)]
 

@@ -99,6 +99,10 @@ def add_common_args(parser: argparse.ArgumentParser, *, output_dir: str, num_wor
                    help='pin CPU memory in the DataLoader for faster host-to-GPU copies (default: on with CUDA)')
     g.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
     parser.set_defaults(pin_mem=True)
+    g.add_argument('--data_backend', default='pil', choices=['pil', 'dali'],
+                   help='image decoding and augmentation: pil = torchvision DataLoader; dali = NVIDIA DALI '
+                        '(decode on the GPU with CUDA, else on the CPU; optional: pip install -r '
+                        'requirements-dali.txt; util/dali_loader.py lists what differs) (default: pil)')
     g.add_argument('--bad_images', default='fail', choices=['fail', 'skip'],
                    help='an unreadable image in the dataset: fail naming the file, or skip it with a warning '
                         '(default: fail)')

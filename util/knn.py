@@ -210,7 +210,8 @@ def format_knn(results: Dict[str, float], ks: Iterable[int]) -> List[str]:
 
 def build_knn_loaders(data_path: str, input_size: int, batch_size: int, num_workers: int, shard: bool,
                       pin_mem: bool = True, bad_images: str = 'fail',
-                      flag: str = '--data_path') -> Tuple[DataLoader, DataLoader]:
+                      flag: str = '--data_path', backend: str = 'pil', seed: int = 0,
+                      device: Optional[torch.device] = None) -> Tuple[DataLoader, DataLoader]:
     """``(train, val)`` loaders of ``(image, index)`` with DINO's eval transform (resize round(input·256/224),
     centre crop ``input_size``) over ``<data_path>/train`` and ``<data_path>/val``; sharded over ranks if
     ``shard``. Raises UserError (naming ``flag``) if val/ has other class folders than train/ (labels are folder
@@ -227,6 +228,13 @@ def build_knn_loaders(data_path: str, input_size: int, batch_size: int, num_work
           f'{flag} {data_path}: val/ class folders differ from train/; labels are folder indices')
 
     def make(ds: Dataset) -> DataLoader:
+        if backend == 'dali':  # same sizes (resize round(input*256/224), centre crop), same shards, index labels
+            from util.dali_loader import DaliLoader
+            dev = torch.device(device) if device is not None else torch.device('cpu')
+            return DaliLoader(ds, 'knn', batch_size, input_size, seed, world_size=du.get_world_size(),
+                              rank=du.get_rank(), shard=shard, drop_last=False,
+                              device=dev if dev.type != 'cuda' or torch.cuda.is_available() else 'cpu',
+                              num_threads=num_workers)
         sampler = ShardSampler(len(ds)) if shard else SequentialSampler(ds)
         return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                           pin_memory=bool(pin_mem and torch.cuda.is_available()), drop_last=False)

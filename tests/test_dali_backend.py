@@ -1,0 +1,133 @@
+"""--data_backend dali (util/dali_loader.py) on CPU: batch counts per epoch (solo-learn#177), disjoint rank shards,
+determinism for a seed, the DistributedSampler order, an in-process pre-training demo run and its resume; and the
+one-line install hint without DALI (runs in any venv). The DALI tests skip where nvidia-dali is not installed
+(pip install -r requirements-dali.txt)."""
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.cli_inproc import cli
+
+
+def _dali():
+    return pytest.importorskip('nvidia.dali')
+
+
+def _folder(root, n=10, size=(40, 30)):
+    for i in range(n):
+        d = root / f'c{i % 2}'
+        d.mkdir(parents=True, exist_ok=True)
+        arr = np.random.default_rng(i).integers(0, 255, (size[1] + i, size[0], 3), dtype=np.uint8)
+        Image.fromarray(arr).save(d / f'{i:03d}.jpg', quality=90)
+    return root
+
+
+def _loader(root, kind='pretrain', batch=3, world=1, rank=0, seed=0, with_index=True, drop_last=True, shard=True):
+    from util.dali_loader import DaliLoader
+    from util.datasets import build_dataset
+    ds = build_dataset(root, 'train', None, allow_root=True, with_index=with_index)
+    return DaliLoader(ds, kind, batch, 16, seed, world_size=world, rank=rank, shard=shard, drop_last=drop_last)
+
+
+def _epoch(loader, epoch):
+    loader.sampler.set_epoch(epoch) if hasattr(loader.sampler, 'set_epoch') else None
+    return list(loader)
+
+
+def test_default_backend_is_pil():
+    import run_pretrain
+    assert run_pretrain.get_args_parser().parse_args([]).data_backend == 'pil'
+
+
+@pytest.mark.parametrize('script', ['run_pretrain.py', 'run_knn.py'])
+def test_missing_dali_is_one_line(script, tmp_path, monkeypatch):
+    for name in [m for m in sys.modules if m == 'nvidia.dali' or m.startswith('nvidia.dali.')]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, 'nvidia.dali', None)  # import nvidia.dali -> ImportError
+    rc, out, err = cli(script, ['--demo', '--data_backend', 'dali', '--output_dir', tmp_path / 'o', '--device', 'cpu'])
+    assert rc == 2
+    assert err.strip() == 'error: --data_backend dali needs NVIDIA DALI: pip install -r requirements-dali.txt'
+
+
+def test_batches_per_epoch_exact_over_epochs(tmp_path):
+    _dali()
+    root = _folder(tmp_path / 'd', n=10)
+    train = _loader(root, batch=3)
+    assert len(train) == 3
+    for epoch in range(3):  # no epoch short or skipped, each a permutation (the pad never leaks in)
+        batches = _epoch(train, epoch)
+        assert [b[0].shape for b in batches] == [torch.Size([3, 3, 16, 16])] * 3
+        seen = torch.cat([b[1] for b in batches]).tolist()
+        assert len(set(seen)) == 9 and set(seen) <= set(range(10))
+    ev = _loader(root, kind='eval', batch=4, drop_last=False)
+    batches = _epoch(ev, 0)
+    assert len(ev) == 3 and [len(b[1]) for b in batches] == [4, 4, 2]
+    assert torch.cat([b[1] for b in batches]).tolist() == list(range(10))  # every image once, in order
+
+
+def test_two_shards_disjoint_equal_and_padded(tmp_path):
+    _dali()
+    root = _folder(tmp_path / 'd', n=11)
+    shards = [torch.cat([b[1] for b in _epoch(_loader(root, batch=2, world=2, rank=r), 1)]).tolist() for r in (0, 1)]
+    assert [len(s) for s in shards] == [6, 6]  # ceil(11/2) each, 3 batches: the same count on both ranks (DDP)
+    from util.dali_loader import train_order
+    order = train_order(11, 0, 1, 2)
+    assert shards[0] + shards[1] == order[:12] and set(shards[0]) | set(shards[1]) == set(range(11))
+    assert len(set(shards[0]) & set(shards[1])) == 1  # only the one padding repeat (the order's head)
+    root10 = _folder(tmp_path / 'e', n=10)
+    a, b = (set(torch.cat([x[1] for x in _epoch(_loader(root10, batch=5, world=2, rank=r), 0)]).tolist())
+            for r in (0, 1))
+    assert not a & b and a | b == set(range(10))
+    ev = [torch.cat([x[1] for x in _epoch(_loader(root, kind='eval', batch=4, world=2, rank=r, drop_last=False),
+                                          0)]).tolist() for r in (0, 1)]
+    assert ev == [list(range(0, 5)), list(range(5, 11))]  # ShardSampler's contiguous shards
+
+
+def test_train_order_is_distributed_samplers(tmp_path):
+    from torch.utils.data import DistributedSampler
+    from util.dali_loader import train_order
+    s = DistributedSampler(range(10), num_replicas=1, rank=0, shuffle=True, seed=7)
+    s.set_epoch(3)
+    assert train_order(10, 7, 3, 1) == list(s)
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    _dali()
+    root = _folder(tmp_path / 'd', n=8)
+    a = _epoch(_loader(root, batch=4, seed=5), 2)
+    b = _epoch(_loader(root, batch=4, seed=5), 2)  # a fresh loader at epoch 2: what a resumed run sees
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    c = _epoch(_loader(root, batch=4, seed=6), 2)
+    assert not all(torch.equal(x, y) for (x, _), (y, _) in zip(a, c))
+    # normalised like the PIL path: ImageNet mean/std of 0..255 pixels
+    x = torch.cat([t for t, _ in a])
+    assert x.dtype == torch.float32 and -2.2 < x.min() and x.max() < 2.7
+
+
+def _log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_pretrain_demo_with_dali_and_exact_resume(tmp_path):
+    _dali()
+    base = ['--demo', '--data_backend', 'dali', '--device', 'cpu', '--epochs', '2', '--warmup_epochs', '1',
+            '--knn_eval_freq', '0', '--vis_freq', '0', '--log_dir', '', '--save_freq', '1']
+    rc, out, err = cli('run_pretrain.py', [*base, '--output_dir', tmp_path / 'full'])
+    assert rc == 0, err[-2000:]
+    full = _log(tmp_path / 'full' / 'log.txt')
+    assert [r['epoch'] for r in full] == [0, 1]
+    rc, _, err = cli('run_pretrain.py', [*base, '--output_dir', tmp_path / 'cut'])
+    assert rc == 0, err[-2000:]
+    cut = _log(tmp_path / 'cut' / 'log.txt')
+    assert [r['train_loss'] for r in cut] == [r['train_loss'] for r in full]  # same seed: the same run
+    rc, _, err = cli('run_pretrain.py', [*base, '--output_dir', tmp_path / 'res',
+                                         '--resume', tmp_path / 'full' / 'checkpoint-0.pth'])
+    assert rc == 0, err[-2000:]
+    res = _log(tmp_path / 'res' / 'log.txt')
+    assert [r['epoch'] for r in res] == [1] and res[0]['train_loss'] == full[1]['train_loss']  # exact
