@@ -72,12 +72,53 @@ def script_parser(name: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_script_argv(name: str, argv: Sequence[str]) -> argparse.Namespace:
-    """Check ``argv`` against the script's parser (raises :class:`LaunchError`) and return the parsed flags."""
+def parse_script_argv(name: str, argv: Sequence[str], check: bool = True,
+                      inputs: bool = True) -> argparse.Namespace:
+    """Check ``argv`` as the script itself does before it starts (raises :class:`LaunchError`, one line) and return
+    the parsed flags: its parser with the flags of any plugin argv names, the flags' domains and cross-flag rules
+    (util.args.domain_errors), the paths (util.args.path_errors; ``inputs=False`` skips the --resume/--finetune
+    files, which an earlier step of a sweep writes), and the FreezeOut flags' rules (freezeout.resolve_freeze_args,
+    on a copy). ``check=False``: the parser's types only."""
+    import contextlib
+    import copy
+    import io
+    from util.args import domain_errors, path_errors
+    from util.plugins import extend_parser
+    base = os.path.basename(name)
+    parser = script_parser(name)
+    argv = list(argv)
     try:
-        return script_parser(name).parse_args(list(argv))
+        if check:
+            extend_parser(parser, argv)
+        ns = parser.parse_args(argv)
     except argparse.ArgumentError as e:
-        raise LaunchError(f'{os.path.basename(name)}: {e}') from None
+        raise LaunchError(f'{base}: {e}') from None
+    except UserError as e:
+        raise LaunchError(f'{base}: {e}') from None
+    if not check:
+        return ns
+    problems = domain_errors(ns, parser, argv)
+    if inputs:
+        problems += path_errors(ns)
+    else:
+        saved = {d: getattr(ns, d, None) for d in ('resume', 'finetune')}
+        for d in saved:
+            if hasattr(ns, d):
+                setattr(ns, d, '')
+        problems += path_errors(ns)
+        for d, v in saved.items():
+            if hasattr(ns, d):
+                setattr(ns, d, v)
+    if not problems and hasattr(ns, 'freeze_policy'):
+        from freezeout import resolve_freeze_args
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # its notes are the script's to print, at start-up
+                resolve_freeze_args(copy.copy(ns), argv)
+        except UserError as e:
+            problems.append(str(e))
+    if problems:
+        raise LaunchError(f'{base}: {problems[0]}')
+    return ns
 
 
 def flag_value(argv: Sequence[str], flag: str) -> Optional[str]:

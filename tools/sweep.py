@@ -47,7 +47,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                                       '[NAME=value ...] [launcher words] SCRIPT [common flags]')
     p.add_argument('--grid', action='append', default=[], metavar='KEY=V1,V2,...',
                    help='a flag of the script and its values; repeat for more axes; the runs are the cartesian '
-                        'product (a switch flag takes on/off) (default: none = one run of the common flags)')
+                        'product (a switch flag takes on/off). Values are split on "|" when the spec holds one, '
+                        'else on ",": a comma-list value is written stage_weights=1,1,1,1|4,3,2,1. Two spellings of '
+                        'one value (0.8,0.80; on,1) are refused (default: none = one run of the common flags)')
     p.add_argument('--out', required=True, help='sweep folder: one sub-folder per run, plus sweep.json')
     p.add_argument('--then', action='append', default=[], metavar='EVAL',
                    help='evaluate each run\'s checkpoint-last.pth after it: knn, linprobe or finetune (repeatable, '
@@ -96,9 +98,11 @@ def parse_grid(specs: Sequence[str], script: str, common: Sequence[str]) -> List
         key = key.strip().lstrip('-')
         if not eq or not key:
             raise LaunchError(f'--grid {spec}: expected KEY=V1,V2,... (e.g. --grid t_0=0.7,0.8)')
-        values = [v.strip() for v in vals.split(',')]
+        sep = '|' if '|' in vals else ','  # '|' keeps a comma-list value whole: stage_weights=1,1,1,1|4,3,2,1
+        values = [v.strip() for v in vals.split(sep)]
         if not vals.strip() or any(v == '' for v in values):
-            raise LaunchError(f'--grid {spec}: empty value; give comma-separated values, e.g. {key}=A,B')
+            raise LaunchError(f'--grid {spec}: empty value; give {"|" if sep == "|" else "comma"}-separated values, '
+                              f'e.g. {key}=A{sep}B')
         action = _action(parser, key)
         if action is None:
             raise LaunchError(f'--grid {spec}: {os.path.basename(script)} has no flag --{key} (see '
@@ -109,16 +113,34 @@ def parse_grid(specs: Sequence[str], script: str, common: Sequence[str]) -> List
             raise LaunchError(f'--grid {spec}: --{key} is given twice; put all its values in one --grid')
         if key in common_keys:
             raise LaunchError(f'--grid {spec}: --{key} is also among the common flags after --; keep one')
-        if len(set(values)) != len(values):
-            raise LaunchError(f'--grid {spec}: a value is repeated')
         switch = action.nargs == 0
         if switch:
             bad = [v for v in values if v.lower() not in SWITCH_ON + SWITCH_OFF]
             if bad:
                 raise LaunchError(f'--grid {spec}: --{key} is a switch; its values are on/off, not {bad[0]!r}')
+        seen_values: Dict[Any, str] = {}
+        for v in values:
+            norm = _normalised(action, v, switch)
+            if norm in seen_values:
+                raise LaunchError(f'--grid {spec}: {seen_values[norm]!r} and {v!r} are the same value of --{key}; '
+                                  f'keep one')
+            seen_values[norm] = v
         seen.add(key)
         axes.append((key, values, switch))
     return axes
+
+
+def _normalised(action: argparse.Action, value: str, switch: bool) -> Any:
+    """The value the script will see (``0.80`` -> 0.8, ``ON`` -> True), to find two spellings of one point; a value
+    its type refuses stays a string (the point's own check names it)."""
+    if switch:
+        return value.lower() in SWITCH_ON
+    if callable(action.type):
+        try:
+            return action.type(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            pass
+    return value
 
 
 def _slug(text: str) -> str:
@@ -191,7 +213,10 @@ def build_runs(opts: argparse.Namespace, command: Sequence[str], cwd: str) -> Di
             extra = shlex.split(getattr(opts, f'{t}_args'))
             eargv = [*eval_data_flags(common, extra, cwd), *extra, '--finetune',
                      os.path.join(run_dir, 'checkpoint-last.pth'), '--output_dir', os.path.join(run_dir, t)]
-            ns = sl.parse_script_argv(EVALS[t], eargv)
+            try:  # its checkpoint is written by the step before: every other rule is checked now
+                ns = sl.parse_script_argv(EVALS[t], eargv, inputs=False)
+            except LaunchError as e:
+                raise LaunchError(f'--then {t} (--{t}_args): {e}') from None
             if not ns.demo and sl.flag_value(eargv, '--data_path') is None:
                 raise LaunchError(f'--then {t}: no data for the evaluation: pass --{t}_args "--data_path ROOT" '
                                   f'(ROOT holding train/ and val/)')
