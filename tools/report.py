@@ -48,7 +48,7 @@ def read_log(path: str) -> List[Dict[str, Any]]:
     """JSON lines of a log.txt; a torn or foreign line is skipped (a killed run may leave half a line)."""
     out = []
     try:
-        with open(path) as f:
+        with open(path, encoding='utf-8', errors='replace') as f:  # a non-UTF-8 line fails to parse: skipped
             for line in f:
                 try:
                     rec = json.loads(line)
@@ -61,9 +61,21 @@ def read_log(path: str) -> List[Dict[str, Any]]:
     return out
 
 
+def _num(v: Any) -> Optional[float]:
+    """A logged number as float (NaN/inf kept: shown as such), None for a missing, null, string or bool value."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _sum(records: Sequence[Dict[str, Any]], *keys: str) -> Optional[float]:
+    """Sum over records of the first number found under ``keys``; None when no record has one."""
+    vals = [next((x for x in (_num(r.get(k)) for k in keys) if x is not None), None) for r in records]
+    vals = [v for v in vals if v is not None]
+    return sum(vals) if vals else None
+
+
 def read_json(path: str) -> Optional[Dict[str, Any]]:
     try:
-        with open(path) as f:
+        with open(path, encoding='utf-8') as f:
             obj = json.load(f)
         return obj if isinstance(obj, dict) else None
     except (OSError, ValueError):
@@ -114,7 +126,8 @@ def last_value(records: Sequence[Dict[str, Any]], *keys: str) -> Tuple[Optional[
 
 def knn_top1(rec: Dict[str, Any]) -> Optional[Tuple[int, float]]:
     """(k, top-1) for k = 20 if logged, else the smallest k logged."""
-    ks = sorted(int(k[5:-5]) for k in rec if k.startswith('knn_k') and k.endswith('_top1') and k[5:-5].isdigit())
+    ks = sorted(int(k[5:-5]) for k in rec if k.startswith('knn_k') and k.endswith('_top1') and k[5:-5].isdigit()
+                and _num(rec[k]) is not None)  # a null or string value is no result
     if not ks:
         return None
     k = HEADLINE_K if HEADLINE_K in ks else ks[0]
@@ -159,11 +172,11 @@ def read_run(run_dir: str, name: str, point: Optional[Dict[str, str]] = None) ->
     run: Dict[str, Any] = dict(name=name, dir=run_dir, args=args, point=point or {}, epochs_done=len(epochs),
                                epochs_planned=planned, launch_state=state.get('state'),
                                returncode=state.get('returncode'), records=epochs)
-    run['train_time_s'] = sum(float(r.get('train_epoch_time', 0.0)) for r in epochs) if epochs else None
-    run['compute_time_s'] = sum(float(r.get('train_compute_time', r.get('train_epoch_time', 0.0)))
-                                for r in epochs) if epochs else None
-    run['final_loss'], _ = last_value(epochs, 'train_loss')
-    run['planned_saving'], _ = last_value(records, 'planned_saving', 'planned_saving_so_far')
+    run['train_time_s'] = _sum(epochs, 'train_epoch_time')
+    run['compute_time_s'] = _sum(epochs, 'train_compute_time', 'train_epoch_time')
+    run['final_loss'] = _num(epochs[-1].get('train_loss')) if epochs else None  # a NaN last epoch shows NaN
+    # an adaptive policy decides as it goes: its FLOP-model saving is the decided one
+    run['planned_saving'], _ = last_value(records, 'planned_saving', 'planned_saving_so_far', 'decided_saving_so_far')
     run['measured_saving'], _ = last_value(records, 'measured_saving', 'measured_saving_so_far')
     run['freezeout'] = bool(args.get('freezeout')) or run['planned_saving'] is not None
     run['frozen_units'], _ = last_value(epochs, 'frozen_units')
@@ -181,8 +194,8 @@ def read_run(run_dir: str, name: str, point: Optional[Dict[str, str]] = None) ->
             if os.path.isdir(p) and sub not in ('tb', 'submitit') and (
                     os.path.isfile(os.path.join(p, 'log.txt')) or os.path.isfile(os.path.join(p, STATE_FILE))):
                 ev = read_eval(p, sub)
-                if ev is not None:
-                    evals[sub] = ev
+                if ev is not None:  # k in the column: k-NN results with different k are not comparable
+                    evals[f'{sub} (k={ev["k"]})' if ev.get('k') is not None else sub] = ev
     run['evals'] = evals
     run['status'] = run_status(run)
     return run
@@ -221,9 +234,22 @@ def discover(dirs: Sequence[str]) -> List[Dict[str, Any]]:
             raise ReportError(f'{d}: no such folder; give run folders or a sweep folder (tools/sweep.py --out)')
         found: List[Tuple[str, str, Optional[Dict]]] = []
         sweep = read_json(os.path.join(d, 'sweep.json'))
-        if sweep:
-            for r in sweep.get('runs', []):
-                found.append((r.get('output_dir') or os.path.join(d, r['name']), r['name'], r.get('point')))
+        entries = sweep.get('runs') if sweep else None
+        if sweep and not isinstance(entries, list):
+            print(f'note: {os.path.join(d, "sweep.json")}: no list of runs; its folders are listed instead',
+                  file=sys.stderr)
+        for r in entries if isinstance(entries, list) else []:
+            name = r.get('name') if isinstance(r, dict) else None
+            if not isinstance(name, str) or not name or not isinstance(r.get('output_dir', ''), (str, type(None))):
+                print(f'note: {os.path.join(d, "sweep.json")}: skipped a malformed run entry {str(r)[:60]!r}',
+                      file=sys.stderr)
+                continue
+            # relative folders are the sweep folder's own; an old absolute one only if this copy lacks the run
+            rel = r.get('output_dir') or name
+            path = os.path.join(d, rel) if not os.path.isabs(rel) or not os.path.isdir(os.path.join(d, name)) \
+                else os.path.join(d, name)
+            point = r.get('point') if isinstance(r.get('point'), dict) else None
+            found.append((path, name, point))
         if is_run_dir(d):
             found.append((d, os.path.basename(os.path.normpath(d)), None))
         else:
@@ -272,7 +298,7 @@ def flag_of(run: Dict[str, Any], key: str) -> Any:
 
 
 def fmt_num(v: Optional[float], nd: int) -> str:
-    return '–' if v is None else f'{v:.{nd}f}'
+    return '–' if v is None else 'NaN' if math.isnan(v) else f'{v:.{nd}f}'
 
 
 def fmt_pct(v: Optional[float]) -> str:
@@ -483,6 +509,8 @@ def _save(fig, path: str, written: List[str]) -> None:
 # ---- report.md ----------------------------------------------------------------------------------------------------
 
 def write_report(dirs: Sequence[str], out_dir: str, figures: bool = True) -> str:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ReportError(f'--out {out_dir}: is a file, not a folder; choose another --out')
     runs = discover(dirs)
     os.makedirs(out_dir, exist_ok=True)
     head, rows, flags, evs = table(runs)

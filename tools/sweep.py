@@ -323,6 +323,52 @@ def run_slurm(sweep: Dict[str, Any], opts: argparse.Namespace, cwd: str) -> int:
     return status
 
 
+def _changed_run_flags(script: str, old_argv: Sequence[str], new_argv: Sequence[str]) -> List[str]:
+    """``--flag OLD -> NEW`` for each run-defining flag (util.args.run_defining: what auto-resume warns about) that
+    differs between two command lines of ``script``; an old command line its parser no longer reads counts as
+    changed."""
+    from util.args import run_defining
+    try:
+        old = sl.parse_script_argv(script, old_argv, check=False)
+    except LaunchError:
+        return ['(its recorded command line no longer parses)']
+    new = sl.parse_script_argv(script, new_argv, check=False)
+    return [f'--{d} {getattr(old, d, None)!r} -> {getattr(new, d, None)!r}'
+            for d in run_defining(sl.script_parser(script)) if getattr(old, d, None) != getattr(new, d, None)]
+
+
+def check_run_folders(sweep: Dict[str, Any]) -> None:
+    """Before anything is written: no step's folder is in use by a live run, and no run folder holds a run with other
+    run-defining flags, which auto-resume would continue with a changed schedule. With ``--overwrite`` among the
+    common flags such a run (its checkpoints, log.txt, run.json, evaluations and launch states) is moved into
+    ``<run>/previous-<time>/``; without it the sweep is refused in one line."""
+    from util import rundir
+    overwrite = '--overwrite' in sweep['common']
+    for run in sweep['runs']:
+        for step in run['steps']:
+            sl.check_not_in_use(step['output_dir'])
+        first = run['steps'][0]
+        st = sl.read_state(first['output_dir'])
+        has_run = bool(rundir.checkpoint_files(first['output_dir'])) or \
+            os.path.isfile(os.path.join(first['output_dir'], 'log.txt'))
+        if not st or not has_run or st.get('argv') == first['argv']:
+            continue
+        changed = _changed_run_flags(sweep['script'], st.get('argv') or [], first['argv'])
+        if not changed:
+            continue  # the same run (other flags only): auto-resume continues it
+        if not overwrite:
+            raise LaunchError(f'{first["output_dir"]} holds a run with other run-defining flags ({"; ".join(changed)}); '
+                              f'continuing it would mix two runs: pass --overwrite after -- to move it aside, or '
+                              f'choose another --out')
+        dest = rundir.move_aside(first['output_dir'])
+        for step in run['steps'][1:]:
+            if os.path.isdir(step['output_dir']):
+                os.replace(step['output_dir'], os.path.join(dest, os.path.basename(step['output_dir'])))
+        os.replace(os.path.join(first['output_dir'], sl.STATE_FILE), os.path.join(dest, sl.STATE_FILE))
+        print(f'[sweep] {run["name"]}: --overwrite: the previous run ({"; ".join(changed)}) moved into {dest}',
+              flush=True)
+
+
 def main(argv: Sequence[str]) -> int:
     argv = list(argv)
     cut = argv.index('--') if '--' in argv else len(argv)
@@ -341,10 +387,13 @@ def main(argv: Sequence[str]) -> int:
     sweep = build_runs(opts, argv[cut + 1:], cwd)
     if opts.run == 'print':
         return run_print(sweep, cwd)
+    check_run_folders(sweep)
     os.makedirs(sweep['out'], exist_ok=True)
     with open(os.path.join(sweep['out'], 'sweep.json'), 'w') as f:
         json.dump(dict(command=argv, cwd=cwd, **{k: sweep[k] for k in ('grid', 'then', 'script', 'common')},
-                       runs=[dict(name=r['name'], point=r['point'], output_dir=r['output_dir']) for r in sweep['runs']]),
+                       # relative: a copied or moved sweep folder reports its own runs, not the original's
+                       runs=[dict(name=r['name'], point=r['point'],
+                                  output_dir=os.path.relpath(r['output_dir'], sweep['out'])) for r in sweep['runs']]),
                   f, indent=1)
     if opts.run == 'local':
         return run_local(sweep, cwd)
