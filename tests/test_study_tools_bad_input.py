@@ -254,3 +254,17 @@ def test_local_cluster_job_does_not_wait_for_a_requeue(tmp_path, monkeypatch):
     for cluster, wait in (('local', 0.0), ('slurm', 120.0)):
         sl.main(['run_pretrain.py', '--demo', '--output_dir', str(tmp_path / cluster), '--cluster', cluster])
         assert jobs[-1].preempt_wait_s == wait
+
+
+def test_report_measured_saving_spans_every_resume(tmp_path):
+    from tools import report
+    rd = tmp_path / 'r'
+    rd.mkdir()
+    recs = [dict(epoch=e, train_loss=1.0, train_step_time=st, train_compute_time=10 * st, frozen_units=fz,
+                 measured_saving_so_far=ms)
+            for e, st, fz, ms in ((0, 1.0, 0, 0.0), (1, 1.0, 0, 0.0), (2, 0.5, 2, 1 / 6))]
+    recs.append(dict(epoch=3, train_loss=1.0, train_step_time=0.5, train_compute_time=5.0, frozen_units=3,
+                     measured_saving_so_far=0.0))  # a resumed process: its only epoch is its own baseline
+    (rd / 'log.txt').write_text(''.join(json.dumps(r) + '\n' for r in recs))
+    run = report.discover([str(rd)])[0]
+    assert run['measured_saving'] == pytest.approx(1 - 30 / 40)  # base 1.0 s/step, 40 steps, 30 s spent

@@ -134,6 +134,23 @@ def knn_top1(rec: Dict[str, Any]) -> Optional[Tuple[int, float]]:
     return k, float(rec[f'knn_k{k}_top1'])
 
 
+def whole_run_saving(epochs: Sequence[Dict[str, Any]]) -> Optional[float]:
+    """Measured saving over all the run's epochs, whichever process (resume) ran them: compute time spent vs the
+    step time of the latest epoch with nothing frozen (after the first, whose warm-up is noisy) for the same steps;
+    engine_pretrain.saving_so_far's formula, which each process applies to its own epochs only. None without the
+    per-epoch timings."""
+    base, spent, steps = None, 0.0, 0.0
+    for i, r in enumerate(epochs):
+        ct, st = _num(r.get('train_compute_time')), _num(r.get('train_step_time'))
+        if ct is None or not st or not math.isfinite(ct) or not math.isfinite(st):
+            return None
+        if not _num(r.get('frozen_units')) and (i > 0 or base is None):
+            base = st
+        spent += ct
+        steps += ct / st  # step_time = compute_time / optimizer steps of the epoch
+    return 1.0 - spent / (base * steps) if base and steps else None
+
+
 def read_eval(path: str, kind_hint: str) -> Optional[Dict[str, Any]]:
     records = read_log(os.path.join(path, 'log.txt'))
     state = read_json(os.path.join(path, STATE_FILE)) or {}
@@ -178,6 +195,9 @@ def read_run(run_dir: str, name: str, point: Optional[Dict[str, str]] = None) ->
     # an adaptive policy decides as it goes: its FLOP-model saving is the decided one
     run['planned_saving'], _ = last_value(records, 'planned_saving', 'planned_saving_so_far', 'decided_saving_so_far')
     run['measured_saving'], _ = last_value(records, 'measured_saving', 'measured_saving_so_far')
+    if run['measured_saving'] is not None:  # the run's own figure, over every process that wrote its log
+        run['measured_saving'] = whole_run_saving(epochs) if whole_run_saving(epochs) is not None \
+            else run['measured_saving']
     run['freezeout'] = bool(args.get('freezeout')) or run['planned_saving'] is not None
     run['frozen_units'], _ = last_value(epochs, 'frozen_units')
     online = [(r['epoch'], knn_top1(r)) for r in epochs if knn_top1(r)]
@@ -537,7 +557,7 @@ def write_report(dirs: Sequence[str], out_dir: str, figures: bool = True) -> str
               '- flags: those whose value differs between the runs (checkpoint args; the grid point otherwise).',
               '- epochs: done / planned. train time: sum of the logged epochs\' wall time (without online k-NN).',
               '- saving measured: compute time actually spent vs the step time of the last epoch with nothing '
-              'frozen, for the same steps (over the epochs the last process ran); planned: the FLOP model of the '
+              'frozen, for the same steps (over all the run\'s epochs, across resumes); planned: the FLOP model of the '
               'freeze plan over the epochs done. – = no FreezeOut.',
               '- final loss: the last epoch\'s mean train loss. online k-NN: the last during pre-training (k=20 '
               'if logged). Evaluations: top-1 of the last epoch (best epoch in brackets when different); k-NN: '
