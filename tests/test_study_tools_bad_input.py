@@ -268,3 +268,20 @@ def test_report_measured_saving_spans_every_resume(tmp_path):
     (rd / 'log.txt').write_text(''.join(json.dumps(r) + '\n' for r in recs))
     run = report.discover([str(rd)])[0]
     assert run['measured_saving'] == pytest.approx(1 - 30 / 40)  # base 1.0 s/step, 40 steps, 30 s spent
+
+
+def test_report_hides_an_evaluation_of_a_run_since_overwritten(tmp_path):
+    import time
+    from tools import report
+    rd = tmp_path / 'r'
+    (rd / 'knn').mkdir(parents=True)
+    (rd / 'log.txt').write_text(json.dumps(dict(epoch=0, train_loss=1.0)) + '\n')
+    (rd / 'knn' / 'log.txt').write_text(json.dumps(dict(knn_k20_top1=55.0)) + '\n')
+    old = time.time() - 100
+    os.utime(rd / 'knn' / 'log.txt', (old, old))
+    (rd / 'run.json').write_text(json.dumps(dict(run_id='new', created=time.time() - 10)))
+    rc, out, err = _report(rd, '--out', tmp_path / 'rep')
+    assert rc == 0 and 'an evaluation of an earlier run' in err
+    assert report.discover([str(rd)])[0]['evals'] == {}
+    os.utime(rd / 'knn' / 'log.txt')  # evaluated after the run started: shown
+    assert list(report.discover([str(rd)])[0]['evals']) == ['knn (k=20)']

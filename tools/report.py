@@ -151,6 +151,18 @@ def whole_run_saving(epochs: Sequence[Dict[str, Any]]) -> Optional[float]:
     return 1.0 - spent / (base * steps) if base and steps else None
 
 
+def evaluated_this_run(run_dir: str, eval_dir: str) -> bool:
+    """False when the evaluation's log predates the run now in ``run_dir`` (``run.json``'s creation by
+    util.rundir: the run id the scripts' auto-resume uses), i.e. it evaluated a run since moved aside
+    (``--overwrite``); True when either time is unknown."""
+    created = _num((read_json(os.path.join(run_dir, 'run.json')) or {}).get('created'))
+    try:
+        written = os.path.getmtime(os.path.join(eval_dir, 'log.txt'))
+    except OSError:
+        return True
+    return created is None or written >= created
+
+
 def read_eval(path: str, kind_hint: str) -> Optional[Dict[str, Any]]:
     records = read_log(os.path.join(path, 'log.txt'))
     state = read_json(os.path.join(path, STATE_FILE)) or {}
@@ -214,6 +226,10 @@ def read_run(run_dir: str, name: str, point: Optional[Dict[str, str]] = None) ->
             if os.path.isdir(p) and sub not in ('tb', 'submitit') and (
                     os.path.isfile(os.path.join(p, 'log.txt')) or os.path.isfile(os.path.join(p, STATE_FILE))):
                 ev = read_eval(p, sub)
+                if ev is not None and not evaluated_this_run(run_dir, p):
+                    print(f'note: {p}: an evaluation of an earlier run in {run_dir} (older than its run.json); '
+                          f'not shown', file=sys.stderr)
+                    continue
                 if ev is not None:  # k in the column: k-NN results with different k are not comparable
                     evals[f'{sub} (k={ev["k"]})' if ev.get('k') is not None else sub] = ev
     run['evals'] = evals
