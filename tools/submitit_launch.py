@@ -78,7 +78,7 @@ def parse_script_argv(name: str, argv: Sequence[str], check: bool = True,
     the parsed flags: its parser with the flags of any plugin argv names, the flags' domains and cross-flag rules
     (util.args.domain_errors), the paths (util.args.path_errors; ``inputs=False`` skips the --resume/--finetune
     files, which an earlier step of a sweep writes), and the FreezeOut flags' rules (freezeout.resolve_freeze_args,
-    on a copy). ``check=False``: the parser's types only."""
+    on a copy). ``check=False``: the parser's types only. The parser is kept as ``ns._parser``."""
     import contextlib
     import copy
     import io
@@ -88,8 +88,7 @@ def parse_script_argv(name: str, argv: Sequence[str], check: bool = True,
     parser = script_parser(name)
     argv = list(argv)
     try:
-        if check:
-            extend_parser(parser, argv)
+        extend_parser(parser, argv)  # a plugin's flags parse like the script's own
         ns = parser.parse_args(argv)
     except argparse.ArgumentError as e:
         raise LaunchError(f'{base}: {e}') from None
@@ -97,6 +96,7 @@ def parse_script_argv(name: str, argv: Sequence[str], check: bool = True,
         raise
     except UserError as e:  # a plugin that does not load
         raise LaunchError(f'{base}: {e}') from None
+    ns._parser = parser
     if not check:
         return ns
     problems = domain_errors(ns, parser, argv)

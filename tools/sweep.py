@@ -333,8 +333,9 @@ def _changed_run_flags(script: str, old_argv: Sequence[str], new_argv: Sequence[
     except LaunchError:
         return ['(its recorded command line no longer parses)']
     new = sl.parse_script_argv(script, new_argv, check=False)
+    dests = sorted(set(run_defining(old._parser)) | set(run_defining(new._parser)))  # plugin flags included
     return [f'--{d} {getattr(old, d, None)!r} -> {getattr(new, d, None)!r}'
-            for d in run_defining(sl.script_parser(script)) if getattr(old, d, None) != getattr(new, d, None)]
+            for d in dests if getattr(old, d, None) != getattr(new, d, None)]
 
 
 def check_run_folders(sweep: Dict[str, Any]) -> None:
