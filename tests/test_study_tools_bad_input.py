@@ -65,8 +65,9 @@ def test_sweep_grid_keeps_comma_list_values_whole_with_bars(tmp_path, capsys):
     assert '--stage_weights 1,1,1,1' in cmds[0] and '--stage_weights 4,3,2,1' in cmds[1]
     assert '"stage_weights": "4,3,2,1"' in lines[2]
     # without bars a comma list splits into single numbers, which --stage_weights refuses in one line
-    assert _err(tmp_path / 'sw2', '--grid', 'stage_weights=1,1,1,1', *PRE).startswith(
-        "--grid stage_weights=1,1,1,1: '1' and '1' are the same value")
+    assert _err(tmp_path / 'sw2', '--grid', 'stage_weights=1,1,1,1', *PRE) == \
+        "--grid stage_weights=1,1,1,1: '1' and '1' are the same value of --stage_weights; keep one (for a " \
+        "comma-list value separate the values with |, e.g. stage_weights=1,1,1,1|4,3,2,1)"
     assert 'stage_weights=1,1,1,1|4,3,2,1' in ' '.join(sw.get_args_parser().format_help().split())
 
 

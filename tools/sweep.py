@@ -122,8 +122,10 @@ def parse_grid(specs: Sequence[str], script: str, common: Sequence[str]) -> List
         for v in values:
             norm = _normalised(action, v, switch)
             if norm in seen_values:
+                hint = '' if sep == '|' or switch or action.type not in (None, str) else \
+                    f' (for a comma-list value separate the values with |, e.g. {key}=1,1,1,1|4,3,2,1)'
                 raise LaunchError(f'--grid {spec}: {seen_values[norm]!r} and {v!r} are the same value of --{key}; '
-                                  f'keep one')
+                                  f'keep one{hint}')
             seen_values[norm] = v
         seen.add(key)
         axes.append((key, values, switch))
