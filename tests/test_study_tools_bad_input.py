@@ -187,6 +187,7 @@ def test_report_survives_bad_bytes_null_and_string_values(tmp_path):
                                 measured_saving_so_far='x')).encode() + b'\n')
     rc, out, err = _report(tmp_path / 'sw')
     assert rc == 0
+    assert err.splitlines() == [f'note: {rd / "log.txt"}: skipped 1 line(s) that are not JSON records']
     md = (tmp_path / 'sw' / 'report.md').read_text()
     row = next(l for l in md.splitlines() if l.startswith('| 1 '))
     assert row.split(' | ')[2:7] == ['2/?', '2.0 s', '–', '–', '1.2500']  # the null time counts as none
@@ -212,7 +213,8 @@ def test_report_survives_a_malformed_sweep_json(tmp_path, content):
     (tmp_path / 'sweep.json').write_text(content)
     rc, out, err = _report(tmp_path)
     assert rc == 0 and 'report:' in out
-    assert all(l.startswith('note: ') for l in err.splitlines() if l.strip())
+    notes = err.splitlines()
+    assert notes and all(l.startswith(f'note: {tmp_path / "sweep.json"}: ') for l in notes)
 
 
 def test_report_refuses_a_file_as_out_in_one_line(tmp_path):

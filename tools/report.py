@@ -46,19 +46,28 @@ class ReportError(UserError):
 
 def read_log(path: str) -> List[Dict[str, Any]]:
     """JSON lines of a log.txt; a torn or foreign line is skipped (a killed run may leave half a line)."""
-    out = []
+    out, skipped = [], 0
     try:
         with open(path, encoding='utf-8', errors='replace') as f:  # a non-UTF-8 line fails to parse: skipped
             for line in f:
                 try:
                     rec = json.loads(line)
                 except ValueError:
+                    skipped += bool(line.strip())
                     continue
                 if isinstance(rec, dict):
                     out.append(rec)
+                else:
+                    skipped += 1
     except OSError:
         pass
+    if skipped and path not in _noted:  # one line per skipped input (once: a log is read more than once)
+        _noted.add(path)
+        print(f'note: {path}: skipped {skipped} line(s) that are not JSON records', file=sys.stderr)
     return out
+
+
+_noted: set = set()
 
 
 def _num(v: Any) -> Optional[float]:
@@ -270,6 +279,9 @@ def discover(dirs: Sequence[str]) -> List[Dict[str, Any]]:
             raise ReportError(f'{d}: no such folder; give run folders or a sweep folder (tools/sweep.py --out)')
         found: List[Tuple[str, str, Optional[Dict]]] = []
         sweep = read_json(os.path.join(d, 'sweep.json'))
+        if sweep is None and os.path.isfile(os.path.join(d, 'sweep.json')):
+            print(f'note: {os.path.join(d, "sweep.json")}: not a JSON object; its folders are listed instead',
+                  file=sys.stderr)
         entries = sweep.get('runs') if sweep else None
         if sweep and not isinstance(entries, list):
             print(f'note: {os.path.join(d, "sweep.json")}: no list of runs; its folders are listed instead',
