@@ -360,9 +360,9 @@ def check_run_folders(sweep: Dict[str, Any]) -> None:
         if not changed:
             continue  # the same run (other flags only): auto-resume continues it
         if not overwrite:
-            raise LaunchError(f'{first["output_dir"]} holds a run with other run-defining flags ({"; ".join(changed)}); '
-                              f'continuing it would mix two runs: pass --overwrite after -- to move it aside, or '
-                              f'choose another --out')
+            raise LaunchError(f'{first["output_dir"]} holds a run with other run-defining flags '
+                              f'({"; ".join(changed)}); continuing it would mix two runs: pass --overwrite after '
+                              f'-- to move it aside, or choose another --out')
         dest = rundir.move_aside(first['output_dir'])
         for step in run['steps'][1:]:
             if os.path.isdir(step['output_dir']):
