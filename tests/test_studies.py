@@ -245,7 +245,7 @@ def test_report_table_equals_the_logs_and_figures_are_written(sweep_dir, tmp_pat
             assert r['saving measured'] == (f'{100 * last["measured_saving_so_far"]:.1f}%'
                                             if 'measured_saving_so_far' in last else '–')
             assert r['online k-NN top-1'] == f'{last["knn_k20_top1"]:.2f} (k=20, ep 1)'
-            assert r['knn top-1'] == f'{_log(run / "knn" / "log.txt")[-1]["knn_k20_top1"]:.2f}'
+            assert r['knn (k=20) top-1'] == f'{_log(run / "knn" / "log.txt")[-1]["knn_k20_top1"]:.2f}'
         assert rows[4]['status'] == 'failed (exit status 1) after 0 epochs'
         assert f'- [5] broken: failed (exit status 1) after 0 epochs ({broken})' in md
         t0 = [r for r in rows[:4] if r['t_0'] == '0.7']

@@ -46,24 +46,45 @@ class ReportError(UserError):
 
 def read_log(path: str) -> List[Dict[str, Any]]:
     """JSON lines of a log.txt; a torn or foreign line is skipped (a killed run may leave half a line)."""
-    out = []
+    out, skipped = [], 0
     try:
-        with open(path) as f:
+        with open(path, encoding='utf-8', errors='replace') as f:  # a non-UTF-8 line fails to parse: skipped
             for line in f:
                 try:
                     rec = json.loads(line)
                 except ValueError:
+                    skipped += bool(line.strip())
                     continue
                 if isinstance(rec, dict):
                     out.append(rec)
+                else:
+                    skipped += 1
     except OSError:
         pass
+    if skipped and path not in _noted:  # one line per skipped input (once: a log is read more than once)
+        _noted.add(path)
+        print(f'note: {path}: skipped {skipped} line(s) that are not JSON records', file=sys.stderr)
     return out
+
+
+_noted: set = set()
+
+
+def _num(v: Any) -> Optional[float]:
+    """A logged number as float (NaN/inf kept: shown as such), None for a missing, null, string or bool value."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _sum(records: Sequence[Dict[str, Any]], *keys: str) -> Optional[float]:
+    """Sum over records of the first number found under ``keys``; None when no record has one."""
+    vals = [next((x for x in (_num(r.get(k)) for k in keys) if x is not None), None) for r in records]
+    vals = [v for v in vals if v is not None]
+    return sum(vals) if vals else None
 
 
 def read_json(path: str) -> Optional[Dict[str, Any]]:
     try:
-        with open(path) as f:
+        with open(path, encoding='utf-8') as f:
             obj = json.load(f)
         return obj if isinstance(obj, dict) else None
     except (OSError, ValueError):
@@ -114,11 +135,41 @@ def last_value(records: Sequence[Dict[str, Any]], *keys: str) -> Tuple[Optional[
 
 def knn_top1(rec: Dict[str, Any]) -> Optional[Tuple[int, float]]:
     """(k, top-1) for k = 20 if logged, else the smallest k logged."""
-    ks = sorted(int(k[5:-5]) for k in rec if k.startswith('knn_k') and k.endswith('_top1') and k[5:-5].isdigit())
+    ks = sorted(int(k[5:-5]) for k in rec if k.startswith('knn_k') and k.endswith('_top1') and k[5:-5].isdigit()
+                and _num(rec[k]) is not None)  # a null or string value is no result
     if not ks:
         return None
     k = HEADLINE_K if HEADLINE_K in ks else ks[0]
     return k, float(rec[f'knn_k{k}_top1'])
+
+
+def whole_run_saving(epochs: Sequence[Dict[str, Any]]) -> Optional[float]:
+    """Measured saving over all the run's epochs, whichever process (resume) ran them: compute time spent vs the
+    step time of the latest epoch with nothing frozen (after the first, whose warm-up is noisy) for the same steps;
+    engine_pretrain.saving_so_far's formula, which each process applies to its own epochs only. None without the
+    per-epoch timings."""
+    base, spent, steps = None, 0.0, 0.0
+    for i, r in enumerate(epochs):
+        ct, st = _num(r.get('train_compute_time')), _num(r.get('train_step_time'))
+        if ct is None or not st or not math.isfinite(ct) or not math.isfinite(st):
+            return None
+        if not _num(r.get('frozen_units')) and (i > 0 or base is None):
+            base = st
+        spent += ct
+        steps += ct / st  # step_time = compute_time / optimizer steps of the epoch
+    return 1.0 - spent / (base * steps) if base and steps else None
+
+
+def evaluated_this_run(run_dir: str, eval_dir: str) -> bool:
+    """False when the evaluation's log predates the run now in ``run_dir`` (``run.json``'s creation by
+    util.rundir: the run id the scripts' auto-resume uses), i.e. it evaluated a run since moved aside
+    (``--overwrite``); True when either time is unknown."""
+    created = _num((read_json(os.path.join(run_dir, 'run.json')) or {}).get('created'))
+    try:
+        written = os.path.getmtime(os.path.join(eval_dir, 'log.txt'))
+    except OSError:
+        return True
+    return created is None or written >= created
 
 
 def read_eval(path: str, kind_hint: str) -> Optional[Dict[str, Any]]:
@@ -159,12 +210,15 @@ def read_run(run_dir: str, name: str, point: Optional[Dict[str, str]] = None) ->
     run: Dict[str, Any] = dict(name=name, dir=run_dir, args=args, point=point or {}, epochs_done=len(epochs),
                                epochs_planned=planned, launch_state=state.get('state'),
                                returncode=state.get('returncode'), records=epochs)
-    run['train_time_s'] = sum(float(r.get('train_epoch_time', 0.0)) for r in epochs) if epochs else None
-    run['compute_time_s'] = sum(float(r.get('train_compute_time', r.get('train_epoch_time', 0.0)))
-                                for r in epochs) if epochs else None
-    run['final_loss'], _ = last_value(epochs, 'train_loss')
-    run['planned_saving'], _ = last_value(records, 'planned_saving', 'planned_saving_so_far')
+    run['train_time_s'] = _sum(epochs, 'train_epoch_time')
+    run['compute_time_s'] = _sum(epochs, 'train_compute_time', 'train_epoch_time')
+    run['final_loss'] = _num(epochs[-1].get('train_loss')) if epochs else None  # a NaN last epoch shows NaN
+    # an adaptive policy decides as it goes: its FLOP-model saving is the decided one
+    run['planned_saving'], _ = last_value(records, 'planned_saving', 'planned_saving_so_far', 'decided_saving_so_far')
     run['measured_saving'], _ = last_value(records, 'measured_saving', 'measured_saving_so_far')
+    if run['measured_saving'] is not None:  # the run's own figure, over every process that wrote its log
+        run['measured_saving'] = whole_run_saving(epochs) if whole_run_saving(epochs) is not None \
+            else run['measured_saving']
     run['freezeout'] = bool(args.get('freezeout')) or run['planned_saving'] is not None
     run['frozen_units'], _ = last_value(epochs, 'frozen_units')
     online = [(r['epoch'], knn_top1(r)) for r in epochs if knn_top1(r)]
@@ -181,8 +235,12 @@ def read_run(run_dir: str, name: str, point: Optional[Dict[str, str]] = None) ->
             if os.path.isdir(p) and sub not in ('tb', 'submitit') and (
                     os.path.isfile(os.path.join(p, 'log.txt')) or os.path.isfile(os.path.join(p, STATE_FILE))):
                 ev = read_eval(p, sub)
-                if ev is not None:
-                    evals[sub] = ev
+                if ev is not None and not evaluated_this_run(run_dir, p):
+                    print(f'note: {p}: an evaluation of an earlier run in {run_dir} (older than its run.json); '
+                          f'not shown', file=sys.stderr)
+                    continue
+                if ev is not None:  # k in the column: k-NN results with different k are not comparable
+                    evals[f'{sub} (k={ev["k"]})' if ev.get('k') is not None else sub] = ev
     run['evals'] = evals
     run['status'] = run_status(run)
     return run
@@ -221,9 +279,25 @@ def discover(dirs: Sequence[str]) -> List[Dict[str, Any]]:
             raise ReportError(f'{d}: no such folder; give run folders or a sweep folder (tools/sweep.py --out)')
         found: List[Tuple[str, str, Optional[Dict]]] = []
         sweep = read_json(os.path.join(d, 'sweep.json'))
-        if sweep:
-            for r in sweep.get('runs', []):
-                found.append((r.get('output_dir') or os.path.join(d, r['name']), r['name'], r.get('point')))
+        if sweep is None and os.path.isfile(os.path.join(d, 'sweep.json')):
+            print(f'note: {os.path.join(d, "sweep.json")}: not a JSON object; its folders are listed instead',
+                  file=sys.stderr)
+        entries = sweep.get('runs') if sweep else None
+        if sweep and not isinstance(entries, list):
+            print(f'note: {os.path.join(d, "sweep.json")}: no list of runs; its folders are listed instead',
+                  file=sys.stderr)
+        for r in entries if isinstance(entries, list) else []:
+            name = r.get('name') if isinstance(r, dict) else None
+            if not isinstance(name, str) or not name or not isinstance(r.get('output_dir', ''), (str, type(None))):
+                print(f'note: {os.path.join(d, "sweep.json")}: skipped a malformed run entry {str(r)[:60]!r}',
+                      file=sys.stderr)
+                continue
+            # relative folders are the sweep folder's own; an old absolute one only if this copy lacks the run
+            rel = r.get('output_dir') or name
+            path = os.path.join(d, rel) if not os.path.isabs(rel) or not os.path.isdir(os.path.join(d, name)) \
+                else os.path.join(d, name)
+            point = r.get('point') if isinstance(r.get('point'), dict) else None
+            found.append((path, name, point))
         if is_run_dir(d):
             found.append((d, os.path.basename(os.path.normpath(d)), None))
         else:
@@ -272,7 +346,7 @@ def flag_of(run: Dict[str, Any], key: str) -> Any:
 
 
 def fmt_num(v: Optional[float], nd: int) -> str:
-    return '–' if v is None else f'{v:.{nd}f}'
+    return '–' if v is None else 'NaN' if math.isnan(v) else f'{v:.{nd}f}'
 
 
 def fmt_pct(v: Optional[float]) -> str:
@@ -483,6 +557,8 @@ def _save(fig, path: str, written: List[str]) -> None:
 # ---- report.md ----------------------------------------------------------------------------------------------------
 
 def write_report(dirs: Sequence[str], out_dir: str, figures: bool = True) -> str:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ReportError(f'--out {out_dir}: is a file, not a folder; choose another --out')
     runs = discover(dirs)
     os.makedirs(out_dir, exist_ok=True)
     head, rows, flags, evs = table(runs)
@@ -509,7 +585,7 @@ def write_report(dirs: Sequence[str], out_dir: str, figures: bool = True) -> str
               '- flags: those whose value differs between the runs (checkpoint args; the grid point otherwise).',
               '- epochs: done / planned. train time: sum of the logged epochs\' wall time (without online k-NN).',
               '- saving measured: compute time actually spent vs the step time of the last epoch with nothing '
-              'frozen, for the same steps (over the epochs the last process ran); planned: the FLOP model of the '
+              'frozen, for the same steps (over all the run\'s epochs, across resumes); planned: the FLOP model of the '
               'freeze plan over the epochs done. – = no FreezeOut.',
               '- final loss: the last epoch\'s mean train loss. online k-NN: the last during pre-training (k=20 '
               'if logged). Evaluations: top-1 of the last epoch (best epoch in brackets when different); k-NN: '

@@ -72,12 +72,55 @@ def script_parser(name: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_script_argv(name: str, argv: Sequence[str]) -> argparse.Namespace:
-    """Check ``argv`` against the script's parser (raises :class:`LaunchError`) and return the parsed flags."""
+def parse_script_argv(name: str, argv: Sequence[str], check: bool = True,
+                      inputs: bool = True) -> argparse.Namespace:
+    """Check ``argv`` as the script itself does before it starts (raises :class:`LaunchError`, one line) and return
+    the parsed flags: its parser with the flags of any plugin argv names, the flags' domains and cross-flag rules
+    (util.args.domain_errors), the paths (util.args.path_errors; ``inputs=False`` skips the --resume/--finetune
+    files, which an earlier step of a sweep writes), and the FreezeOut flags' rules (freezeout.resolve_freeze_args,
+    on a copy). ``check=False``: the parser's types only. The parser is kept as ``ns._parser``."""
+    import contextlib
+    import copy
+    import io
+    from util.args import domain_errors, path_errors
+    from util.plugins import extend_parser
+    base = os.path.basename(name)
+    parser = script_parser(name)
+    argv = list(argv)
     try:
-        return script_parser(name).parse_args(list(argv))
+        extend_parser(parser, argv)  # a plugin's flags parse like the script's own
+        ns = parser.parse_args(argv)
     except argparse.ArgumentError as e:
-        raise LaunchError(f'{os.path.basename(name)}: {e}') from None
+        raise LaunchError(f'{base}: {e}') from None
+    except LaunchError:  # the parser's own error, already naming the script
+        raise
+    except UserError as e:  # a plugin that does not load
+        raise LaunchError(f'{base}: {e}') from None
+    ns._parser = parser
+    if not check:
+        return ns
+    problems = domain_errors(ns, parser, argv)
+    if inputs:
+        problems += path_errors(ns)
+    else:
+        saved = {d: getattr(ns, d, None) for d in ('resume', 'finetune')}
+        for d in saved:
+            if hasattr(ns, d):
+                setattr(ns, d, '')
+        problems += path_errors(ns)
+        for d, v in saved.items():
+            if hasattr(ns, d):
+                setattr(ns, d, v)
+    if not problems and hasattr(ns, 'freeze_policy'):
+        from freezeout import resolve_freeze_args
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # its notes are the script's to print, at start-up
+                resolve_freeze_args(copy.copy(ns), argv)
+        except UserError as e:
+            problems.append(str(e))
+    if problems:
+        raise LaunchError(f'{base}: {problems[0]}')
+    return ns
 
 
 def flag_value(argv: Sequence[str], flag: str) -> Optional[str]:
@@ -137,6 +180,15 @@ def write_state(output_dir: str, **fields: Any) -> None:
     with open(tmp, 'w') as f:
         json.dump(state, f, indent=1)
     os.replace(tmp, os.path.join(output_dir, STATE_FILE))
+
+
+def check_not_in_use(output_dir: str, flag: str = '--output_dir') -> None:
+    """Refuse (one line) a folder whose lock a live run holds, before any state file is written into it."""
+    from util.rundir import folder_in_use
+    holder = folder_in_use(output_dir) if output_dir else None
+    if holder:
+        raise LaunchError(f'{flag} {output_dir} is in use by another run ({holder}); nothing was written there; wait '
+                          f'for it to finish or choose another folder')
 
 
 def step_finished(step: Dict[str, Any]) -> bool:
@@ -226,6 +278,7 @@ class StepsJob:
                 continue
             argv = self._argv_for(step)
             if rank0:
+                check_not_in_use(step['output_dir'])  # a live job's state is not ours to rewrite
                 write_state(step['output_dir'], script=name, argv=list(step['argv']), state='running',
                             returncode=None, started=now(), host=socket.gethostname(), job_id=str(job.job_id))
             cmd = [sys.executable, step['script'], *argv]
@@ -365,7 +418,8 @@ def submit(opts: argparse.Namespace, steps: List[Dict[str, Any]], job_dir: str, 
     if StepsJob.__module__ != '__main__':  # imported by tools/sweep.py: the job process cannot import tools/
         import cloudpickle
         cloudpickle.register_pickle_by_value(sys.modules[StepsJob.__module__])
-    job = executor.submit(StepsJob(steps, cwd))
+    # the local executor never requeues: a stopped step is final at once, not after the pre-emption grace
+    job = executor.submit(StepsJob(steps, cwd, preempt_wait_s=0.0 if opts.cluster == 'local' else 120.0))
     print(f'submitted job {job.job_id} ({opts.cluster}): {name}; log: {job_dir}/{job.job_id}_0_log.out '
           f'(stderr: .err)', flush=True)
     return job
@@ -407,6 +461,7 @@ def main(argv: Sequence[str]) -> int:
     path = script_path(opts.script)
     cwd = os.getcwd()
     output_dir = effective_output_dir(opts.script, script_argv, cwd)  # also checks every script flag
+    check_not_in_use(output_dir)
     job_dir = os.path.abspath(opts.job_dir or os.path.join(output_dir or cwd, 'submitit'))
     name = opts.job_name or f'vitfreeze_{path.stem[4:]}'
     job = submit(opts, [dict(script=str(path), argv=list(script_argv), output_dir=output_dir)], job_dir, name, cwd)

@@ -47,7 +47,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                                       '[NAME=value ...] [launcher words] SCRIPT [common flags]')
     p.add_argument('--grid', action='append', default=[], metavar='KEY=V1,V2,...',
                    help='a flag of the script and its values; repeat for more axes; the runs are the cartesian '
-                        'product (a switch flag takes on/off) (default: none = one run of the common flags)')
+                        'product (a switch flag takes on/off). Values are split on "|" when the spec holds one, '
+                        'else on ",": a comma-list value is written stage_weights=1,1,1,1|4,3,2,1. Two spellings of '
+                        'one value (0.8,0.80; on,1) are refused (default: none = one run of the common flags)')
     p.add_argument('--out', required=True, help='sweep folder: one sub-folder per run, plus sweep.json')
     p.add_argument('--then', action='append', default=[], metavar='EVAL',
                    help='evaluate each run\'s checkpoint-last.pth after it: knn, linprobe or finetune (repeatable, '
@@ -96,9 +98,11 @@ def parse_grid(specs: Sequence[str], script: str, common: Sequence[str]) -> List
         key = key.strip().lstrip('-')
         if not eq or not key:
             raise LaunchError(f'--grid {spec}: expected KEY=V1,V2,... (e.g. --grid t_0=0.7,0.8)')
-        values = [v.strip() for v in vals.split(',')]
+        sep = '|' if '|' in vals else ','  # '|' keeps a comma-list value whole: stage_weights=1,1,1,1|4,3,2,1
+        values = [v.strip() for v in vals.split(sep)]
         if not vals.strip() or any(v == '' for v in values):
-            raise LaunchError(f'--grid {spec}: empty value; give comma-separated values, e.g. {key}=A,B')
+            raise LaunchError(f'--grid {spec}: empty value; give {"|" if sep == "|" else "comma"}-separated values, '
+                              f'e.g. {key}=A{sep}B')
         action = _action(parser, key)
         if action is None:
             raise LaunchError(f'--grid {spec}: {os.path.basename(script)} has no flag --{key} (see '
@@ -109,16 +113,36 @@ def parse_grid(specs: Sequence[str], script: str, common: Sequence[str]) -> List
             raise LaunchError(f'--grid {spec}: --{key} is given twice; put all its values in one --grid')
         if key in common_keys:
             raise LaunchError(f'--grid {spec}: --{key} is also among the common flags after --; keep one')
-        if len(set(values)) != len(values):
-            raise LaunchError(f'--grid {spec}: a value is repeated')
         switch = action.nargs == 0
         if switch:
             bad = [v for v in values if v.lower() not in SWITCH_ON + SWITCH_OFF]
             if bad:
                 raise LaunchError(f'--grid {spec}: --{key} is a switch; its values are on/off, not {bad[0]!r}')
+        seen_values: Dict[Any, str] = {}
+        for v in values:
+            norm = _normalised(action, v, switch)
+            if norm in seen_values:
+                hint = '' if sep == '|' or switch or action.type not in (None, str) else \
+                    f' (for a comma-list value separate the values with |, e.g. {key}=1,1,1,1|4,3,2,1)'
+                raise LaunchError(f'--grid {spec}: {seen_values[norm]!r} and {v!r} are the same value of --{key}; '
+                                  f'keep one{hint}')
+            seen_values[norm] = v
         seen.add(key)
         axes.append((key, values, switch))
     return axes
+
+
+def _normalised(action: argparse.Action, value: str, switch: bool) -> Any:
+    """The value the script will see (``0.80`` -> 0.8, ``ON`` -> True), to find two spellings of one point; a value
+    its type refuses stays a string (the point's own check names it)."""
+    if switch:
+        return value.lower() in SWITCH_ON
+    if callable(action.type):
+        try:
+            return action.type(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            pass
+    return value
 
 
 def _slug(text: str) -> str:
@@ -191,7 +215,10 @@ def build_runs(opts: argparse.Namespace, command: Sequence[str], cwd: str) -> Di
             extra = shlex.split(getattr(opts, f'{t}_args'))
             eargv = [*eval_data_flags(common, extra, cwd), *extra, '--finetune',
                      os.path.join(run_dir, 'checkpoint-last.pth'), '--output_dir', os.path.join(run_dir, t)]
-            ns = sl.parse_script_argv(EVALS[t], eargv)
+            try:  # its checkpoint is written by the step before: every other rule is checked now
+                ns = sl.parse_script_argv(EVALS[t], eargv, inputs=False)
+            except LaunchError as e:
+                raise LaunchError(f'--then {t} (--{t}_args): {e}') from None
             if not ns.demo and sl.flag_value(eargv, '--data_path') is None:
                 raise LaunchError(f'--then {t}: no data for the evaluation: pass --{t}_args "--data_path ROOT" '
                                   f'(ROOT holding train/ and val/)')
@@ -298,6 +325,53 @@ def run_slurm(sweep: Dict[str, Any], opts: argparse.Namespace, cwd: str) -> int:
     return status
 
 
+def _changed_run_flags(script: str, old_argv: Sequence[str], new_argv: Sequence[str]) -> List[str]:
+    """``--flag OLD -> NEW`` for each run-defining flag (util.args.run_defining: what auto-resume warns about) that
+    differs between two command lines of ``script``; an old command line its parser no longer reads counts as
+    changed."""
+    from util.args import run_defining
+    try:
+        old = sl.parse_script_argv(script, old_argv, check=False)
+    except LaunchError:
+        return ['(its recorded command line no longer parses)']
+    new = sl.parse_script_argv(script, new_argv, check=False)
+    dests = sorted(set(run_defining(old._parser)) | set(run_defining(new._parser)))  # plugin flags included
+    return [f'--{d} {getattr(old, d, None)!r} -> {getattr(new, d, None)!r}'
+            for d in dests if getattr(old, d, None) != getattr(new, d, None)]
+
+
+def check_run_folders(sweep: Dict[str, Any]) -> None:
+    """Before anything is written: no step's folder is in use by a live run, and no run folder holds a run with other
+    run-defining flags, which auto-resume would continue with a changed schedule. With ``--overwrite`` among the
+    common flags such a run (its checkpoints, log.txt, run.json, evaluations and launch states) is moved into
+    ``<run>/previous-<time>/``; without it the sweep is refused in one line."""
+    from util import rundir
+    overwrite = '--overwrite' in sweep['common']
+    for run in sweep['runs']:
+        for step in run['steps']:
+            sl.check_not_in_use(step['output_dir'])
+        first = run['steps'][0]
+        st = sl.read_state(first['output_dir'])
+        has_run = bool(rundir.checkpoint_files(first['output_dir'])) or \
+            os.path.isfile(os.path.join(first['output_dir'], 'log.txt'))
+        if not st or not has_run or st.get('argv') == first['argv']:
+            continue
+        changed = _changed_run_flags(sweep['script'], st.get('argv') or [], first['argv'])
+        if not changed:
+            continue  # the same run (other flags only): auto-resume continues it
+        if not overwrite:
+            raise LaunchError(f'{first["output_dir"]} holds a run with other run-defining flags '
+                              f'({"; ".join(changed)}); continuing it would mix two runs: pass --overwrite after '
+                              f'-- to move it aside, or choose another --out')
+        dest = rundir.move_aside(first['output_dir'])
+        for step in run['steps'][1:]:
+            if os.path.isdir(step['output_dir']):
+                os.replace(step['output_dir'], os.path.join(dest, os.path.basename(step['output_dir'])))
+        os.replace(os.path.join(first['output_dir'], sl.STATE_FILE), os.path.join(dest, sl.STATE_FILE))
+        print(f'[sweep] {run["name"]}: --overwrite: the previous run ({"; ".join(changed)}) moved into {dest}',
+              flush=True)
+
+
 def main(argv: Sequence[str]) -> int:
     argv = list(argv)
     cut = argv.index('--') if '--' in argv else len(argv)
@@ -316,10 +390,13 @@ def main(argv: Sequence[str]) -> int:
     sweep = build_runs(opts, argv[cut + 1:], cwd)
     if opts.run == 'print':
         return run_print(sweep, cwd)
+    check_run_folders(sweep)
     os.makedirs(sweep['out'], exist_ok=True)
     with open(os.path.join(sweep['out'], 'sweep.json'), 'w') as f:
         json.dump(dict(command=argv, cwd=cwd, **{k: sweep[k] for k in ('grid', 'then', 'script', 'common')},
-                       runs=[dict(name=r['name'], point=r['point'], output_dir=r['output_dir']) for r in sweep['runs']]),
+                       # relative: a copied or moved sweep folder reports its own runs, not the original's
+                       runs=[dict(name=r['name'], point=r['point'],
+                                  output_dir=os.path.relpath(r['output_dir'], sweep['out'])) for r in sweep['runs']]),
                   f, indent=1)
     if opts.run == 'local':
         return run_local(sweep, cwd)

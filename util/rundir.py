@@ -99,6 +99,28 @@ def lock_output_dir(output_dir: str, flag: str = '--output_dir') -> None:
     clean_stale_temp_files(output_dir)
 
 
+def folder_in_use(output_dir: str) -> Optional[str]:
+    """Who holds ``output_dir``'s lock (``pid .. on .., started ..``), or None: a probe that takes and drops the lock
+    at once and creates nothing (a launcher asks before it writes its state files into a folder)."""
+    import fcntl
+    path = os.path.join(output_dir, LOCK_NAME) if output_dir else ''
+    if not path or not os.path.isfile(path) or os.path.realpath(output_dir) in _held:
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _describe(_read_info(fd))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # closing drops a lock we took
+    return None
+
+
 def release_all() -> None:
     """Release every folder lock this process holds (the end of ``run_main``; also registered with atexit)."""
     for real in list(_held):
