@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from engine_common import flush_losses, set_lrs
+from fixed_views import model_inputs
 from freezeout import FreezeOut, decided_saving
 from util import distributed as du
 from util.amp import Amp
@@ -77,7 +78,7 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
     describe = lambda: f'active stages {mw.active_stages()}'  # noqa: E731
     data_wait, ready = 0.0, epoch_start  # host time blocked in the loader, between iterations
 
-    for i, (samples, _) in enumerate(metric_logger.log_every(islice(loader, n_micro), print_freq, header,
+    for i, (samples, meta) in enumerate(metric_logger.log_every(islice(loader, n_micro), print_freq, header,
                                                              remaining_after=remaining, total=n_micro)):
         t0 = time.time()
         data_wait += t0 - ready
@@ -90,12 +91,13 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
                 mw.set_progress(state.global_step / state.total_steps, step=state.global_step)
             step_lr = state.schedule.lr_at(state.global_step)  # the global LR (units' own LRs: freezeout/unit_lr)
         samples = samples.to(device, non_blocking=True)
+        extra = model_inputs(meta, device)  # --fixed_views: each image's mask order; {} by default
         update = (i + 1) % accum == 0
         sync_ctx = model.no_sync() if (isinstance(model, nn.parallel.DistributedDataParallel) and not update) \
             else nullcontext()
         with sync_ctx:
             with state.amp.autocast():
-                out = model(samples, mask_ratio=args.mask_ratio)
+                out = model(samples, mask_ratio=args.mask_ratio, **extra)
             loss = out['loss']
             scaled = loss / accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()

@@ -29,7 +29,7 @@ from timm.models.vision_transformer import Block
 
 import targets as targets_lib
 from targets import HOGTargets, Stage, Target  # noqa: F401 - HOGTargets re-exported (it lived here)
-from masking import BlockMaskCurriculum
+from masking import BlockMaskCurriculum, shuffle_to_mask
 from util.errors import UserError
 from util.pos_embed import sincos_2d_tensor
 
@@ -799,9 +799,10 @@ class LocalMIM(nn.Module):
             m = F.avg_pool2d(m.unsqueeze(1), int(round(1 / scale))).squeeze(1)
         return m.reshape(b, -1)
 
-    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, ids_shuffle: Optional[torch.Tensor] = None
                         ) -> Tuple[Dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """-> ({stage: normed latent [B,1+keep,D]} for active stages, mask [B,L], ids_restore [B,L])."""
+        """-> ({stage: normed latent [B,1+keep,D]} for active stages, mask [B,L], ids_restore [B,L]).
+        ``ids_shuffle`` [B,L] (``--fixed_views``): the token order to mask by instead of a random draw."""
         k_frozen = self.num_frozen_blocks
         prefix_ctx = torch.no_grad() if self.embed_frozen else nullcontext()
         want = {}
@@ -810,8 +811,11 @@ class LocalMIM(nn.Module):
         latents: Dict[int, torch.Tensor] = {}
         with prefix_ctx:
             x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
-            x, mask, ids_restore = (self.random_masking(x, mask_ratio) if self.masking is None
-                                    else self.masking(x, mask_ratio))
+            if ids_shuffle is not None:
+                x, mask, ids_restore = shuffle_to_mask(x, ids_shuffle, mask_ratio)
+            else:
+                x, mask, ids_restore = (self.random_masking(x, mask_ratio) if self.masking is None
+                                        else self.masking(x, mask_ratio))
             cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], dim=1)
             for blk in self.blocks[:k_frozen]:
@@ -916,18 +920,21 @@ class LocalMIM(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, return_vis: bool = False,
-                full_decode: Optional[bool] = None) -> Dict[str, object]:
+                full_decode: Optional[bool] = None, ids_shuffle: Optional[torch.Tensor] = None,
+                index: Optional[torch.Tensor] = None, view: Optional[torch.Tensor] = None) -> Dict[str, object]:
         """imgs [B,3,H,W] (normalised) -> dict with
         ``loss`` (weighted sum over active stages), ``stage_losses`` ({stage: scalar}, graph kept),
         and with ``return_vis``: ``pred``/``target`` ({stage: [B,cells,dim]}, every cell) and ``mask`` [B,L].
         ``full_decode`` (default: ``return_vis``) predicts every cell of every stage instead of only the masked
-        ones; the loss is the same up to float rounding, the work is not."""
+        ones; the loss is the same up to float rounding, the work is not. ``ids_shuffle`` [B,L], ``index`` [B] and
+        ``view`` [B] come from the fixed-views loader (``fixed_views.py``): the mask order of each image's view, and
+        which (image, view) each row is."""
         if not 0.0 < mask_ratio < 1.0 or int(self.num_patches * (1 - mask_ratio)) >= self.num_patches:
             raise UserError(f'--mask_ratio {mask_ratio}: must be in (0, 1) and remove at least one of the '
                             f'{self.num_patches} patches (the loss is computed on removed patches only)')
         full = return_vis if full_decode is None else full_decode
         targets = self.compute_targets(imgs, self.active_stages())
-        latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio)
+        latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, ids_shuffle)
         stage_losses, preds = self.decode(latents, mask, ids_restore, targets, mask_ratio, full)
         loss = self.total_loss(stage_losses, imgs)
         out: Dict[str, object] = {'loss': loss, 'stage_losses': stage_losses}

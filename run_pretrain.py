@@ -19,6 +19,7 @@ from masking import check_mask_curriculum
 from checkpoint_formats import adopt_reference_pretrain
 from engine_common import restore_training
 from engine_pretrain import PretrainState, fit
+from fixed_views import check_fixed_views, wrap_dataset
 from freezeout import (add_freeze_args, build_freezer, check_stage_weights, decided_saving, eval_mode_probe,
                        measure_unit_flops, projected_saving, resolve_freeze_args)
 from util import distributed as du
@@ -126,6 +127,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='with --layer_drop: temporal decay rate of theta(t) per unit of training progress (the '
                         "paper's gamma = 100/T per step is 100: theta is within 1%% of theta_bar after 4.6%% of "
                         'training) (default: 100)', domain=real(0), defines_run=True)
+    g.add_argument('--fixed_views', default=0, type=int, metavar='K',
+                   help='each image gets K fixed (augmentation, mask) pairs drawn from --seed, a pure function of '
+                        '(seed, image, view); epoch e uses pair e mod K (view v = the crop/flip epoch v of the '
+                        'default run draws, plus its own mask). A recipe change in its own right, and what '
+                        '--prefix_cache needs. pil loader, random masking only (default: 0 = off: a fresh view '
+                        'and mask every epoch)', domain=integer(0), defines_run=True)
     g.add_argument('--stage_weights', default='equal', type=str,
                    help=f'per-stage loss weights, shallow->deep: {models_mim.STAGE_WEIGHTS_HELP} (default: equal)',
                    domain=models_mim.check_stage_weights, defines_run=True)
@@ -199,6 +206,7 @@ def prepare_args(args: argparse.Namespace) -> None:
             make_demo_dataset(args.data_path)
     resolve_device_flag(args, argv)
     resolve_freeze_args(args, argv)
+    check_fixed_views(args)
     if args.data_backend == 'dali':  # without DALI: the one-line install hint before any work
         from util.dali_loader import require_dali
         require_dali()
@@ -238,6 +246,7 @@ def main(args: argparse.Namespace) -> None:
 
     dataset = build_dataset(args.data_path, 'train', pretrain_transform(args.input_size), allow_root=True,
                             bad_images=args.bad_images, seed=args.seed)  # per-sample seeds: same augmentation for any world size
+    dataset = wrap_dataset(dataset, args, model.num_patches)  # --fixed_views K: view e mod K of every image
     check_min_images(dataset, args.batch_size * du.get_world_size(), '--batch_size')
     if args.data_backend == 'dali':  # the same file list, sharded by the reader; imported only when chosen
         from util.dali_loader import build_dali_loader
