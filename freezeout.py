@@ -683,6 +683,9 @@ def step_cost(flops: Dict[str, Any], num_frozen: int, dont_freeze_pe: bool) -> f
             cost += 3.0 * f
         else:
             cost += (2.0 if dont_freeze_pe else 1.0) * enc[i]
+    extra = flops.get('prefix_extra')  # work a frozen state adds (prefix_target.py: the full-image prefix pass)
+    if extra:
+        cost += extra[min(num_frozen, len(extra) - 1)]
     return cost
 
 

@@ -30,6 +30,7 @@ from timm.models.vision_transformer import Block
 import targets as targets_lib
 from targets import HOGTargets, Stage, Target  # noqa: F401 - HOGTargets re-exported (it lived here)
 from masking import BlockMaskCurriculum, shuffle_to_mask
+from prefix_target import PrefixTarget, decode_with_prefix
 from util.errors import UserError
 from util.pos_embed import sincos_2d_tensor
 
@@ -490,8 +491,11 @@ class StageDecoder(nn.Module):
         """True when the head is per token (scale >= 1), i.e. the masked-only path applies."""
         return self.scale >= 1
 
-    def forward(self, x: torch.Tensor, ids_restore: torch.Tensor, rows: Optional[torch.Tensor] = None
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ids_restore: torch.Tensor, rows: Optional[torch.Tensor] = None,
+                out: str = 'pred') -> Any:
+        """``out``: 'pred' (the prediction), 'hidden' (the normed decoder tokens the head reads: [B, M, E] at
+        ``rows``, else [B, L, E]) or 'both' (``(pred, hidden)``); the prefix target (prefix_target.py) reads the
+        hidden tokens with its own head."""
         x = self.embed(x)
         b, n_vis, d = x.shape
         n_mask = ids_restore.shape[1] + 1 - n_vis
@@ -501,13 +505,18 @@ class StageDecoder(nn.Module):
         if rows is not None:
             for blk in self.blocks[:-1]:
                 x = blk(x)
-            x = self.norm(block_rows(self.blocks[-1], x, rows + 1))  # +1: position 0 is the cls token
-            return head_per_token(self.pred, x.flatten(0, 1), int(self.scale)).unflatten(0, (b, rows.shape[1]))
+            h = self.norm(block_rows(self.blocks[-1], x, rows + 1))  # +1: position 0 is the cls token
+            if out == 'hidden':
+                return h
+            pred = head_per_token(self.pred, h.flatten(0, 1), int(self.scale)).unflatten(0, (b, rows.shape[1]))
+            return (pred, h) if out == 'both' else pred
         for blk in self.blocks:
             x = blk(x)
-        x = self.norm(x)[:, 1:]
-        x = x.transpose(1, 2).reshape(b, d, self.grid, self.grid)
-        return self.pred(x).flatten(2).transpose(1, 2)
+        h = self.norm(x)[:, 1:]
+        if out == 'hidden':
+            return h
+        pred = self.pred(h.transpose(1, 2).reshape(b, d, self.grid, self.grid)).flatten(2).transpose(1, 2)
+        return (pred, h) if out == 'both' else pred
 
 
 _ln = partial(nn.LayerNorm, eps=1e-6)
@@ -565,6 +574,8 @@ class LocalMIM(nn.Module):
         tap_scales: ``--stage_scales``: one decoder scale per tap; None: by the rule of :func:`stage_layout`.
         layer_drop, layer_drop_gamma, layer_drop_seed: progressive layer dropping (:class:`LayerDrop`;
             ``layer_drop`` = theta_bar, 0 = off).
+        prefix_target, prefix_target_weight: ``'replace'``/``'add'``: once the prefix is frozen, active stages also
+            (or only) predict its full-image features (``prefix_target.PrefixTarget``); None: off, nothing built.
     """
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 16, embed_dim: int = 1024,
@@ -579,7 +590,8 @@ class LocalMIM(nn.Module):
                  mask_curriculum: Optional[str] = None, mask_ratio: float = 0.75,
                  stage_taps: Union[str, Sequence[int], None] = None,
                  tap_scales: Union[str, Sequence[float], None] = None,
-                 layer_drop: float = 0.0, layer_drop_gamma: float = 100.0, layer_drop_seed: int = 0):
+                 layer_drop: float = 0.0, layer_drop_gamma: float = 100.0, layer_drop_seed: int = 0,
+                 prefix_target: Optional[str] = None, prefix_target_weight: float = 1.0):
         super().__init__()
         if isinstance(img_size, (tuple, list)):
             if len(img_size) != 2 or img_size[0] != img_size[1]:
@@ -634,6 +646,9 @@ class LocalMIM(nn.Module):
         self.decoder = nn.ModuleList([
             StageDecoder(embed_dim, self.grid, d, s, decoder_embed_dim, decoder_depth, decoder_num_heads)
             for s, d in zip(self.stage_scales, self.target_dims)])
+        # built after everything else, so the default init draws are unchanged
+        self.prefix = (PrefixTarget(prefix_target, prefix_target_weight, decoder_embed_dim, embed_dim,
+                                    len(self.layout)) if prefix_target else None)
         # None: random_masking, untouched; else a host-side generator (no parameters, nothing in the state dict)
         self.masking = BlockMaskCurriculum(mask_curriculum, self.grid, mask_ratio) if mask_curriculum else None
 
@@ -656,7 +671,8 @@ class LocalMIM(nn.Module):
         """FreezeOut units in forward order.
 
         Unit 0 = patch embedding + cls token (the fixed sin-cos ``pos_embed`` is not trainable). Unit k (1..depth) =
-        block k-1 plus the norm and decoder of every stage that block feeds. Only trainable parameters are listed;
+        block k-1 plus the norm and decoder (and prefix-target head) of every stage that block feeds. Only
+        trainable parameters are listed;
         every trainable parameter is in exactly one unit.
         """
         named = dict(self.named_parameters())
@@ -664,7 +680,7 @@ class LocalMIM(nn.Module):
                                      if (n.startswith('patch_embed.') or n == 'cls_token') and p.requires_grad})]
         for b in range(self.depth):
             prefixes = [f'blocks.{b}.'] + [f'{m}.{k}.' for k, (blk, _) in enumerate(self.layout) if blk == b
-                                          for m in ('norm', 'decoder')]
+                                          for m in ('norm', 'decoder', 'prefix.heads')]
             units.append(ParamUnit(f'block{b + 1}', {n: p for n, p in named.items()
                                                      if p.requires_grad and any(n.startswith(x) for x in prefixes)}))
         return units
@@ -921,7 +937,7 @@ class LocalMIM(nn.Module):
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, return_vis: bool = False,
                 full_decode: Optional[bool] = None, ids_shuffle: Optional[torch.Tensor] = None,
-                index: Optional[torch.Tensor] = None, view: Optional[torch.Tensor] = None) -> Dict[str, object]:
+                index: Optional[Sequence[int]] = None, view: Optional[Sequence[int]] = None) -> Dict[str, object]:
         """imgs [B,3,H,W] (normalised) -> dict with
         ``loss`` (weighted sum over active stages), ``stage_losses`` ({stage: scalar}, graph kept),
         and with ``return_vis``: ``pred``/``target`` ({stage: [B,cells,dim]}, every cell) and ``mask`` [B,L].
@@ -933,9 +949,15 @@ class LocalMIM(nn.Module):
             raise UserError(f'--mask_ratio {mask_ratio}: must be in (0, 1) and remove at least one of the '
                             f'{self.num_patches} patches (the loss is computed on removed patches only)')
         full = return_vis if full_decode is None else full_decode
-        targets = self.compute_targets(imgs, self.active_stages())
-        latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, ids_shuffle)
-        stage_losses, preds = self.decode(latents, mask, ids_restore, targets, mask_ratio, full)
+        if self.prefix is not None and not full and PrefixTarget.active(self):
+            feats = PrefixTarget.features(self, imgs)  # before the encoder: no RNG, the masks are unchanged
+            targets = {} if self.prefix.mode == 'replace' else self.compute_targets(imgs, self.active_stages())
+            latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, ids_shuffle)
+            stage_losses, preds = decode_with_prefix(self, latents, ids_restore, targets, mask, mask_ratio, feats), {}
+        else:  # (the pictures, full decode, show the HOG stages)
+            targets = self.compute_targets(imgs, self.active_stages())
+            latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, ids_shuffle)
+            stage_losses, preds = self.decode(latents, mask, ids_restore, targets, mask_ratio, full)
         loss = self.total_loss(stage_losses, imgs)
         out: Dict[str, object] = {'loss': loss, 'stage_losses': stage_losses}
         if return_vis:

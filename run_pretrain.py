@@ -20,6 +20,7 @@ from checkpoint_formats import adopt_reference_pretrain
 from engine_common import restore_training
 from engine_pretrain import PretrainState, fit
 from fixed_views import check_fixed_views, wrap_dataset
+from prefix_target import MODES as PREFIX_MODES, check_prefix_target, prefix_extra_flops
 from freezeout import (add_freeze_args, build_freezer, check_stage_weights, decided_saving, eval_mode_probe,
                        measure_unit_flops, projected_saving, resolve_freeze_args)
 from util import distributed as du
@@ -133,6 +134,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'default run draws, plus its own mask). A recipe change in its own right, and what '
                         '--prefix_cache needs. pil loader, random masking only (default: 0 = off: a fresh view '
                         'and mask every epoch)', domain=integer(0), defines_run=True)
+    g.add_argument('--prefix_target', default=None, choices=list(PREFIX_MODES),
+                   help='with FreezeOut, once the embedding (and any blocks) are frozen: every active stage also '
+                        "predicts, at masked tokens, the frozen prefix's features of the full unmasked image "
+                        '(LayerNorm per token, no affine; no_grad) with a Linear head of its own. add: stage loss = '
+                        'HOG + w * prefix term; replace: w * prefix term only (no HOG for those stages). Before the '
+                        'first freeze nothing changes; the extra full-image prefix pass is in the FLOP plan '
+                        '(default: none: off)', defines_run=True)
+    g.add_argument('--prefix_target_weight', default=1.0, type=float, metavar='W',
+                   help='with --prefix_target: the weight w of the prefix term in each active stage\'s loss, >= 0 '
+                        '(default: 1)', domain=real(0), defines_run=True)
     g.add_argument('--stage_weights', default='equal', type=str,
                    help=f'per-stage loss weights, shallow->deep: {models_mim.STAGE_WEIGHTS_HELP} (default: equal)',
                    domain=models_mim.check_stage_weights, defines_run=True)
@@ -207,6 +218,7 @@ def prepare_args(args: argparse.Namespace) -> None:
     resolve_device_flag(args, argv)
     resolve_freeze_args(args, argv)
     check_fixed_views(args)
+    check_prefix_target(args)
     if args.data_backend == 'dali':  # without DALI: the one-line install hint before any work
         from util.dali_loader import require_dali
         require_dali()
@@ -228,7 +240,8 @@ def build_model(args: argparse.Namespace) -> models_mim.LocalMIM:
         target=args.target, stage_targets=args.stage_targets, target_options=vars(args),
         mask_curriculum=args.mask_curriculum, mask_ratio=args.mask_ratio, stage_taps=args.stage_taps,
         tap_scales=args.stage_scales, layer_drop=args.layer_drop, layer_drop_gamma=args.layer_drop_gamma,
-        layer_drop_seed=args.seed)
+        layer_drop_seed=args.seed, prefix_target=args.prefix_target,
+        prefix_target_weight=args.prefix_target_weight)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -266,7 +279,16 @@ def main(args: argparse.Namespace) -> None:
         freezer = build_freezer(args, model, schedule, make_probe=lambda: _probe(args, model, device),
                                 sync=du.broadcast_from_rank0 if args.distributed else None)
         flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
+        if model.prefix is not None:
+            without = decided_saving(freezer, flops, schedule.total_steps)
+            flops['prefix_extra'] = prefix_extra_flops(model, args.input_size, args.mask_ratio, device)
         du.print0(freezer.format_plan(spe, flops))
+        if model.prefix is not None:
+            du.print0(f'prefix target ({args.prefix_target}): the full-image pass of the frozen prefix and the '
+                      f'prefix heads are counted above; FLOP-model saving '
+                      f'{100 * decided_saving(freezer, flops, schedule.total_steps):.1f}% vs no freezing '
+                      f'(FreezeOut alone: {100 * without:.1f}%); the HOG work --prefix_target replace skips is not '
+                      f'subtracted')
     if model.layer_drop is not None:
         if flops is None:
             flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
@@ -289,7 +311,8 @@ def main(args: argparse.Namespace) -> None:
     # layer dropping: a dropped block's parameters get no gradient that step (the same blocks on every rank)
     rewrap = (lambda: nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False,
-        find_unused_parameters=model.layer_drop is not None)) \
+        # the prefix-target heads (and, with replace, the HOG heads) of a stage get gradients only in some states
+        find_unused_parameters=model.layer_drop is not None or model.prefix is not None)) \
         if args.distributed else (lambda: model)
     state = PretrainState(model=model, model_without_ddp=model, optimizer=optimizer, amp=amp, schedule=schedule,
                           freezer=freezer, steps_per_epoch=spe, total_steps=schedule.total_steps, rewrap=rewrap)
