@@ -51,6 +51,7 @@ class FixedViews(Dataset):
             raise ValueError('FixedViews needs a dataset with per-sample seeded augmentation (seed=...)')
         self.dataset, self.k, self.seed, self.num_patches = dataset, int(k), int(seed), int(num_patches)
         self.epoch = 0
+        self.cache = None  # a prefix_cache.PrefixCache (--prefix_cache), read in the workers
         self.dataset.set_epoch(0)
 
     def __len__(self) -> int:
@@ -72,8 +73,11 @@ class FixedViews(Dataset):
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, Dict[str, Any]]:
         img, _ = self.dataset[index]
         v = self.view
-        return img, {'ids_shuffle': view_ids_shuffle(self.seed, index, v, self.num_patches), 'index': int(index),
-                     'view': v}
+        meta = {'ids_shuffle': view_ids_shuffle(self.seed, index, v, self.num_patches), 'index': int(index),
+                'view': v}
+        if self.cache is not None:  # --prefix_cache: this view's rows of the frozen prefix, if present
+            meta['cached'] = self.cache.read(int(index), v)
+        return img, meta
 
 
 def check_fixed_views(args) -> None:
@@ -101,5 +105,10 @@ def model_inputs(meta: Any, device: torch.device) -> Dict[str, Any]:
     and reading them syncs nothing), {} for the default (labels)."""
     if not isinstance(meta, dict):
         return {}
-    return {'ids_shuffle': meta['ids_shuffle'].to(device, non_blocking=True), 'index': meta['index'].tolist(),
-            'view': meta['view'].tolist()}
+    index, view = meta['index'].tolist(), meta['view'].tolist()
+    out = {'ids_shuffle': meta['ids_shuffle'].to(device, non_blocking=True), 'index': index, 'view': view}
+    if 'cached' in meta:
+        c = meta['cached']
+        out['cached'] = {'vis': c['vis'].to(device, non_blocking=True), 'full': c['full'].to(device, non_blocking=True),
+                         'depth': c['depth'].tolist(), 'index': index, 'view': view}
+    return out

@@ -74,13 +74,20 @@ def block_shuffle(sides: torch.Tensor, grid: int, generator: Optional[torch.Gene
 def shuffle_to_mask(x: torch.Tensor, ids_shuffle: torch.Tensor, mask_ratio: float
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MAE's bookkeeping for a token order: x [B,L,D] -> (kept [B,keep,D], mask [B,L] 1=removed, ids_restore)."""
-    b, n, d = x.shape
+    d = x.shape[-1]
+    keep = int(x.shape[1] * (1 - mask_ratio))
+    kept = torch.gather(x, 1, ids_shuffle[:, :keep].unsqueeze(-1).expand(-1, -1, d))
+    return (kept, *order_to_mask(ids_shuffle, mask_ratio))
+
+
+def order_to_mask(ids_shuffle: torch.Tensor, mask_ratio: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mask [B,L] 1=removed, ids_restore) of a token order, without the tokens (a cached prefix supplies them)."""
+    b, n = ids_shuffle.shape
     keep = int(n * (1 - mask_ratio))
     ids_restore = torch.argsort(ids_shuffle, dim=1)
-    kept = torch.gather(x, 1, ids_shuffle[:, :keep].unsqueeze(-1).expand(-1, -1, d))
-    mask = torch.ones(b, n, device=x.device)
+    mask = torch.ones(b, n, device=ids_shuffle.device)
     mask[:, :keep] = 0
-    return kept, torch.gather(mask, 1, ids_restore), ids_restore
+    return torch.gather(mask, 1, ids_restore), ids_restore
 
 
 def calibrate(grid: int, mask_ratio: float, up_to: float = math.inf, samples: Optional[int] = None

@@ -29,7 +29,8 @@ from timm.models.vision_transformer import Block
 
 import targets as targets_lib
 from targets import HOGTargets, Stage, Target  # noqa: F401 - HOGTargets re-exported (it lived here)
-from masking import BlockMaskCurriculum, shuffle_to_mask
+from masking import BlockMaskCurriculum, order_to_mask, shuffle_to_mask
+from prefix_cache import lookup as cache_lookup, store as cache_store
 from prefix_target import PrefixTarget, decode_with_prefix
 from util.errors import UserError
 from util.pos_embed import sincos_2d_tensor
@@ -652,6 +653,7 @@ class LocalMIM(nn.Module):
         # None: random_masking, untouched; else a host-side generator (no parameters, nothing in the state dict)
         self.masking = BlockMaskCurriculum(mask_curriculum, self.grid, mask_ratio) if mask_curriculum else None
 
+        self.prefix_cache = None  # --prefix_cache: a prefix_cache.PrefixCache, set by the script
         # FreezeOut state (declared here, driven by freezeout.py through set_frozen)
         self.num_frozen_blocks = 0
         self.embed_frozen = False
@@ -736,6 +738,10 @@ class LocalMIM(nn.Module):
         out = self.masking.record() if self.masking is not None else {}
         if self.layer_drop is not None:
             out.update(self.layer_drop.record())
+        if self.prefix_cache is not None and self.prefix_cache.batches:  # batches with a frozen prefix since the last
+            c = self.prefix_cache
+            out['prefix_cache_hit_share'] = c.hits / c.batches
+            c.hits = c.batches = 0
         return out
 
     def current_stage_weights(self) -> List[float]:
@@ -815,27 +821,37 @@ class LocalMIM(nn.Module):
             m = F.avg_pool2d(m.unsqueeze(1), int(round(1 / scale))).squeeze(1)
         return m.reshape(b, -1)
 
-    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, ids_shuffle: Optional[torch.Tensor] = None
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, ids_shuffle: Optional[torch.Tensor] = None,
+                        cached: Optional[Dict[str, Any]] = None
                         ) -> Tuple[Dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
         """-> ({stage: normed latent [B,1+keep,D]} for active stages, mask [B,L], ids_restore [B,L]).
-        ``ids_shuffle`` [B,L] (``--fixed_views``): the token order to mask by instead of a random draw."""
+        ``ids_shuffle`` [B,L] (``--fixed_views``): the token order to mask by instead of a random draw.
+        ``cached`` (``--prefix_cache``): the loader's rows of the frozen prefix's output; used when every row is
+        at the current depth, else the prefix runs and the missing rows are written (prefix_cache.py)."""
         k_frozen = self.num_frozen_blocks
         prefix_ctx = torch.no_grad() if self.embed_frozen else nullcontext()
         want = {}
         for k in self.active_stages():
             want.setdefault(self.stage_blocks[k], []).append(k)
         latents: Dict[int, torch.Tensor] = {}
-        with prefix_ctx:
-            x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
-            if ids_shuffle is not None:
-                x, mask, ids_restore = shuffle_to_mask(x, ids_shuffle, mask_ratio)
-            else:
-                x, mask, ids_restore = (self.random_masking(x, mask_ratio) if self.masking is None
-                                        else self.masking(x, mask_ratio))
-            cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-            x = torch.cat([cls, x], dim=1)
-            for blk in self.blocks[:k_frozen]:
-                x = blk(x)
+        hit = cache_lookup(self, cached, 'vis') if cached is not None else None
+        if hit is not None:  # the visible tokens' prefix output, as computed from the visible tokens only
+            x = hit
+            mask, ids_restore = order_to_mask(ids_shuffle, mask_ratio)
+        else:
+            with prefix_ctx:
+                x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
+                if ids_shuffle is not None:
+                    x, mask, ids_restore = shuffle_to_mask(x, ids_shuffle, mask_ratio)
+                else:
+                    x, mask, ids_restore = (self.random_masking(x, mask_ratio) if self.masking is None
+                                            else self.masking(x, mask_ratio))
+                cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+                x = torch.cat([cls, x], dim=1)
+                for blk in self.blocks[:k_frozen]:
+                    x = blk(x)
+            if cached is not None:
+                cache_store(self, cached, 'vis', x)
         if self.embed_frozen:
             x = x.detach()
         # progressive layer dropping: a dropped block is not run (identity), a kept one's residual branch is scaled
@@ -937,7 +953,8 @@ class LocalMIM(nn.Module):
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, return_vis: bool = False,
                 full_decode: Optional[bool] = None, ids_shuffle: Optional[torch.Tensor] = None,
-                index: Optional[Sequence[int]] = None, view: Optional[Sequence[int]] = None) -> Dict[str, object]:
+                index: Optional[Sequence[int]] = None, view: Optional[Sequence[int]] = None,
+                cached: Optional[Dict[str, Any]] = None) -> Dict[str, object]:
         """imgs [B,3,H,W] (normalised) -> dict with
         ``loss`` (weighted sum over active stages), ``stage_losses`` ({stage: scalar}, graph kept),
         and with ``return_vis``: ``pred``/``target`` ({stage: [B,cells,dim]}, every cell) and ``mask`` [B,L].
@@ -950,13 +967,18 @@ class LocalMIM(nn.Module):
                             f'{self.num_patches} patches (the loss is computed on removed patches only)')
         full = return_vis if full_decode is None else full_decode
         if self.prefix is not None and not full and PrefixTarget.active(self):
-            feats = PrefixTarget.features(self, imgs)  # before the encoder: no RNG, the masks are unchanged
+            feats = cache_lookup(self, cached, 'full') if cached is not None else None
+            if feats is None:
+                feats = PrefixTarget.features(self, imgs)  # before the encoder: no RNG, the masks are unchanged
+                if cached is not None:
+                    cache_store(self, cached, 'full', feats)
             targets = {} if self.prefix.mode == 'replace' else self.compute_targets(imgs, self.active_stages())
-            latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, ids_shuffle)
+            latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, ids_shuffle, cached)
             stage_losses, preds = decode_with_prefix(self, latents, ids_restore, targets, mask, mask_ratio, feats), {}
         else:  # (the pictures, full decode, show the HOG stages)
             targets = self.compute_targets(imgs, self.active_stages())
-            latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, ids_shuffle)
+            latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, ids_shuffle,
+                                                              None if full else cached)
             stage_losses, preds = self.decode(latents, mask, ids_restore, targets, mask_ratio, full)
         loss = self.total_loss(stage_losses, imgs)
         out: Dict[str, object] = {'loss': loss, 'stage_losses': stage_losses}

@@ -111,11 +111,11 @@ def check_prefix_target(args) -> None:
 
 
 def prefix_extra_flops(model: nn.Module, input_size: int, mask_ratio: float, device: torch.device
-                       ) -> List[float]:
+                       ) -> Dict[str, List[float]]:
     """Extra forward-equivalent FLOPs of one image per step with the first n scheduled units frozen (index n,
-    0..units): 0 before the embedding freezes; then the full-image pass through the embedding and the n - 1
-    frozen blocks (forward only, no_grad; FlopCounterMode per module on L + 1 tokens) plus 3x (forward + backward) each
-    active stage's head on the masked tokens."""
+    0..units): ``prefix_pass[n]``, 0 before the embedding freezes, then the full-image pass through the embedding
+    and the n - 1 frozen blocks (forward only, no_grad; FlopCounterMode per module on L + 1 tokens);
+    ``prefix_extra[n]``: that plus 3x (forward + backward) each active stage's head on the masked tokens."""
     from torch.utils.flop_counter import FlopCounterMode
     from timm.models.vision_transformer import Attention
 
@@ -142,9 +142,10 @@ def prefix_extra_flops(model: nn.Module, input_size: int, mask_ratio: float, dev
         model.train(was)
     masked = model.num_patches - int(model.num_patches * (1 - mask_ratio))
     head = [2.0 * masked * h.in_features * h.out_features for h in model.prefix.heads]
-    out = [0.0]
+    passes, out = [0.0], [0.0]
     for n in range(1, model.depth + 2):
         nb = n - 1
         active = [k for k, b in enumerate(model.stage_blocks) if b >= nb]
-        out.append(embed + sum(blocks[:nb]) + 3.0 * sum(head[k] for k in active))
-    return out
+        passes.append(embed + sum(blocks[:nb]))
+        out.append(passes[-1] + 3.0 * sum(head[k] for k in active))
+    return {'prefix_extra': out, 'prefix_pass': passes}

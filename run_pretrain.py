@@ -20,6 +20,7 @@ from checkpoint_formats import adopt_reference_pretrain
 from engine_common import restore_training
 from engine_pretrain import PretrainState, fit
 from fixed_views import check_fixed_views, wrap_dataset
+from prefix_cache import build_cache, cache_plan, check_prefix_cache
 from prefix_target import MODES as PREFIX_MODES, check_prefix_target, prefix_extra_flops
 from freezeout import (add_freeze_args, build_freezer, check_stage_weights, decided_saving, eval_mode_probe,
                        measure_unit_flops, projected_saving, resolve_freeze_args)
@@ -144,6 +145,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument('--prefix_target_weight', default=1.0, type=float, metavar='W',
                    help='with --prefix_target: the weight w of the prefix term in each active stage\'s loss, >= 0 '
                         '(default: 1)', domain=real(0), defines_run=True)
+    g.add_argument('--prefix_cache', default=None, type=str, metavar='DIR',
+                   help='with --fixed_views K and FreezeOut: store the frozen prefix\'s output per (image, view) in '
+                        'memory-mapped fp32 files under DIR (the visible tokens\' output as computed from the visible '
+                        'tokens only, and with --prefix_target the full-image features), written in the first epoch '
+                        'of each view after a freeze and read instead of running the prefix afterwards; the loss is '
+                        'bit-identical to the uncached run. A deeper freeze rebuilds for the new depth. DIR is '
+                        'checked against the run (data list, K, seed, mask ratio, shapes; the prefix weights at each '
+                        'depth) and refused if foreign or if it would not fit the free disk space; --plan_only '
+                        'prints its size and the compute it saves. docs/PREFIX_CACHE.md (default: none: no cache)')
     g.add_argument('--stage_weights', default='equal', type=str,
                    help=f'per-stage loss weights, shallow->deep: {models_mim.STAGE_WEIGHTS_HELP} (default: equal)',
                    domain=models_mim.check_stage_weights, defines_run=True)
@@ -219,6 +229,7 @@ def prepare_args(args: argparse.Namespace) -> None:
     resolve_freeze_args(args, argv)
     check_fixed_views(args)
     check_prefix_target(args)
+    check_prefix_cache(args)
     if args.data_backend == 'dali':  # without DALI: the one-line install hint before any work
         from util.dali_loader import require_dali
         require_dali()
@@ -260,6 +271,10 @@ def main(args: argparse.Namespace) -> None:
     dataset = build_dataset(args.data_path, 'train', pretrain_transform(args.input_size), allow_root=True,
                             bad_images=args.bad_images, seed=args.seed)  # per-sample seeds: same augmentation for any world size
     dataset = wrap_dataset(dataset, args, model.num_patches)  # --fixed_views K: view e mod K of every image
+    cache = build_cache(args, model, dataset)  # --prefix_cache DIR
+    if cache is not None and not args.plan_only:
+        cache.open()  # a foreign cache, or one that would not fit the disk, is refused here
+        dataset.cache = model.prefix_cache = cache
     check_min_images(dataset, args.batch_size * du.get_world_size(), '--batch_size')
     if args.data_backend == 'dali':  # the same file list, sharded by the reader; imported only when chosen
         from util.dali_loader import build_dali_loader
@@ -281,7 +296,7 @@ def main(args: argparse.Namespace) -> None:
         flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
         if model.prefix is not None:
             without = decided_saving(freezer, flops, schedule.total_steps)
-            flops['prefix_extra'] = prefix_extra_flops(model, args.input_size, args.mask_ratio, device)
+            flops.update(prefix_extra_flops(model, args.input_size, args.mask_ratio, device))
         du.print0(freezer.format_plan(spe, flops))
         if model.prefix is not None:
             du.print0(f'prefix target ({args.prefix_target}): the full-image pass of the frozen prefix and the '
@@ -289,6 +304,8 @@ def main(args: argparse.Namespace) -> None:
                       f'{100 * decided_saving(freezer, flops, schedule.total_steps):.1f}% vs no freezing '
                       f'(FreezeOut alone: {100 * without:.1f}%); the HOG work --prefix_target replace skips is not '
                       f'subtracted')
+        if cache is not None:
+            du.print0(cache_plan(cache, freezer, flops, spe, args.epochs, args.fixed_views))
     if model.layer_drop is not None:
         if flops is None:
             flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
@@ -332,6 +349,8 @@ def main(args: argparse.Namespace) -> None:
         limit = model.compile_regions(**opts)
         du.print0(f'compile: {model.depth} encoder blocks and {len(model.decoder)} stage decoders compiled '
                   f'({args.compile_backend}); at most {limit} variants per region, a hit is an error')
+    if cache is not None and model.embed_frozen:  # resumed with a frozen prefix: the first epoch reads the cache
+        cache.set_depth(model, model.num_frozen_blocks)
     state.model = rewrap()
 
     log_writer = TensorBoard(args.log_dir)

@@ -96,7 +96,8 @@ def test_target_and_losses_after_a_freeze(frozen_blocks):
 
 def test_flop_model_counts_the_full_image_prefix_pass():
     m = tiny(prefix_target='add')
-    extra = prefix_extra_flops(m, 32, 0.75, torch.device('cpu'))
+    got = prefix_extra_flops(m, 32, 0.75, torch.device('cpu'))
+    extra = got['prefix_extra']
     n = L + 1  # tokens with cls
     embed = 2 * L * (3 * 4 * 4) * D
     block = 2 * n * D * 3 * D + 2 * 2 * n * n * D + 2 * n * D * D + 2 * 2 * n * D * 4 * D
@@ -106,6 +107,7 @@ def test_flop_model_counts_the_full_image_prefix_pass():
         nb = count - 1
         active = [k for k, b in enumerate(m.stage_blocks) if b >= nb]
         assert extra[count] == pytest.approx(embed + nb * block + 3 * head * len(active), rel=1e-9)
+        assert got['prefix_pass'][count] == pytest.approx(embed + nb * block, rel=1e-9)
 
 
 def _args(demo_root, out, *extra):
