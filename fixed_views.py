@@ -110,5 +110,6 @@ def model_inputs(meta: Any, device: torch.device) -> Dict[str, Any]:
     if 'cached' in meta:
         c = meta['cached']
         out['cached'] = {'vis': c['vis'].to(device, non_blocking=True), 'full': c['full'].to(device, non_blocking=True),
-                         'depth': c['depth'].tolist(), 'index': index, 'view': view}
+                         'depth': c['depth'].tolist(), 'depth_t': c['depth'].to(device, non_blocking=True),
+                         'index': index, 'view': view}
     return out

@@ -740,8 +740,9 @@ class LocalMIM(nn.Module):
             out.update(self.layer_drop.record())
         if self.prefix_cache is not None and self.prefix_cache.batches:  # batches with a frozen prefix since the last
             c = self.prefix_cache
-            out['prefix_cache_hit_share'] = c.hits / c.batches
-            c.hits = c.batches = 0
+            out['prefix_cache_hit_share'] = c.hits / c.batches  # served at the current depth
+            out['prefix_cache_extend_share'] = c.extended / c.batches  # from a shallower depth + the new blocks
+            c.hits = c.extended = c.batches = 0
         return out
 
     def current_stage_weights(self) -> List[float]:
@@ -836,8 +837,10 @@ class LocalMIM(nn.Module):
         latents: Dict[int, torch.Tensor] = {}
         hit = cache_lookup(self, cached, 'vis') if cached is not None else None
         if hit is not None:  # the visible tokens' prefix output, as computed from the visible tokens only
-            x = hit
+            x, extended = hit  # (rows of a shallower prefix: only the blocks frozen since were run)
             mask, ids_restore = order_to_mask(ids_shuffle, mask_ratio)
+            if extended:
+                cache_store(self, cached, 'vis', x)
         else:
             with prefix_ctx:
                 x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
@@ -967,11 +970,12 @@ class LocalMIM(nn.Module):
                             f'{self.num_patches} patches (the loss is computed on removed patches only)')
         full = return_vis if full_decode is None else full_decode
         if self.prefix is not None and not full and PrefixTarget.active(self):
-            feats = cache_lookup(self, cached, 'full') if cached is not None else None
-            if feats is None:
-                feats = PrefixTarget.features(self, imgs)  # before the encoder: no RNG, the masks are unchanged
-                if cached is not None:
-                    cache_store(self, cached, 'full', feats)
+            hit = cache_lookup(self, cached, 'full') if cached is not None else None
+            # before the encoder: no RNG, the masks are unchanged
+            raw = PrefixTarget.prefix_output(self, imgs) if hit is None else hit[0]
+            if cached is not None and (hit is None or hit[1]):
+                cache_store(self, cached, 'full', raw)
+            feats = PrefixTarget.normalize(raw)
             targets = {} if self.prefix.mode == 'replace' else self.compute_targets(imgs, self.active_stages())
             latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, ids_shuffle, cached)
             stage_losses, preds = decode_with_prefix(self, latents, ids_restore, targets, mask, mask_ratio, feats), {}

@@ -3,22 +3,27 @@
 Once FreezeOut has frozen the embedding and the first d blocks, the prefix's output for (image i, view v) is a fixed
 tensor. Stored is exactly what the uncached run computes there: the prefix run on the VISIBLE tokens of view v's
 mask (cls + keep tokens, [1 + keep, D]) -- never the prefix on all tokens masked afterwards, which would leak the
-masked patches into the visible tokens through attention -- and, with ``--prefix_target``, the prefix's LayerNorm'ed
-full-image features of view v ([L, D], the target). Epochs after a freeze read rows where present and write them
-where absent; a batch is served from the cache only when every row is present at the current depth, otherwise it
-runs the prefix on the whole batch (the same batch shape as the uncached run) and writes the missing rows.
+masked patches into the visible tokens through attention -- and, with ``--prefix_target``, the prefix's output on
+the full image of view v ([1 + L, D], before the target's LayerNorm). Epochs after a freeze read rows where present
+and write them where absent; a batch is served from the cache when all its rows are present (at depths <= the
+current one: shallower rows are extended), otherwise it runs the prefix on the whole batch (the same batch shape as
+the uncached run) and writes its rows.
 
 Layout under DIR (fp32, the dtype the prefix computes in, so a hit is bit-identical):
     cache.json                    run fingerprint: data list hash, images, K, seed, mask ratio, shapes
     depth{d}.json                 sha256 of the frozen prefix's weights at depth d (embedding + d blocks)
-    depth{d}_view{v}.vis|.full    memory-mapped [N, 1 + keep, D] / [N, L, D] rows, indexed by dataset index
+    depth{d}_view{v}.vis|.full    memory-mapped [N, 1 + keep, D] / [N, 1 + L, D] rows, indexed by dataset index
     depth{d}_view{v}.visflags|.fullflags   [N] uint8: row written (set after the row's data is flushed)
 Files are created whole (a sparse, zero file under a temporary name, then hard-linked into place: never replaced
-under a reader); a crash leaves rows whose flag is 0, which are simply computed again. A deeper freeze rebuilds
-for the new depth (its files are created, those of shallower depths deleted: a run's depth only grows).
+under a reader); a crash leaves rows whose flag is 0, which are simply computed again. A deeper freeze
+extends: a row of a shallower depth is read and only the blocks frozen since are run on it (the same tensors the
+uncached run computes, block by block, on a batch of the same shape), then written at the new depth; a view's
+shallower files are deleted once the view is complete at the deeper depth (a run's depth only grows).
 
-Data-loader side (:meth:`PrefixCache.read`, in the workers): the rows of the depth current at the epoch's start;
-model side (:func:`lookup` / :func:`store`, main process): used only at the depth the model is at for that batch.
+Data-loader side (:meth:`PrefixCache.read`, in the workers): each row at the deepest depth <= the one current at
+the epoch's start; model side (:func:`lookup` / :func:`store`, main process): a batch whose rows all exist at
+depths <= the model's is served (shallower rows extended); a batch with a missing row runs the prefix from the
+image.
 """
 import hashlib
 import json
@@ -88,16 +93,17 @@ class PrefixCache:
         self.depth: Optional[int] = None  # the depth rows are served and written for
         self._maps: Dict[tuple, np.memmap] = {}
         self._checked: Dict[int, str] = {}
-        self.hits = self.batches = 0
+        self.hits = self.extended = self.batches = 0
 
     # ---- sizes ------------------------------------------------------------------------------------------------
 
     def bytes_per_view(self) -> int:
-        row = (1 + self.keep) * self.dim + (self.L * self.dim if self.full else 0)
+        row = (1 + self.keep) * self.dim + ((1 + self.L) * self.dim if self.full else 0)
         return self.n * (4 * row + (2 if self.full else 1))
 
     def bytes_on_disk(self) -> int:
-        """Largest size of the cache: K views at one depth (shallower depths are deleted)."""
+        """The cache at one depth: K views (a view's shallower rows are deleted once it is complete at a deeper
+        depth; until then both are on disk)."""
         return self.views * self.bytes_per_view()
 
     # ---- start of run -----------------------------------------------------------------------------------------
@@ -131,7 +137,7 @@ class PrefixCache:
     def _shape(self, kind: str) -> tuple:
         if kind.endswith('flags'):
             return (self.n,)
-        return {'vis': (self.n, 1 + self.keep, self.dim), 'full': (self.n, self.L, self.dim)}[kind]
+        return {'vis': (self.n, 1 + self.keep, self.dim), 'full': (self.n, 1 + self.L, self.dim)}[kind]
 
     def _map(self, depth: int, view: int, kind: str, create: bool) -> Optional[np.memmap]:
         key = (depth, view, kind)
@@ -155,8 +161,8 @@ class PrefixCache:
     # ---- depth (main process, at a freeze) ----------------------------------------------------------------------
 
     def set_depth(self, model: torch.nn.Module, depth: int) -> None:
-        """The model's frozen prefix is now ``depth`` blocks deep: check (or record) its weights' hash, delete the
-        files of shallower depths. Once per freeze (it reads the weights to the host)."""
+        """The model's frozen prefix is now ``depth`` blocks deep: check (or record) its weights' hash. Once per
+        freeze (it reads the weights to the host)."""
         if depth == self.depth:
             return
         digest = prefix_weights_hash(model, depth)
@@ -167,31 +173,44 @@ class PrefixCache:
         if have != digest:
             raise UserError(f'--prefix_cache {self.root}: its depth-{depth} rows were computed by other frozen weights '
                             f'(another run or a changed checkpoint); give an empty folder or delete this one')
-        for f in os.listdir(self.root):
-            if f.startswith('depth') and not f.startswith((f'depth{depth}_', f'depth{depth}.')):
-                d = int(f[5:].split('_')[0].split('.')[0])
-                if d < depth:
-                    os.unlink(os.path.join(self.root, f))
-        self._maps = {k: v for k, v in self._maps.items() if k[0] == depth}
         self.depth = depth
+
+    def _kinds(self) -> tuple:
+        return ('vis', 'full') if self.full else ('vis',)
+
+    def _has(self, depth: int, view: int, index: int) -> bool:
+        for kind in self._kinds():
+            flags = self._map(depth, view, f'{kind}flags', False)
+            if flags is None or not flags[index]:
+                return False
+        return True
+
+    def _drop_shallower(self, depth: int, view: int) -> None:
+        """View ``view`` is complete at ``depth``: its rows of shallower depths are never read again."""
+        for d in range(depth):
+            for kind in self._kinds():
+                for k in (kind, f'{kind}flags'):
+                    self._maps.pop((d, view, k), None)
+                    try:
+                        os.unlink(self._file(d, view, k))
+                    except FileNotFoundError:
+                        pass
 
     # ---- loader side --------------------------------------------------------------------------------------------
 
     def read(self, index: int, view: int) -> Dict[str, Any]:
-        """The rows of (index, view) at the current depth, or zeros with depth -1 (a miss)."""
-        d = self.depth
-        kinds = ('vis', 'full') if self.full else ('vis',)
-        hit = d is not None
-        for kind in kinds:
-            flags = self._map(d, view, f'{kind}flags', False) if hit else None
-            hit = flags is not None and bool(flags[index])
-        out = {'depth': d if hit else -1}
-        for kind in kinds:
-            shape = self._shape(kind)[1:]
-            out[kind] = (torch.from_numpy(np.array(self._map(d, view, kind, False)[index])) if hit
-                         else torch.zeros(shape))
+        """The rows of (index, view) at the deepest depth <= the current one that has them (``depth``), or zeros
+        with depth -1 (a miss). A shallower row is extended by the model (the newly frozen blocks only)."""
+        out: Dict[str, Any] = {'depth': -1}
+        d = self.depth if self.depth is not None else -1
+        while d >= 0 and not self._has(d, view, index):
+            d -= 1
+        for kind in self._kinds():
+            out[kind] = (torch.from_numpy(np.array(self._map(d, view, kind, False)[index])) if d >= 0
+                         else torch.zeros(self._shape(kind)[1:]))
         if not self.full:
             out['full'] = torch.zeros(0)
+        out['depth'] = d
         return out
 
     # ---- model side (main process) -------------------------------------------------------------------------------
@@ -216,25 +235,43 @@ class PrefixCache:
                 fl = self._map(depth, v, f'{kind}flags', True)
                 fl[idx] = 1
                 fl.flush()
+                if depth > 0 and fl.all() and all(self._map(depth, v, f'{k}flags', True).all() for k in self._kinds()):
+                    self._drop_shallower(depth, v)
 
 
-def lookup(model: torch.nn.Module, cached: Optional[Dict[str, Any]], kind: str) -> Optional[torch.Tensor]:
-    """The batch's rows of ``kind`` from the loader when every row is present at the model's current depth."""
+def lookup(model: torch.nn.Module, cached: Optional[Dict[str, Any]], kind: str) -> Optional[tuple]:
+    """``(rows at the model's current depth, extended)`` from the loader's rows of ``kind`` when every row of the
+    batch is present at some depth <= the current one, else None (the caller computes from the image).
+
+    Rows of a shallower depth d are brought to the current depth by running blocks d.. on the whole batch and
+    keeping each block's output only for the rows that need it (``torch.where`` on the per-row depth, a device
+    tensor from the loader): the batch keeps the uncached run's shape, so each row sees the same kernels, and
+    nothing is read back to the host. ``extended``: some row was extended (the caller writes the batch)."""
     cache = getattr(model, 'prefix_cache', None)
     if cache is None or cached is None or not model.embed_frozen:
         return None
-    depth = model.num_frozen_blocks
-    cache.set_depth(model, depth)
+    cur = model.num_frozen_blocks
+    cache.set_depth(model, cur)
+    depths = cached['depth']
     if kind == 'vis':
         cache.batches += 1
-    if any(d != depth for d in cached['depth']):
+    lo = min(depths)
+    if lo < 0 or max(depths) > cur:
         return None
+    x = cached[kind]
+    if lo < cur:
+        per_row = cached['depth_t'].view(-1, 1, 1)
+        with torch.no_grad():
+            for b in range(lo, cur):
+                x = torch.where(per_row <= b, model.blocks[b](x), x)
     if kind == 'vis':
-        cache.hits += 1
-    return cached[kind]
+        cache.hits += lo == cur
+        cache.extended += lo < cur
+    return x, lo < cur
 
 
 def store(model: torch.nn.Module, cached: Optional[Dict[str, Any]], kind: str, rows: torch.Tensor) -> None:
+    """Write the batch's missing rows of ``kind`` at the model's current depth."""
     cache = getattr(model, 'prefix_cache', None)
     if cache is None or cached is None or not model.embed_frozen:
         return
@@ -269,30 +306,27 @@ def build_cache(args, model: torch.nn.Module, dataset: Any) -> Optional[PrefixCa
 
 def cache_plan(cache: PrefixCache, freezer: Any, flops: Dict[str, Any], steps_per_epoch: int, epochs: int,
                views: int) -> str:
-    """--plan_only line: size on disk, and the FLOP-model compute the cache saves. An epoch is counted as served
-    from the cache when an earlier epoch of the same view ran entirely at the same depth as it (fill epochs and
-    epochs with a freeze inside compute, as do partial ones: conservative)."""
+    """--plan_only line: size on disk, and the FLOP-model compute the cache saves. Epoch e (view e mod K) reads
+    the rows epoch e - K wrote, all of them when e - K began with m >= 1 units frozen (every row then exists at
+    depth >= m; shallower ones are extended); counted as saving, in every step of epoch e, the forward of m units
+    on the visible tokens (and, with --prefix_target, their full-image pass). A lower bound: rows at deeper depths
+    save more, and the partial epochs (images dropped by drop_last) are ignored."""
     from freezeout import decided_saving, step_cost
     T = steps_per_epoch * epochs
-    pe = freezer.dont_freeze_pe
     enc = flops.get('unit_enc_fwd', flops['unit_fwd'])
-
-    def state(e):
-        lo, hi = freezer.num_frozen_at(e * steps_per_epoch), freezer.num_frozen_at((e + 1) * steps_per_epoch - 1)
-        return lo if lo == hi else None
-
-    saved = 0.0
-    for e in range(epochs):
-        n = state(e)
-        if not n or not any(state(f) == n for f in range(e % views, e, views)):
+    saved, served = 0.0, 0
+    for e in range(views, epochs):
+        m = freezer.num_frozen_at((e - views) * steps_per_epoch)
+        if not m:
             continue
-        cut = sum(enc[:n])  # the embedding and the n - 1 frozen blocks on the visible tokens
-        if 'prefix_pass' in flops:  # and the full-image prefix pass of --prefix_target (its heads still run)
-            cut += flops['prefix_pass'][n]
+        served += 1
+        cut = sum(enc[:m])  # the embedding and the m - 1 blocks frozen then, on the visible tokens
+        if 'prefix_pass' in flops:  # and the full-image pass of --prefix_target (its heads still run)
+            cut += flops['prefix_pass'][m]
         saved += steps_per_epoch * cut
-    base = step_cost(flops, 0, pe) * T
+    base = step_cost(flops, 0, freezer.dont_freeze_pe) * T
     fo = decided_saving(freezer, flops, T)
-    return (f'prefix cache {cache.root}: {cache.bytes_on_disk() / 2**30:.3f} GiB on disk at most ({views} views x '
-            f'{cache.n} images x {cache.bytes_per_view() / cache.n / 1024:.1f} KiB, fp32); saves '
-            f'{100 * saved / base:.1f}% of the no-freeze training FLOPs (FLOP model) on top of the '
-            f'{100 * fo:.1f}% planned without it')
+    return (f'prefix cache {cache.root}: {cache.bytes_on_disk() / 2**30:.3f} GiB on disk at one depth ({views} views '
+            f'x {cache.n} images x {cache.bytes_per_view() / cache.n / 1024:.1f} KiB, fp32); {served} of {epochs} '
+            f'epochs read it; saves {100 * saved / base:.1f}% of the no-freeze training FLOPs (FLOP model) on top of '
+            f'the {100 * fo:.1f}% planned without it')

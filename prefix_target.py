@@ -51,15 +51,25 @@ class PrefixTarget(nn.Module):
 
     @staticmethod
     @torch.no_grad()
-    def features(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
-        """[B, L, D]: the frozen prefix's output tokens (cls dropped) on the unmasked images, LayerNorm'ed per token
-        (no affine), fp32. The frozen blocks are in eval mode (LocalMIM.train), so this is deterministic."""
+    def prefix_output(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+        """[B, 1 + L, D]: the frozen prefix's output (cls first) on the unmasked images (what --prefix_cache stores).
+        The frozen blocks are in eval mode (LocalMIM.train), so this is deterministic."""
         x = model.patch_embed(imgs) + model.pos_embed[:, 1:]
         x = torch.cat([(model.cls_token + model.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)
         for blk in model.blocks[:model.num_frozen_blocks]:
             x = blk(x)
-        x = x[:, 1:].float()
+        return x
+
+    @staticmethod
+    def normalize(raw: torch.Tensor) -> torch.Tensor:
+        """[B, 1 + L, D] prefix output -> [B, L, D] target: the patch tokens LayerNorm'ed per token, no affine, fp32."""
+        x = raw[:, 1:].float()
         return F.layer_norm(x, x.shape[-1:])
+
+    @classmethod
+    def features(cls, model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+        """[B, L, D]: the target of ``imgs`` (the prefix on the unmasked images, normalised)."""
+        return cls.normalize(cls.prefix_output(model, imgs))
 
     def loss(self, k: int, hidden: torch.Tensor, feats: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """p_k: ``hidden`` [B, M, E] decoder tokens at the masked positions ``rows`` [B, M]; ``feats`` [B, L, D]."""

@@ -89,6 +89,31 @@ def test_hit_batch_is_bit_identical_and_flags_gate_rows(demo_root, tmp_path):
     assert cache.read(5, 1)['depth'] == -1 and cache.read(1, 1)['depth'] == 2
 
 
+def test_deeper_freeze_extends_shallower_rows_bit_identically(demo_root, tmp_path):
+    ds = FixedViews(build_dataset(demo_root, 'train', pretrain_transform(32), allow_root=True, seed=3), 2, 3, L)
+    ref, cm = tiny(prefix_target='replace'), tiny(prefix_target='replace')
+    cache = _cache(tmp_path / 'c', full=True)
+    cache.open()
+    cm.prefix_cache = ds.cache = cache
+    idx = list(range(32))
+    for epoch, depth in ((0, 1), (2, 3)):  # view 0 at depth 1 (fill), then at depth 3 (extend by blocks 2, 3)
+        for m in (ref, cm):
+            m.set_frozen(depth, embed_frozen=True)
+        cache.set_depth(cm, depth)
+        imgs, meta = _batch(ds, idx, epoch)
+        extra = model_inputs(meta, torch.device('cpu'))
+        assert extra['cached']['depth'] == [-1 if epoch == 0 else 1] * 32
+        torch.manual_seed(0)
+        a = cm(imgs, mask_ratio=0.75, **extra)['loss']
+        torch.manual_seed(0)
+        b = ref(imgs, mask_ratio=0.75, ids_shuffle=extra['ids_shuffle'])['loss']
+        assert torch.equal(a, b)
+    assert cache.extended == 1 and cache.hits == 0
+    names = sorted(f.name for f in (tmp_path / 'c').iterdir())
+    assert not any(n.startswith('depth1_') for n in names)  # view 0 complete at depth 3: depth-1 rows deleted
+    assert 'depth3_view0.vis' in names and cache.read(4, 0)['depth'] == 3
+
+
 def test_foreign_cache_and_prefix_weights_refused(tmp_path):
     _cache(tmp_path).open()
     _cache(tmp_path).open()  # the same run: accepted
@@ -122,7 +147,7 @@ def test_plan_only_prints_the_size_and_creates_nothing(demo_root, tmp_path):
     assert rc == 0, err[-3000:]
     line = next(l for l in out.splitlines() if l.startswith('prefix cache'))
     kib = (4 * (1 + KEEP) * D + 1) / 1024
-    assert f'(2 views x 32 images x {kib:.1f} KiB, fp32); saves ' in line and 'on top of the' in line
+    assert f'(2 views x 32 images x {kib:.1f} KiB, fp32); ' in line and 'on top of the' in line
     assert not (tmp_path / 'c').exists()
 
 
@@ -146,9 +171,8 @@ def test_cli_foreign_cache_refused(demo_root, tmp_path):
 
 @pytest.mark.slow
 def test_cli_bit_identical_across_freezes_and_a_warm_resume(demo_root, tmp_path):
-    """8 epochs of 4 steps, K = 2: units freeze in epochs 1, 1, 2 and 4 (the prefix 3 blocks deep from mid-epoch
-    4, which fills part of view 0), epoch 5 fills view 1, epoch 6 (view 0, partly filled) computes, epoch 7 reads
-    view 1 entirely."""
+    """8 epochs of 4 steps, K = 2: units freeze in epochs 1, 1, 2 and 4 (the prefix 3 blocks deep from epoch 4 on);
+    rows written at depths 1-3 are read and extended by the blocks frozen since; epoch 7 reads view 1 at depth 3."""
     ref, cached, res = tmp_path / 'ref', tmp_path / 'cached', tmp_path / 'res'
     flags = ['--prefix_target', 'add']
     rc, out, err = cli('run_pretrain.py', _args(demo_root, ref, *flags))
@@ -158,8 +182,9 @@ def test_cli_bit_identical_across_freezes_and_a_warm_resume(demo_root, tmp_path)
     a = [json.loads(l) for l in (ref / 'log.txt').read_text().splitlines()]
     b = [json.loads(l) for l in (cached / 'log.txt').read_text().splitlines()]
     assert [r['train_loss'] for r in a] == [r['train_loss'] for r in b]
-    assert [r.get('prefix_cache_hit_share') for r in b] == [None] + [0.0] * 6 + [1.0]
-    assert [r['frozen_units'] for r in b] == [0, 2, 3, 3, 4, 4, 4, 4]
+    # epoch 1 wrote no rows before the embedding froze, 2 on: every epoch from 4 reads (extends) all its rows
+    assert [r.get('prefix_cache_hit_share', 0) + r.get('prefix_cache_extend_share', 0) for r in b][4:] == [1.0] * 4
+    assert [r.get('prefix_cache_extend_share') for r in b][4:] == [1.0, 1.0, 1.0, 0.0]  # the last freeze: epoch 4
     res.mkdir()  # resume after epoch 6 with the warm cache: epoch 7 still reads it, same result
     shutil.copy(cached / 'checkpoint-6.pth', res / 'checkpoint-last.pth')
     (res / 'log.txt').write_text(''.join((cached / 'log.txt').read_text().splitlines(keepends=True)[:7]))
