@@ -16,6 +16,9 @@ inside the run:
     compile      --compile (inductor; aot_eager on CPU) across the freeze events; the number of compiled graphs
                  (log.txt compile_graphs) must stay within a bound
     finetune     one fine-tune epoch of the ddp run's encoder with --amp fp16, --clip_grad 1 and FreezeOut
+    prefix_cache --fixed_views 1 --prefix_target add --amp bf16, 2 loader workers, with and without --prefix_cache
+                 (docs/PREFIX_CACHE.md): passes when the cached run reads its rows and its per-epoch losses and
+                 final weights equal the uncached run's (the fp32 residual stream under AMP, same kernels)
     flops        the FLOP plan of ViT-Ti/16 224 px measured on CPU and on the GPU: equal (attention once)
     step_eager   bench.pretrain_step ViT-B/16 224 px batch 64, eager: img/s, peak memory
     step_compile the same with --compile (inductor): img/s, peak memory, compile time of the first step
@@ -147,6 +150,30 @@ print(json.dumps(out))
 '''
 
 
+def _prefix_cache(tmp: str, device: str, demo_env) -> Dict[str, object]:
+    import torch
+    flags = ['--fixed_views', '1', '--prefix_target', 'add', '--num_workers', '2',
+             '--amp', 'bf16' if device == 'cuda' else 'none']
+    ref, cached = os.path.join(tmp, 'pc_ref'), os.path.join(tmp, 'pc_cached')
+    r = _pretrain('prefix_cache', ref, device, flags, 90, env=demo_env)
+    if not r['ok']:
+        return r
+    r2 = _pretrain('prefix_cache_cached', cached, device, flags + ['--prefix_cache', os.path.join(tmp, 'pc_dir')],
+                   90, env=demo_env)
+    r['seconds'] += r2['seconds']
+    if not r2['ok']:
+        return _fail(r, f"cached run failed: {r2['stderr_tail'][-500:]}")
+    a, b = _records(ref), _records(cached)
+    r['losses'] = [[x.get('train_loss') for x in a], [x.get('train_loss') for x in b]]
+    r['served_share'] = [x.get('prefix_cache_hit_share', 0) + x.get('prefix_cache_extend_share', 0) for x in b]
+    wa, wb = (torch.load(os.path.join(d, 'checkpoint-last.pth'), map_location='cpu', weights_only=True)['model']
+              for d in (ref, cached))
+    r['bit_identical'] = r['losses'][0] == r['losses'][1] and all(torch.equal(wa[k], wb[k]) for k in wa)
+    if not r['served_share'] or r['served_share'][-1] <= 0:
+        return _fail(r, f"the cached run read no rows in its last epoch (served {r['served_share']})")
+    return r if r['bit_identical'] else _fail(r, 'the cached run differs from the uncached one')
+
+
 def _flops() -> Dict[str, object]:
     r = _run('flops', [PY, '-c', FLOPS_SNIPPET], 60)
     if r['ok']:
@@ -179,6 +206,7 @@ def plan(args, tmp: str, device: str) -> List:
         ('amp_fp16', lambda: _amp('amp_fp16', tmp, device, demo_env)),
         ('compile', lambda: _compile(tmp, device, demo_env)),
         ('finetune', lambda: _finetune(tmp, device, demo_env)),
+        ('prefix_cache', lambda: _prefix_cache(tmp, device, demo_env)),
         ('flops', _flops),
         ('step_eager', lambda: _step('step_eager', vit_b, 45, device, q, tmp)),
         ('step_compile', lambda: _step('step_compile', vit_b, 180, device, q or device == 'cpu', tmp)),
