@@ -298,6 +298,9 @@ class LayerDrop:
         self.progress, self.step = 0.0, None
         self.plan: List[float] = [1.0] * depth  # before the first set_step (t = 0): theta = 1, nothing dropped
         self.kept_steps, self.block_steps = 0, 0
+        # the FLOP model's expected saving of the whole run (set once the plan is known: run_pretrain's plan);
+        # logged so that reports read the saving of a dropping run from its log, like FreezeOut's
+        self.expected_saving_total: Optional[float] = None
 
     def theta(self, progress: float) -> float:
         return (1.0 - self.theta_bar) * math.exp(-self.gamma * progress) + self.theta_bar
@@ -332,6 +335,8 @@ class LayerDrop:
         out = {'layer_drop_theta': self.theta(self.progress), 'layer_drop_keep_last': self.keep_probs(self.progress)[-1]}
         if self.block_steps:
             out['layer_drop_kept_share'] = self.kept_steps / self.block_steps
+        if self.expected_saving_total is not None:
+            out['layer_drop_expected_saving'] = self.expected_saving_total
         self.kept_steps, self.block_steps = 0, 0
         return out
 

@@ -352,6 +352,7 @@ def layer_drop_plan(model, freezer, flops, total_steps: int, dont_freeze_pe: boo
     ld = model.layer_drop
     if freezer is None:
         saving = ld.expected_saving(flops, total_steps, lambda step: 0)
+        ld.expected_saving_total = saving
         return f'{ld.describe()}\nlayer drop: expected saving of training FLOPs (FLOP model): {100 * saving:.1f}%'
     pe = freezer.dont_freeze_pe
 
@@ -361,6 +362,7 @@ def layer_drop_plan(model, freezer, flops, total_steps: int, dont_freeze_pe: boo
     bounds = freezer.state_boundaries()
     saving = ld.expected_saving(flops, total_steps, blocks_at, bounds,
                                 base_cost=lambda step: step_cost(flops, freezer.num_frozen_at(step), pe))
+    ld.expected_saving_total = saving
     fo = decided_saving(freezer, flops, total_steps)
     both = 1.0 - (1.0 - fo) * (1.0 - saving)
     return (f'{ld.describe()}\nlayer drop: expected saving of training FLOPs (FLOP model) {100 * saving:.1f}% of the '
