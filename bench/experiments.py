@@ -99,7 +99,8 @@ TINY_PRETRAIN = ['--input_size', '32', '--patch_size', '4', '--embed_dim', '32',
 TINY_FINETUNE = ['--batch_size', '8', '--epochs', '2', '--warmup_epochs', '1']
 
 
-def row_command(row: str, seed: int, out: Path, python: str, data: Optional[str], tiny: bool) -> List[str]:
+def row_command(row: str, seed: int, out: Path, python: str, data: Optional[str], tiny: bool,
+                device: Optional[str] = None, amp: Optional[str] = None) -> List[str]:
     d = out / row / f's{seed}'
     if row in PRETRAIN_ROWS:
         nofreeze = str(out / 'nofreeze' / f's{seed}' / 'checkpoint-last.pth')
@@ -117,6 +118,7 @@ def row_command(row: str, seed: int, out: Path, python: str, data: Optional[str]
             cmd += TINY_FINETUNE
     if data:
         cmd += ['--data_path', data]
+    cmd += (['--device', device] if device else []) + (['--amp', amp] if amp else [])
     return cmd
 
 
@@ -266,6 +268,10 @@ def main() -> None:
     p.add_argument('--data_path', default=None,
                    help='ImageFolder root with train/ and val/ instead of the demo data (default: --demo data)')
     p.add_argument('--python', default=sys.executable, help='interpreter for the runs (default: this one)')
+    p.add_argument('--device', default=None, choices=['cpu', 'cuda'],
+                   help='--device of every run (default: none: the scripts\' default, cuda with a CPU fallback)')
+    p.add_argument('--amp', default=None, choices=['auto', 'bf16', 'fp16', 'none'],
+                   help='--amp of every run (CUDA only) (default: none: the scripts\' default, auto)')
     p.add_argument('--dry_run', action='store_true', help='print the commands and exit')
     p.add_argument('--table_only', action='store_true', help='print the table of the finished runs and exit')
     p.add_argument('--tiny', action='store_true', help='smoke configuration: 2 epochs of a 4-block 32-wide model')
@@ -294,7 +300,7 @@ def main() -> None:
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     for r in rows:
         for seed in args.seeds:
-            cmd = row_command(r, seed, out, args.python, args.data_path, args.tiny)
+            cmd = row_command(r, seed, out, args.python, args.data_path, args.tiny, args.device, args.amp)
             d = out / r / f's{seed}'
             if args.dry_run:
                 print(('# ' + missing[r] + '\n# ' if r in missing else '') + shlex.join(cmd))

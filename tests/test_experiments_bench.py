@@ -73,6 +73,8 @@ def test_row_sets_and_placeholders():
     out = Path('/x')
     cmd = ex.row_command('teacher', 3, out, 'py', None, False)
     assert cmd[cmd.index('--teacher') + 1] == '/x/nofreeze/s3/checkpoint-last.pth'
+    assert ex.row_command('cubic08', 0, out, 'py', None, False, 'cuda', 'bf16')[-4:] == ['--device', 'cuda', '--amp',
+                                                                                       'bf16']
     cmd = ex.row_command('prefix_cache', 0, out, 'py', None, False)
     assert cmd[cmd.index('--prefix_cache') + 1] == '/x/prefix_cache/s0/cache'
 
