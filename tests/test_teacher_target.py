@@ -264,4 +264,6 @@ def test_teacher_from_a_tiny_run_trains_and_resumes_exactly(demo_root, tmp_path)
     other = _teacher_file(tmp_path / 'other.pth', embed_dim=64, num_heads=4, depth=4)
     swapped = [other if a == str(teacher) else a for a in flags]
     rc, out, err = cli('run_pretrain.py', _args(demo_root, bad, *map(str, swapped)))
-    assert rc != 0 and 'not the teacher this run was trained with' in err, err[-2000:]
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and 'Traceback' not in err, err[-2000:]
+    assert lines[0].startswith(f'error: --teacher {other}: not the teacher this run was trained with'), lines
