@@ -62,8 +62,9 @@ def _freeze_as_buffers(module: nn.Module) -> None:
 
 
 def load_teacher(path: str, layer: Optional[int], input_size: int, flag: str = '--teacher') -> nn.Module:
-    """The frozen timm ViT of ``path`` (blocks[:layer], no final norm, no head) at ``input_size``, in eval mode.
-    ``layer`` None: every block. One-line UserErrors for a missing/unreadable file or ``layer`` out of range."""
+    """The frozen timm ViT of ``path`` (blocks[:layer], no final norm, no head) at ``input_size``, in eval mode;
+    its ``load_notes`` say what loading changed (a resampled position embedding). ``layer`` None: every block.
+    One-line UserErrors for a missing/unreadable file or ``layer`` out of range."""
     import checkpoint_formats
     import models_vit
 
@@ -97,6 +98,7 @@ def load_teacher(path: str, layer: Optional[int], input_size: int, flag: str = '
     model.norm = nn.Identity()  # the target's own LayerNorm (no affine) replaces the final norm
     model.head = nn.Identity()
     _freeze_as_buffers(model)
+    model.load_notes = list(report.notes)
     return model.eval()
 
 
@@ -172,7 +174,7 @@ class TeacherTarget(targets.Target):
         return (f'teacher target: {self.path} (sha256 {bytes(self.teacher_sha256.tolist()).hex()[:12]}), blocks '
                 f'1-{self.layer}, width {self.width}, {self.token_grid}x{self.token_grid} tokens -> stage grids '
                 f'{[s.grid for s in stages]} of stages {[s.index for s in stages]} (adaptive average pool, LayerNorm per '
-                f'cell)' + cost)
+                f'cell)' + ''.join(f'; {n}' for n in getattr(self.encoder, 'load_notes', [])) + cost)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

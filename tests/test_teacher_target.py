@@ -185,6 +185,23 @@ def test_build_errors_are_one_line(teacher_file, kw, msg):
     assert '\n' not in str(e.value)
 
 
+def test_timm_export_and_another_input_size(teacher_file, tmp_path):
+    """A tools/export.py export (raw timm state dict + .json recipe) is the same teacher as its source; a teacher
+    trained at another resolution gets its position embedding resampled (as the evaluators do) and says so."""
+    exported = tmp_path / 'export.pth'
+    rc, out, err = cli('tools/export.py', ['--checkpoint', teacher_file, '--output', exported])
+    assert rc == 0, err[-2000:]
+    imgs = _imgs()
+    a = _model(teacher_file, spec='teacher').compute_targets(imgs, [2, 3])
+    t = _model(exported, spec='teacher')
+    b = t.compute_targets(imgs, [2, 3])
+    assert all(torch.equal(a[k], b[k]) for k in (2, 3))
+    big = _teacher_file(tmp_path / 'big.pth', img_size=64)  # a 16x16 grid, run at 32 px: 8x8
+    m = _model(big, spec='teacher')
+    assert m.target.token_grid == 8 and m.target.encoder.pos_embed.shape[1] == 65
+    assert 'pos_embed resampled from a 16x16 to a 8x8 patch grid' in m.target.plan_line(m.stages, None, None)
+
+
 def test_patch_must_divide_the_input(tmp_path):
     f = _teacher_file(tmp_path / 't5.pth', img_size=35, patch_size=5)
     with pytest.raises(UserError, match="teacher's patch size 5 does not divide --input_size 32"):
