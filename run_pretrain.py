@@ -238,7 +238,7 @@ def build_model(args: argparse.Namespace) -> models_mim.LocalMIM:
         mask_curriculum=args.mask_curriculum, mask_ratio=args.mask_ratio, stage_taps=args.stage_taps,
         tap_scales=args.stage_scales, layer_drop=args.layer_drop, layer_drop_gamma=args.layer_drop_gamma,
         layer_drop_seed=args.seed)
-    if args.teacher is not None or args.teacher_layer is not None:
+    if getattr(args, 'teacher', None) is not None or getattr(args, 'teacher_layer', None) is not None:
         from target_teacher import check_teacher_flags
         check_teacher_flags(args, model.target)  # flags no stage reads would be ignored silently
     return model

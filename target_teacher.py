@@ -30,7 +30,7 @@ shared work (``flop_counted``) and :meth:`TeacherTarget.plan_line` prints its sh
 """
 import hashlib
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -121,7 +121,9 @@ class TeacherTarget(targets.Target):
         self.layer = len(self.encoder.blocks)
         self.width = int(self.encoder.embed_dim)
         self.token_grid = size // int(self.encoder.patch_embed.patch_size[0])
-        self.register_buffer('teacher_sha256', torch.tensor(list(file_sha256(self.path)), dtype=torch.uint8))
+        digest = file_sha256(self.path)
+        self.sha_hex = digest.hex()
+        self.register_buffer('teacher_sha256', torch.tensor(list(digest), dtype=torch.uint8))
         self.register_buffer('teacher_layer', torch.tensor(self.layer, dtype=torch.int64))
 
     def train(self, mode: bool = True) -> 'TeacherTarget':
@@ -170,11 +172,11 @@ class TeacherTarget(targets.Target):
             cost = f'; forward {fwd_flops / 1e6:.2f} MFLOP/image under no_grad (no backward)'
             if step_flops:
                 cost += (f' = {100 * fwd_flops / step_flops:.1f}% of a training step with nothing frozen '
-                         f'(FLOP model, backward = 2x forward), in the shared work paid every step')
-        return (f'teacher target: {self.path} (sha256 {bytes(self.teacher_sha256.tolist()).hex()[:12]}), blocks '
+                         f'(FLOP model, backward = 2x forward; counted in its shared work, every step)')
+        return (f'teacher target: {self.path} (sha256 {self.sha_hex[:12]}), blocks '
                 f'1-{self.layer}, width {self.width}, {self.token_grid}x{self.token_grid} tokens -> stage grids '
-                f'{[s.grid for s in stages]} of stages {[s.index for s in stages]} (adaptive average pool, LayerNorm per '
-                f'cell)' + ''.join(f'; {n}' for n in getattr(self.encoder, 'load_notes', [])) + cost)
+                f'{[s.grid for s in stages]} of stages {[s.index for s in stages]} (adaptive average pool, '
+                f'LayerNorm per cell)' + ''.join(f'; {n}' for n in getattr(self.encoder, 'load_notes', [])) + cost)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -182,7 +184,7 @@ class TeacherTarget(targets.Target):
         if sha is not None and not torch.equal(sha.to(self.teacher_sha256), self.teacher_sha256):
             raise UserError(f'--teacher {self.path}: not the teacher this run was trained with (file SHA-256 '
                             f'{bytes(sha.tolist()).hex()[:12]} in the checkpoint, '
-                            f'{bytes(self.teacher_sha256.tolist()).hex()[:12]} now); resume with the original file')
+                            f'{self.sha_hex[:12]} now); resume with the original file')
         if lay is not None and int(lay) != self.layer:
             raise UserError(f'--teacher_layer {self.layer}: the checkpoint was trained on teacher block {int(lay)}; '
                             f'resume with --teacher_layer {int(lay)}')

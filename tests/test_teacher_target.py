@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import models_vit
 import targets
@@ -274,6 +273,13 @@ def test_teacher_from_a_tiny_run_trains_and_resumes_exactly(demo_root, tmp_path)
     rc, out, err = cli('run_pretrain.py', _args(demo_root, res, *flags))
     assert rc == 0 and 'Resumed from' in out, err[-3000:]
     assert _losses(res) == losses
+    # the student's checkpoint holds no teacher weights and is read by the evaluators as any other
+    ckpt = torch.load(ref / 'checkpoint-last.pth', map_location='cpu', weights_only=True)
+    assert not any('.encoder.' in k for k in ckpt['model'])
+    rc, out, err = cli('run_knn.py', ['--finetune', ref / 'checkpoint-last.pth', '--data_path', demo_root,
+                                      '--output_dir', tmp_path / 'knn', '--nb_knn', '5', '--device', 'cpu',
+                                      '--num_workers', '0', '--batch_size', '8'])
+    assert rc == 0 and 'k=5' in out, err[-2000:]
     # a changed teacher file is refused on resume
     bad = tmp_path / 'bad'
     bad.mkdir()
