@@ -584,8 +584,9 @@ def measure_unit_flops(model: nn.Module, input_size: int, mask_ratio: float, dev
     work FLOP counters do not see (``Target.uncounted_stages``: HOG is mostly binning and scatter) are, with
     ``time_targets``, timed against the rest of the forward on ``device`` and added to ``shared`` as
     FLOP-equivalents (``target_fwd``; ``hog_fwd`` is the same number under its old name); counted targets (a
-    teacher encoder's matmuls) are in ``shared`` already. The model's RNG use is isolated (fork_rng) so measuring
-    does not change the run.
+    teacher encoder's matmuls) are in ``shared`` already. ``module_fwd`` holds the counted FLOPs of every submodule
+    by name (``target`` included: what a target's ``plan_line`` reports). The model's RNG use is isolated
+    (fork_rng) so measuring does not change the run.
 
     Other models: ``forward(x)`` runs one image (default ``model(x, mask_ratio=...)``) and ``units`` are their
     FreezeOut units (default ``model.units()``); parameters outside every unit (a classifier head) count as shared.
@@ -626,7 +627,8 @@ def measure_unit_flops(model: nn.Module, input_size: int, mask_ratio: float, dev
     tgt = _hog_flop_equivalent(model, input_size, mask_ratio, device, total) if time_targets else 0.0
     return {'names': [u.name for u in units], 'unit_fwd': per_unit, 'unit_enc_fwd': per_unit_enc,
             'total_fwd': total + tgt, 'target_fwd': tgt, 'hog_fwd': tgt,
-            'shared_fwd': max(0.0, total - sum(per_unit)) + tgt}
+            'shared_fwd': max(0.0, total - sum(per_unit)) + tgt,
+            'module_fwd': {k[len(root) + 1:]: v for k, v in counts.items() if k.startswith(root + '.')}}
 
 
 def _hog_flop_equivalent(model: nn.Module, input_size: int, mask_ratio: float, device: torch.device,

@@ -88,6 +88,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='one target per stage, shallow to deep (e.g. hog,hog,pixel,pixel), each as for --target; '
                         'a single name applies to every stage; overrides --target (default: none, --target '
                         'everywhere)', domain=check_targets, defines_run=True)
+    g.add_argument('--teacher', default=None, type=str, metavar='CKPT',
+                   help='with the teacher target (--target teacher, or a teacher entry of --stage_targets): the '
+                        'frozen encoder whose features are regressed, any checkpoint run_knn.py --finetune reads '
+                        '(ours, MAE, LocalMIM, a tools/export.py timm export); run under no_grad with the run\'s '
+                        'AMP on the full unmasked image, once per step for all its stages. Its SHA-256 goes into '
+                        'the checkpoints, its weights do not: a resume re-reads this file and refuses a changed '
+                        'one (default: none)', domain=_check_teacher_file, defines_run=True)
+    g.add_argument('--teacher_layer', default=None, type=int, metavar='N',
+                   help='with --teacher: the target is the output of teacher blocks 1..N (1 <= N <= the teacher\'s '
+                        'depth; deeper blocks are not run), patch tokens LayerNorm\'ed without affine, average-'
+                        'pooled (or repeated) onto each stage\'s cell grid (default: the last block)',
+                   domain=integer(1), defines_run=True)
     g.add_argument('--mask_curriculum', default=None, type=str, metavar='START:END',
                    help='mask curriculum by token distance: block-wise masks (s x s blocks of patches, tokens of '
                         'the last visible block at random) whose difficulty = the mean Euclidean distance, in '
@@ -187,6 +199,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_teacher_file(flag: str, value: str):
+    return None if os.path.isfile(value) else f'--teacher {value}: ' + (
+        'is a directory, not a checkpoint file' if os.path.isdir(value) else 'file not found')
+
+
 def prepare_args(args: argparse.Namespace) -> None:
     argv = getattr(args, 'argv', [])
     if args.demo:
@@ -212,7 +229,7 @@ def prepare_args(args: argparse.Namespace) -> None:
 
 
 def build_model(args: argparse.Namespace) -> models_mim.LocalMIM:
-    return models_mim.create_model(
+    model = models_mim.create_model(
         args.model, img_size=args.input_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
         depth=args.depth, num_heads=args.num_heads, hog_nbins=args.hog_nbins, hog_bias=args.hog_bias,
         all_stages=args.all_stages, stage_weights=args.stage_weights, hog_bias_seed=args.seed,
@@ -221,6 +238,10 @@ def build_model(args: argparse.Namespace) -> models_mim.LocalMIM:
         mask_curriculum=args.mask_curriculum, mask_ratio=args.mask_ratio, stage_taps=args.stage_taps,
         tap_scales=args.stage_scales, layer_drop=args.layer_drop, layer_drop_gamma=args.layer_drop_gamma,
         layer_drop_seed=args.seed)
+    if getattr(args, 'teacher', None) is not None or getattr(args, 'teacher_layer', None) is not None:
+        from target_teacher import check_teacher_flags
+        check_teacher_flags(args, model.target)  # flags no stage reads would be ignored silently
+    return model
 
 
 def main(args: argparse.Namespace) -> None:
@@ -262,6 +283,11 @@ def main(args: argparse.Namespace) -> None:
         if flops is None:
             flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
         du.print0(layer_drop_plan(model, freezer, flops, schedule.total_steps, args.dont_freeze_pe))
+    if target_plan_lines(model, None):  # a target with its own compute (the teacher): its share of the FLOPs
+        if flops is None:
+            flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
+        for line in target_plan_lines(model, flops, args.dont_freeze_pe):
+            du.print0(line)
     check_stage_weights(model, freezer, schedule.total_steps, spe)  # a zero loss after a freeze: refused now
     groups = _freezeout_param_groups(freezer, args) if freezer else param_groups_weight_decay(model, args.weight_decay)
     du.print0(param_group_summary(groups))
@@ -367,6 +393,33 @@ def layer_drop_plan(model, freezer, flops, total_steps: int, dont_freeze_pe: boo
     both = 1.0 - (1.0 - fo) * (1.0 - saving)
     return (f'{ld.describe()}\nlayer drop: expected saving of training FLOPs (FLOP model) {100 * saving:.1f}% of the '
             f'FreezeOut run; with FreezeOut {100 * both:.1f}% vs neither')
+
+
+def target_plan_lines(model, flops, dont_freeze_pe: bool = False) -> list:
+    """The FLOP-plan lines of the targets that print one (``Target.plan_line``: the teacher's forward and share of
+    a step); without ``flops`` they are asked with no numbers (an empty list: nothing to measure for)."""
+    from freezeout import step_cost
+    from targets import target_parts
+    names = {id(m): n for n, m in model.named_modules()}
+    step = step_cost(flops, 0, dont_freeze_pe) if flops is not None else None
+    lines = []
+    for part, stages in target_parts(model.target, model.stages):
+        fwd = _subtree_flops(flops.get('module_fwd', {}), names[id(part)]) if flops is not None else None
+        line = part.plan_line(stages, fwd, step)
+        if line:
+            lines.append(line)
+    return lines
+
+
+def _subtree_flops(counts: dict, name: str) -> float:
+    """Counted FLOPs of module ``name`` and everything under it. A module called through a method rather than
+    ``__call__`` (a target's ``forward_stages``) has no count of its own, so its topmost counted descendants are
+    summed (disjoint subtrees: nothing counted twice)."""
+    if name in counts:
+        return counts[name]
+    under = [k for k in counts if k.startswith(name + '.')]
+    top = [k for k in under if not any(k.startswith(a + '.') for a in under)]
+    return float(sum(counts[k] for k in top))
 
 
 def _freezeout_param_groups(freezer, args) -> list:
