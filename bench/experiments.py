@@ -48,8 +48,9 @@ PRETRAIN_ROWS = {
     # issue 21: the seed's next ideas
     'stage_pixel': (['--t_0', '1', '--stage_targets', 'hog,hog,pixel,pixel'], '--stage_targets',
                     'no freezing, HOG at stages 0-1, norm-pixels at 2-3'),
-    'teacher': (['--t_0', '1', '--target', 'teacher', '--teacher', '{nofreeze}', '--teacher_layer', '4'],
-                '--teacher_layer', 'no freezing, targets = block-4 features of the nofreeze encoder (same seed)'),
+    'teacher': (['--t_0', '1', '--stage_targets', 'hog,hog,teacher,teacher', '--teacher', '{nofreeze}',
+                 '--teacher_layer', '4'], '--teacher_layer',
+                'no freezing, stages 2-3 regress block-4 features of the nofreeze encoder (same seed)'),
     'self_distill': (['--t_0', '1', '--self_distill', '1'], '--self_distill',
                      'no freezing, + self-distillation from the next deeper tap (weight 1)'),
     'self_distill_ema': (['--t_0', '1', '--self_distill', '1', '--distill_ema', '0.999'], '--distill_ema',
