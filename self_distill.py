@@ -24,7 +24,8 @@ unit (``nograd_fwd``), and the heads as that stage's trainable work.
 EMA: a copy of the encoder (patch embed, cls token, pos embed, blocks) outside the model's parameters (not in
 ``state_dict``, not in the optimizer, no grad), updated after every optimizer step ``ema = M*ema + (1-M)*live``;
 parameters that do not train (frozen units, the fixed pos embed) are copied instead, so a frozen prefix is its own
-teacher. Saved in checkpoints under ``distill_ema`` and restored on resume.
+teacher. Saved in checkpoints under ``distill_ema`` and restored on resume. An AMP step the loss scaler skips
+still moves the EMA toward the (unchanged) weights. The EMA blocks run eager under ``--compile``.
 """
 import copy
 from typing import Any, Dict, List, Optional, Sequence

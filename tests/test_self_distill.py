@@ -60,7 +60,7 @@ def reference_distill(model, x, seed, teacher=None):
     return total
 
 
-def test_off_by_default_and_bit_identical(demo_root):
+def test_off_by_default_and_bit_identical():
     ref, off = tiny(), tiny(self_distill=0.0)
     assert off.self_distill is None and off.optimizer_step_hook is None and off.checkpoint_extras() == {}
     assert list(ref.state_dict()) == list(off.state_dict())
