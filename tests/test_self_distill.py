@@ -282,3 +282,27 @@ def test_encoder_taps_is_layer_normed_without_affine():
     assert set(t) == {0, 2} and t[2].shape == (2, 64, D)
     assert torch.allclose(t[2].mean(-1), torch.zeros(2, 64), atol=1e-5)
     assert torch.allclose(t[2].var(-1, unbiased=False), torch.ones(2, 64), atol=1e-3)
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_with_freezeout_and_ema(demo_root, tmp_path):
+    """gloo, 2 ranks, FreezeOut freezing the distilled stages mid-run: every trained head gets its gradient each
+    step (no unused-parameter failure in the reducer, rebuilt at each freeze) and the run ends with the terms
+    switched off (the default depth-4 taps 2,4,2,4: stages 0 and 2 are distilled from block 4 and freeze with
+    block 2)."""
+    import subprocess
+    import sys
+    from reliability_common import free_port
+    from cli_inproc import REPO
+    out = tmp_path / 'ddp'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
+           str(REPO / 'run_pretrain.py'), *map(str, _args(demo_root, out, '--epochs', '2', '--self_distill', '1',
+                                                           '--distill_ema', '0.9', '--batch_size', '4', '--t_0',
+                                                           '0.5', '--how_scale', 'linear'))]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    recs = [json.loads(l) for l in (out / 'log.txt').read_text().splitlines()]
+    assert len(recs) == 2 and recs[0]['train_distill_loss'] > 0 and recs[-1]['frozen_units'] == 3
+    assert recs[-1]['active_stages'] == [1, 3]  # the distilled stages 0, 2 (block 2) went with their block
+    ck = torch.load(out / 'checkpoint-last.pth', map_location='cpu', weights_only=True)
+    assert 'distill_ema' in ck
