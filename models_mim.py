@@ -892,7 +892,7 @@ class LocalMIM(nn.Module):
 
     def decode(self, latents: Dict[int, torch.Tensor], mask: torch.Tensor, ids_restore: torch.Tensor,
                targets: Dict[int, torch.Tensor], mask_ratio: float, full: bool = False,
-               tokens: Optional[Dict[int, torch.Tensor]] = None
+               tokens: Optional[Dict[int, torch.Tensor]] = None, rows: Optional[torch.Tensor] = None
                ) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]:
         """Per active stage: (losses, predictions). ``full=False`` (training): stages with scale >= 1 predict and
         are scored on masked tokens only (same loss and gradients as the full path, up to float rounding: the
@@ -901,10 +901,10 @@ class LocalMIM(nn.Module):
         every cell (visualisation, and the reference semantics the test compares against).
 
         ``tokens`` (a dict, filled for the stages among its keys, whose values are ignored): the decoder tokens
-        the head reads, at the masked positions (:meth:`masked_rows` order) [B, M, d_dec] (self-distillation)."""
+        the head reads, at the masked positions (:meth:`masked_rows` order) [B, M, d_dec] (self-distillation);
+        ``rows``: those positions if the caller has them already."""
         losses: Dict[int, torch.Tensor] = {}
         preds: Dict[int, torch.Tensor] = {}
-        rows = None
         want = set(tokens) if tokens is not None else set()
         for k in latents:
             dec = self.decoder[k]
@@ -991,13 +991,14 @@ class LocalMIM(nn.Module):
         sd = self.self_distill
         distilled = sd.stages(latents) if (sd is not None and self.training) else []
         tokens = dict.fromkeys(distilled) if distilled else None
-        stage_losses, preds = self.decode(latents, mask, ids_restore, targets, mask_ratio, full, tokens)
+        rows = self.masked_rows(ids_restore, mask_ratio) if distilled else None
+        stage_losses, preds = self.decode(latents, mask, ids_restore, targets, mask_ratio, full, tokens, rows)
         loss = self.total_loss(stage_losses, imgs)
         out: Dict[str, object] = {'loss': loss, 'stage_losses': stage_losses}
         if sd is not None and self.training:
             # 0 once every distilled stage is frozen: the key stays, so the per-epoch log keeps its column
             if distilled:
-                d = sd.loss(self, imgs, tokens, self.masked_rows(ids_restore, mask_ratio))
+                d = sd.loss(self, imgs, tokens, rows)
                 loss = loss + sd.weight * d
             else:
                 d = imgs.new_zeros((), dtype=torch.float32)
