@@ -364,7 +364,8 @@ class LayerDrop:
             w = sum((b + 1) / self.depth * enc[b] for b in range(k, self.depth))
             saved += 3.0 * (1.0 - self.theta_bar) * w * s_one_minus_exp(lo, hi)
             run += (hi - lo) * (base_cost(lo) if base_cost is not None
-                                else flops['shared_fwd'] + 3.0 * sum(flops['unit_fwd']))
+                                else flops['shared_fwd'] + 3.0 * sum(flops['unit_fwd'])
+                                + sum(f for _, f in flops.get('nograd_fwd', ())))
         return saved / run if run else 0.0
 
     def describe(self) -> str:
@@ -495,8 +496,10 @@ class StageDecoder(nn.Module):
         """True when the head is per token (scale >= 1), i.e. the masked-only path applies."""
         return self.scale >= 1
 
-    def forward(self, x: torch.Tensor, ids_restore: torch.Tensor, rows: Optional[torch.Tensor] = None
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ids_restore: torch.Tensor, rows: Optional[torch.Tensor] = None,
+                return_tokens: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """``return_tokens``: also the normed decoder tokens the head reads ([B, M, d] at ``rows``, else every
+        patch [B, L, d]; self-distillation's student features)."""
         x = self.embed(x)
         b, n_vis, d = x.shape
         n_mask = ids_restore.shape[1] + 1 - n_vis
@@ -507,12 +510,14 @@ class StageDecoder(nn.Module):
             for blk in self.blocks[:-1]:
                 x = blk(x)
             x = self.norm(block_rows(self.blocks[-1], x, rows + 1))  # +1: position 0 is the cls token
-            return head_per_token(self.pred, x.flatten(0, 1), int(self.scale)).unflatten(0, (b, rows.shape[1]))
+            y = head_per_token(self.pred, x.flatten(0, 1), int(self.scale)).unflatten(0, (b, rows.shape[1]))
+            return (y, x) if return_tokens else y
         for blk in self.blocks:
             x = blk(x)
-        x = self.norm(x)[:, 1:]
+        tok = x = self.norm(x)[:, 1:]
         x = x.transpose(1, 2).reshape(b, d, self.grid, self.grid)
-        return self.pred(x).flatten(2).transpose(1, 2)
+        y = self.pred(x).flatten(2).transpose(1, 2)
+        return (y, tok) if return_tokens else y
 
 
 _ln = partial(nn.LayerNorm, eps=1e-6)
@@ -570,6 +575,8 @@ class LocalMIM(nn.Module):
         tap_scales: ``--stage_scales``: one decoder scale per tap; None: by the rule of :func:`stage_layout`.
         layer_drop, layer_drop_gamma, layer_drop_seed: progressive layer dropping (:class:`LayerDrop`;
             ``layer_drop`` = theta_bar, 0 = off).
+        self_distill, distill_ema: self-distillation across stages (``self_distill.SelfDistill``: the weight W of
+            each stage's term, 0 = off; the EMA teacher's momentum, None = the live encoder).
     """
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 16, embed_dim: int = 1024,
@@ -584,7 +591,8 @@ class LocalMIM(nn.Module):
                  mask_curriculum: Optional[str] = None, mask_ratio: float = 0.75,
                  stage_taps: Union[str, Sequence[int], None] = None,
                  tap_scales: Union[str, Sequence[float], None] = None,
-                 layer_drop: float = 0.0, layer_drop_gamma: float = 100.0, layer_drop_seed: int = 0):
+                 layer_drop: float = 0.0, layer_drop_gamma: float = 100.0, layer_drop_seed: int = 0,
+                 self_distill: float = 0.0, distill_ema: Optional[float] = None):
         super().__init__()
         if isinstance(img_size, (tuple, list)):
             if len(img_size) != 2 or img_size[0] != img_size[1]:
@@ -647,6 +655,11 @@ class LocalMIM(nn.Module):
         self.embed_frozen = False
         # None: every block runs every step, untouched; else host-side decisions (no parameters, no state dict)
         self.layer_drop = LayerDrop(layer_drop, layer_drop_gamma, depth, layer_drop_seed) if layer_drop else None
+        # last: its heads' init draws come after everything else's, so the rest of the model is initialised alike
+        # with and without it; None (W = 0): nothing is built, the model is the one without the flags
+        from self_distill import SelfDistill, check_config
+        check_config(float(self_distill or 0.0), distill_ema, self.stage_blocks)
+        self.self_distill = SelfDistill(self, self_distill, distill_ema) if self_distill else None
 
     def _init_encoder(self) -> None:
         w = self.patch_embed.proj.weight.data
@@ -726,6 +739,36 @@ class LocalMIM(nn.Module):
         if self.layer_drop is not None:
             out.update(self.layer_drop.record())
         return out
+
+    @property
+    def optimizer_step_hook(self) -> Optional[Callable[[], None]]:
+        """What the engine calls after every optimizer step (the self-distillation EMA update), or None."""
+        sd = self.self_distill
+        if sd is not None and sd.ema is not None:
+            return lambda: sd.update_ema(self)
+        return None
+
+    def checkpoint_extras(self) -> Dict[str, Any]:
+        """Training state outside ``state_dict()`` that a checkpoint must hold for an exact resume:
+        ``{'distill_ema': ...}`` with an EMA teacher, else {} (checkpoints as without self-distillation)."""
+        sd = self.self_distill
+        return {'distill_ema': sd.ema_state_dict()} if sd is not None and sd.ema is not None else {}
+
+    def load_checkpoint_extras(self, ckpt: Dict[str, Any], where: str) -> None:
+        """Restore :meth:`checkpoint_extras` from a checkpoint (``where``: how to name it in an error)."""
+        sd = self.self_distill
+        if sd is None or sd.ema is None:
+            return
+        if not ckpt.get('distill_ema'):
+            raise UserError(f'{where}: the checkpoint has no distill_ema (saved without --distill_ema), so the EMA '
+                            f'teacher cannot be restored; resume without --distill_ema, or start a new run')
+        sd.load_ema_state_dict(ckpt['distill_ema'], where)
+
+    def extra_step_flops(self, input_size: int, mask_ratio: float, device: torch.device) -> Dict[str, Any]:
+        """Training work the eval forward does not show to a FLOP counter (``freezeout.measure_unit_flops``):
+        ``{'unit_fwd': [[unit, flops]], 'nograd_fwd': [[unit, flops]]}`` per image, {} without any."""
+        sd = self.self_distill
+        return sd.extra_step_flops(self, input_size, mask_ratio, device) if sd is not None else {}
 
     def current_stage_weights(self) -> List[float]:
         """The weights the loss uses now (host copy, for logging)."""
@@ -853,26 +896,40 @@ class LocalMIM(nn.Module):
         return torch.argsort(ids_restore, dim=1)[:, keep:]  # ids_shuffle[:, keep:], as random_masking drew it
 
     def decode(self, latents: Dict[int, torch.Tensor], mask: torch.Tensor, ids_restore: torch.Tensor,
-               targets: Dict[int, torch.Tensor], mask_ratio: float, full: bool = False
+               targets: Dict[int, torch.Tensor], mask_ratio: float, full: bool = False,
+               tokens: Optional[Dict[int, torch.Tensor]] = None, rows: Optional[torch.Tensor] = None
                ) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]:
         """Per active stage: (losses, predictions). ``full=False`` (training): stages with scale >= 1 predict and
         are scored on masked tokens only (same loss and gradients as the full path, up to float rounding: the
         visible cells have weight 0); the 0.5-scale stage pools 2×2 tokens, so nearly every pooled cell holds a
         masked token (1 - 0.25^4 = 99.6% at ratio 0.75) and it runs in full. ``full=True``: every stage predicts
-        every cell (visualisation, and the reference semantics the test compares against)."""
+        every cell (visualisation, and the reference semantics the test compares against).
+
+        ``tokens`` (a dict, filled for the stages among its keys, whose values are ignored): the decoder tokens
+        the head reads, at the masked positions (:meth:`masked_rows` order) [B, M, d_dec] (self-distillation);
+        ``rows``: those positions if the caller has them already."""
         losses: Dict[int, torch.Tensor] = {}
         preds: Dict[int, torch.Tensor] = {}
-        rows = None
+        want = set(tokens) if tokens is not None else set()
         for k in latents:
             dec = self.decoder[k]
             if full or not dec.per_token:
-                preds[k] = dec(latents[k], ids_restore)
+                if k in want:
+                    preds[k], tok = dec(latents[k], ids_restore, return_tokens=True)
+                    if rows is None:
+                        rows = self.masked_rows(ids_restore, mask_ratio)
+                    tokens[k] = torch.gather(tok, 1, rows.unsqueeze(-1).expand(-1, -1, tok.shape[-1]))
+                else:
+                    preds[k] = dec(latents[k], ids_restore)
                 losses[k] = self.stage_loss(preds[k], targets[k], self.stage_mask(mask, self.stage_scales[k]))
                 continue
             if rows is None:
                 rows = self.masked_rows(ids_restore, mask_ratio)
             s = int(self.stage_scales[k])
-            preds[k] = dec(latents[k], ids_restore, rows)
+            if k in want:
+                preds[k], tokens[k] = dec(latents[k], ids_restore, rows, return_tokens=True)
+            else:
+                preds[k] = dec(latents[k], ids_restore, rows)
             per_cell = (preds[k].float() - self.token_cells(targets[k], s, rows)).pow(2).mean(dim=-1)
             losses[k] = per_cell.sum() / max(1, per_cell.numel())  # = masked mean: every selected cell has weight 1
         return losses, preds
@@ -925,6 +982,9 @@ class LocalMIM(nn.Module):
         """imgs [B,3,H,W] (normalised) -> dict with
         ``loss`` (weighted sum over active stages), ``stage_losses`` ({stage: scalar}, graph kept),
         and with ``return_vis``: ``pred``/``target`` ({stage: [B,cells,dim]}, every cell) and ``mask`` [B,L].
+        With self-distillation, in training mode: ``distill_loss`` (the unweighted sum of the stage terms; the
+        loss includes W times it). Not in eval mode: the teacher signal is a training term, and FLOP counting
+        (``freezeout.measure_unit_flops``) takes its cost from :meth:`extra_step_flops` instead.
         ``full_decode`` (default: ``return_vis``) predicts every cell of every stage instead of only the masked
         ones; the loss is the same up to float rounding, the work is not."""
         if not 0.0 < mask_ratio < 1.0 or int(self.num_patches * (1 - mask_ratio)) >= self.num_patches:
@@ -933,9 +993,21 @@ class LocalMIM(nn.Module):
         full = return_vis if full_decode is None else full_decode
         targets = self.compute_targets(imgs, self.active_stages())
         latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio)
-        stage_losses, preds = self.decode(latents, mask, ids_restore, targets, mask_ratio, full)
+        sd = self.self_distill
+        distilled = sd.stages(latents) if (sd is not None and self.training) else []
+        tokens = dict.fromkeys(distilled) if distilled else None
+        rows = self.masked_rows(ids_restore, mask_ratio) if distilled else None
+        stage_losses, preds = self.decode(latents, mask, ids_restore, targets, mask_ratio, full, tokens, rows)
         loss = self.total_loss(stage_losses, imgs)
         out: Dict[str, object] = {'loss': loss, 'stage_losses': stage_losses}
+        if sd is not None and self.training:
+            # 0 once every distilled stage is frozen: the key stays, so the per-epoch log keeps its column
+            if distilled:
+                d = sd.loss(self, imgs, tokens, rows)
+                loss = loss + sd.weight * d
+            else:
+                d = imgs.new_zeros((), dtype=torch.float32)
+            out.update(loss=loss, distill_loss=d)
         if return_vis:
             out.update(pred=preds, target=targets, mask=mask)
         return out

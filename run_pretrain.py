@@ -17,6 +17,7 @@ from timm.optim import param_groups_weight_decay
 import models_mim
 from masking import check_mask_curriculum
 from checkpoint_formats import adopt_reference_pretrain
+from self_distill import add_self_distill_args
 from engine_common import restore_training
 from engine_pretrain import PretrainState, fit
 from freezeout import (add_freeze_args, build_freezer, check_stage_weights, decided_saving, eval_mode_probe,
@@ -146,6 +147,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         '--stage_weights (step 0) to this (reached at step T; preset or comma list, same rules); '
                         'logged per epoch (default: none, weights fixed)',
                    domain=models_mim.check_stage_weights, defines_run=True)
+    add_self_distill_args(g)
     g = p.add_argument_group('FreezeOut (on when --t_0 or --how_scale is given, or any --freeze_policy but '
                              'schedule)')
     g.add_argument('--plan_only', action='store_true',
@@ -237,7 +239,7 @@ def build_model(args: argparse.Namespace) -> models_mim.LocalMIM:
         target=args.target, stage_targets=args.stage_targets, target_options=vars(args),
         mask_curriculum=args.mask_curriculum, mask_ratio=args.mask_ratio, stage_taps=args.stage_taps,
         tap_scales=args.stage_scales, layer_drop=args.layer_drop, layer_drop_gamma=args.layer_drop_gamma,
-        layer_drop_seed=args.seed)
+        layer_drop_seed=args.seed, self_distill=args.self_distill, distill_ema=args.distill_ema)
     if getattr(args, 'teacher', None) is not None or getattr(args, 'teacher_layer', None) is not None:
         from target_teacher import check_teacher_flags
         check_teacher_flags(args, model.target)  # flags no stage reads would be ignored silently
@@ -288,6 +290,10 @@ def main(args: argparse.Namespace) -> None:
             flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
         for line in target_plan_lines(model, flops, args.dont_freeze_pe):
             du.print0(line)
+    if model.self_distill is not None:  # its teacher pass is in the FLOP plan (step_cost): say how much
+        if flops is None:
+            flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
+        du.print0(model.self_distill.describe(flops))
     check_stage_weights(model, freezer, schedule.total_steps, spe)  # a zero loss after a freeze: refused now
     groups = _freezeout_param_groups(freezer, args) if freezer else param_groups_weight_decay(model, args.weight_decay)
     du.print0(param_group_summary(groups))
@@ -317,6 +323,7 @@ def main(args: argparse.Namespace) -> None:
         resumed = (resumed[0], adopt_reference_pretrain(*resumed, model, optimizer, freezer, spe))
         ckpt = restore_training(resumed, model, optimizer, amp.scaler, freezer, args,
                                 f'checkpoint does not match --model {args.model} with these flags ({{detail}})')
+        model.load_checkpoint_extras(ckpt, f'--resume {resumed[0]}')  # the EMA teacher (exact resume)
         state.global_step = int(ckpt.get('step', args.start_epoch * spe))
         du.print0(f'Resumed from {resumed[0]}: epoch {ckpt["epoch"]} done, optimizer step {state.global_step}')
     if args.compile:
