@@ -627,7 +627,8 @@ def measure_unit_flops(model: nn.Module, input_size: int, mask_ratio: float, dev
     tgt = _hog_flop_equivalent(model, input_size, mask_ratio, device, total) if time_targets else 0.0
     out = {'names': [u.name for u in units], 'unit_fwd': per_unit, 'unit_enc_fwd': per_unit_enc,
            'total_fwd': total + tgt, 'target_fwd': tgt, 'hog_fwd': tgt,
-           'shared_fwd': max(0.0, total - sum(per_unit)) + tgt}
+           'shared_fwd': max(0.0, total - sum(per_unit)) + tgt,
+           'module_fwd': {k[len(root) + 1:]: v for k, v in counts.items() if k.startswith(root + '.')}}
     # training-only work the eval forward above does not run (a self-distillation teacher pass and its heads):
     # the model reports it per unit; trained work joins its unit, no-grad work is paid while its unit trains
     extra_fn = getattr(model, 'extra_step_flops', None) if forward is None else None
