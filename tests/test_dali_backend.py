@@ -131,3 +131,24 @@ def test_pretrain_demo_with_dali_and_exact_resume(tmp_path):
     assert rc == 0, err[-2000:]
     res = _log(tmp_path / 'res' / 'log.txt')
     assert [r['epoch'] for r in res] == [1] and res[0]['train_loss'] == full[1]['train_loss']  # exact
+
+
+@pytest.mark.parametrize('script', ['run_pretrain', 'run_finetune', 'run_linprobe'])
+def test_changing_the_backend_on_resume_is_warned_in_one_line(script, capsys):
+    """--data_backend is run-defining: another decoder and augmentation draws, so a resume that switches it cannot
+    continue the run exactly. It is warned about like --seed (switching a data-bound run to DALI mid-way is a
+    legitimate use), in one line naming both values."""
+    import importlib
+    from util.args import run_defining
+    from util.checkpoint import args_to_dict, warn_changed_flags
+    parser = importlib.import_module(script).get_args_parser()
+    assert 'data_backend' in run_defining(parser)
+    saved = args_to_dict(parser.parse_args([]))
+    now = parser.parse_args(['--data_backend', 'dali'])
+    now.run_defining = run_defining(parser)
+    capsys.readouterr()
+    assert warn_changed_flags(saved, now) == ['data_backend']
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.strip()]
+    assert lines == ["warning: resuming with --data_backend 'dali' but the checkpoint was trained with 'pil'; the "
+                     "continued run will differ from an uninterrupted one"]
+    assert warn_changed_flags(saved, parser.parse_args([])) == []
