@@ -1,8 +1,9 @@
 """--data_backend dali (util/dali_loader.py) on CPU: batch counts per epoch (solo-learn#177), disjoint rank shards
 (in one process and in two gloo processes under torchrun), determinism for a seed, the DistributedSampler order, an
-in-process pre-training demo run and its resume, a 2-process pre-training resumed exactly on every rank; the
-one-line install hint without DALI and the resume warning when the backend changes (run in any venv). The DALI
-tests skip where nvidia-dali is not installed (pip install -r requirements-dali.txt)."""
+in-process pre-training demo run and its resume, a 2-process pre-training resumed exactly on every rank,
+fine-tuning / linear probing / k-NN through DaliLoader; the one-line install hint without DALI and the resume warning
+when the backend changes (run in any venv). The DALI tests skip where nvidia-dali is not installed
+(pip install -r requirements-dali.txt)."""
 import json
 import sys
 
@@ -242,3 +243,44 @@ def test_two_process_dali_pretraining_resumes_every_rank_exactly(demo_root, tmp_
     d0, d1 = (json.loads((tmp_path / 'dref' / f'rank{k}-epoch1.json').read_text()) for k in (0, 1))
     assert d0['data'] != d1['data']
     assert logged(res) == logged(ref)[1:]
+
+
+def test_finetune_linprobe_knn_train_and_evaluate_with_dali(demo_root, tmp_path, monkeypatch):
+    """Every evaluation script runs --data_backend dali on CPU: its train and val batches come from DaliLoader
+    (counted: floor(32/4) training batches, ceil(16/4) evaluation batches per epoch over the demo's 32/16 images),
+    and the usual results are printed."""
+    _dali()
+    import re
+    import models_mim
+    from util import dali_loader
+    torch.manual_seed(0)
+    mim = models_mim.create_model('MIM_vit_tiny_patch16', img_size=32, patch_size=4, embed_dim=64, depth=4,
+                                  num_heads=4)
+    ckpt = tmp_path / 'pre.pth'
+    torch.save({'model': mim.state_dict(), 'epoch': 0, 'args': dict(
+        model='MIM_vit_tiny_patch16', input_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4,
+        all_stages=False)}, ckpt)
+    seen = []
+    original = dali_loader.DaliLoader.__iter__
+
+    def counted(self):
+        for b in original(self):
+            seen.append((self.kind, len(b[1])))
+            yield b
+    monkeypatch.setattr(dali_loader.DaliLoader, '__iter__', counted)
+    common = ['--data_backend', 'dali', '--data_path', demo_root, '--batch_size', '4', '--input_size', '32',
+              '--model', 'vit_tiny_patch16', '--num_workers', '0', '--device', 'cpu', '--finetune', ckpt]
+    for script, kind, extra in (('run_finetune.py', 'finetune', ['--lr', '1e-3']),
+                                ('run_linprobe.py', 'linprobe', ['--blr', '0.1'])):
+        seen.clear()
+        rc, out, err = cli(script, [*common, *extra, '--epochs', '1', '--warmup_epochs', '0',
+                                    '--output_dir', tmp_path / kind])
+        assert rc == 0, err[-2000:]
+        assert re.search(r'^\* Acc@1 [\d.]+ Acc@5 [\d.]+ loss [\d.]+$', out, re.M), out[-2000:]
+        assert [k for k, _ in seen].count(kind) == 8 and all(n == 4 for k, n in seen if k == kind)
+        assert sum(n for k, n in seen if k == 'eval') == 16
+    seen.clear()
+    rc, out, err = cli('run_knn.py', [*common, '--nb_knn', '5', '--output_dir', tmp_path / 'knn'])
+    assert rc == 0, err[-2000:]
+    assert re.search(r'^k-NN k=5: top-1 [\d.]+ top-5 [\d.]+$', out, re.M) and 'k-NN on 32 train / 16 val' in out
+    assert sorted({k for k, _ in seen}) == ['knn'] and sum(n for _, n in seen) == 48  # train + val features
