@@ -37,7 +37,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 if __name__ == '__main__' and not __package__:  # run as a file (python bench/x.py): rerun as python -m
     os.execv(sys.executable, [sys.executable, '-m', 'bench.supply_demand', *sys.argv[1:]])
