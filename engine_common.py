@@ -44,16 +44,20 @@ def flush_losses(pending: List[Dict[str, Any]], logger: MetricLogger, epoch: int
                  mean_over_ranks: bool = False, advice: str = 'lower --blr/--lr, or use --amp bf16 / --amp none') -> None:
     """Read the pending device losses in one transfer, stop on NaN/inf (every rank at the same flush), feed the
     meters and TensorBoard. ``pending``: ``{'i', 'loss': 0-d tensor, 'parts': {name: 0-d tensor}, 'lr', 'update'}``
-    per micro-batch; a part ``k`` is the meter ``names[0].format(k)``, ``names[1].format(k)`` in the error line and
+    per micro-batch (optional ``'extra': {name: 0-d tensor}``: further loss terms, the meter ``name`` and the
+    TensorBoard tag ``train_<name>``); a part ``k`` is the meter ``names[0].format(k)``, ``names[1].format(k)`` in the error line and
     the TensorBoard tag ``names[2].format(k)`` (None: not logged). ``mean_over_ranks``: TensorBoard gets the loss averaged over ranks (in the same collective as
     the NaN vote)."""
     if not pending:
         return
     dev = pending[0]['loss'].device
     keys = sorted({k for p in pending for k in p['parts']})
+    extras = sorted({k for p in pending for k in p.get('extra', {})})
     zero = torch.zeros((), device=dev)
     rows = [torch.stack([p['loss'].float() for p in pending])]
     rows += [torch.stack([p['parts'][k].float() if k in p['parts'] else zero for p in pending]) for k in keys]
+    rows += [torch.stack([p['extra'][k].float() if k in p.get('extra', {}) else zero for p in pending])
+             for k in extras]
     host = torch.stack(rows).cpu()
     losses = host[0]
     tb_losses = losses
@@ -71,12 +75,13 @@ def flush_losses(pending: List[Dict[str, Any]], logger: MetricLogger, epoch: int
     for j, p in enumerate(pending):
         v = losses[j].item()
         parts = {k: host[1 + n][j].item() for n, k in enumerate(keys) if k in p['parts']}
+        extra = {k: host[1 + len(keys) + n][j].item() for n, k in enumerate(extras) if k in p.get('extra', {})}
         if not math.isfinite(v):
             detail = ', '.join(f'{names[1].format(k)}={s:.4g}' for k, s in parts.items())
             raise NonFiniteLoss(f'loss is {v} at epoch {epoch}, iteration {p["i"]}/{n_micro}'
                                 + (f' ({detail})' if detail else '') + '; stopping without writing a checkpoint '
                                 f'(the last good one is kept). Try {advice}, or check the data')
-        logger.update(loss=v, lr=p['lr'], **{names[0].format(k): s for k, s in parts.items()})
+        logger.update(loss=v, lr=p['lr'], **{names[0].format(k): s for k, s in parts.items()}, **extra)
         if tb and p['update']:
             x = int((p['i'] / n_micro + epoch) * 1000)
             tb.scalar(loss_tag, tb_losses[j].item(), x)
@@ -84,6 +89,8 @@ def flush_losses(pending: List[Dict[str, Any]], logger: MetricLogger, epoch: int
             for k, s in parts.items():
                 if names[2]:
                     tb.scalar(names[2].format(k), s, x)
+            for k, s in extra.items():
+                tb.scalar(f'train_{k}', s, x)
 
 
 def load_weights(resumed: Tuple[str, Dict[str, Any]], model: nn.Module, mismatch: str) -> None:

@@ -29,6 +29,7 @@ from util.memory import peak_memory_mb, reset_peak_memory
 from util.signals import NO_STOP, GracefulStop
 
 DATA_BOUND_SHARE = 0.10
+EXTRA_LOSSES = ('distill_loss',)  # further loss terms a model may return: meters (train_<name> in log.txt, TB)
 
 
 @dataclass
@@ -74,6 +75,7 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
     # a stage-loss or mask curriculum, or layer dropping, changes every optimizer step; otherwise the weights
     # change only at freezes
     curriculum = mw.follows_progress
+    post_step = getattr(mw, 'optimizer_step_hook', None)  # e.g. the self-distillation EMA; None: nothing
     unit_lr_tb = bool(log_writer) and state.freezer is not None
     describe = lambda: f'active stages {mw.active_stages()}'  # noqa: E731
     data_wait, ready = 0.0, epoch_start  # host time blocked in the loader, between iterations
@@ -109,10 +111,13 @@ def train_one_epoch(state: PretrainState, loader, epoch: int, args, log_writer: 
                 opt.step()
             opt.zero_grad(set_to_none=True)
             state.global_step += 1
+            if post_step is not None:
+                post_step()
         images += samples.shape[0]
         compute_time += time.time() - t0
         pending.append({'i': i, 'loss': loss.detach(), 'lr': step_lr, 'update': update,
-                        'parts': {k: v.detach() for k, v in out['stage_losses'].items()}})
+                        'parts': {k: v.detach() for k, v in out['stage_losses'].items()},
+                        'extra': {k: out[k].detach() for k in EXTRA_LOSSES if k in out}})
         if i % print_freq == 0 or i == n_micro - 1:
             if unit_lr_tb:  # per-unit LR of the latest optimizer step: shows the vitfreeze jump at W, the tails
                 # (a unit's decay and no-decay groups share one LR)
@@ -179,6 +184,7 @@ def fit(state: PretrainState, loader, args, log_writer: TensorBoard, flops: Opti
                 'model': model.state_dict(), 'optimizer': state.optimizer.state_dict(),
                 'scaler': state.amp.scaler.state_dict() if state.amp.scaler is not None else None,
                 'step': state.global_step, 'freezeout': freezer.state_dict() if freezer is not None else {},
+                **(model.checkpoint_extras() if hasattr(model, 'checkpoint_extras') else {}),
             }, args, numbered=(epoch % args.save_freq == 0) or last)
         du.print0(f'epoch {epoch}: loss {stats["loss"]:.4f}  lr {record["lr"]:.2e}  frozen units '
                   f'{freezer.num_frozen if freezer else 0}  {stats["img_per_s"]:.1f} img/s  peak memory '

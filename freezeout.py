@@ -584,8 +584,9 @@ def measure_unit_flops(model: nn.Module, input_size: int, mask_ratio: float, dev
     work FLOP counters do not see (``Target.uncounted_stages``: HOG is mostly binning and scatter) are, with
     ``time_targets``, timed against the rest of the forward on ``device`` and added to ``shared`` as
     FLOP-equivalents (``target_fwd``; ``hog_fwd`` is the same number under its old name); counted targets (a
-    teacher encoder's matmuls) are in ``shared`` already. The model's RNG use is isolated (fork_rng) so measuring
-    does not change the run.
+    teacher encoder's matmuls) are in ``shared`` already. ``module_fwd`` holds the counted FLOPs of every submodule
+    by name (``target`` included: what a target's ``plan_line`` reports). The model's RNG use is isolated
+    (fork_rng) so measuring does not change the run.
 
     Other models: ``forward(x)`` runs one image (default ``model(x, mask_ratio=...)``) and ``units`` are their
     FreezeOut units (default ``model.units()``); parameters outside every unit (a classifier head) count as shared.
@@ -624,9 +625,21 @@ def measure_unit_flops(model: nn.Module, input_size: int, mask_ratio: float, dev
         per_unit_enc.append(sum(under(m) for m in mods if not m.startswith(('norm.', 'decoder.'))))
     total = counts.get('Global', 0.0)
     tgt = _hog_flop_equivalent(model, input_size, mask_ratio, device, total) if time_targets else 0.0
-    return {'names': [u.name for u in units], 'unit_fwd': per_unit, 'unit_enc_fwd': per_unit_enc,
-            'total_fwd': total + tgt, 'target_fwd': tgt, 'hog_fwd': tgt,
-            'shared_fwd': max(0.0, total - sum(per_unit)) + tgt}
+    out = {'names': [u.name for u in units], 'unit_fwd': per_unit, 'unit_enc_fwd': per_unit_enc,
+           'total_fwd': total + tgt, 'target_fwd': tgt, 'hog_fwd': tgt,
+           'shared_fwd': max(0.0, total - sum(per_unit)) + tgt,
+           'module_fwd': {k[len(root) + 1:]: v for k, v in counts.items() if k.startswith(root + '.')}}
+    # training-only work the eval forward above does not run (a self-distillation teacher pass and its heads):
+    # the model reports it per unit; trained work joins its unit, no-grad work is paid while its unit trains
+    extra_fn = getattr(model, 'extra_step_flops', None) if forward is None else None
+    extra = extra_fn(input_size, mask_ratio, device) if callable(extra_fn) else {}
+    for u, f in extra.get('unit_fwd', ()):
+        per_unit[int(u)] += float(f)
+        out['total_fwd'] += float(f)
+    if extra.get('nograd_fwd'):
+        out['nograd_fwd'] = [[int(u), float(f)] for u, f in extra['nograd_fwd']]
+        out['total_fwd'] += sum(f for _, f in out['nograd_fwd'])
+    return out
 
 
 def _hog_flop_equivalent(model: nn.Module, input_size: int, mask_ratio: float, device: torch.device,
@@ -670,7 +683,8 @@ def step_cost(flops: Dict[str, Any], num_frozen: int, dont_freeze_pe: bool) -> f
 
     Active unit: 3× its forward. Frozen unit: its encoder forward only (1×) under no_grad — or 2× with
     ``dont_freeze_pe``, where the input-side backward still runs through the frozen blocks — and its decoders are
-    not run at all. Shared work (HOG targets, masking) is paid every step.
+    not run at all. Shared work (HOG targets, masking) is paid every step. No-grad work tied to a unit
+    (``nograd_fwd`` [[unit, flops]]: a self-distillation teacher pass) is paid 1x while that unit is not frozen.
     """
     fwd = flops['unit_fwd']
     enc = flops.get('unit_enc_fwd', fwd)
@@ -683,6 +697,9 @@ def step_cost(flops: Dict[str, Any], num_frozen: int, dont_freeze_pe: bool) -> f
             cost += 3.0 * f
         else:
             cost += (2.0 if dont_freeze_pe else 1.0) * enc[i]
+    for i, f in flops.get('nograd_fwd', ()):
+        if not 0 <= i - offset < num_frozen:
+            cost += f
     extra = flops.get('prefix_extra')  # work a frozen state adds (prefix_target.py: the full-image prefix pass)
     if extra:
         cost += extra[min(num_frozen, len(extra) - 1)]

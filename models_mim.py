@@ -300,6 +300,9 @@ class LayerDrop:
         self.progress, self.step = 0.0, None
         self.plan: List[float] = [1.0] * depth  # before the first set_step (t = 0): theta = 1, nothing dropped
         self.kept_steps, self.block_steps = 0, 0
+        # the FLOP model's expected saving of the whole run (set once the plan is known: run_pretrain's plan);
+        # logged so that reports read the saving of a dropping run from its log, like FreezeOut's
+        self.expected_saving_total: Optional[float] = None
 
     def theta(self, progress: float) -> float:
         return (1.0 - self.theta_bar) * math.exp(-self.gamma * progress) + self.theta_bar
@@ -334,6 +337,8 @@ class LayerDrop:
         out = {'layer_drop_theta': self.theta(self.progress), 'layer_drop_keep_last': self.keep_probs(self.progress)[-1]}
         if self.block_steps:
             out['layer_drop_kept_share'] = self.kept_steps / self.block_steps
+        if self.expected_saving_total is not None:
+            out['layer_drop_expected_saving'] = self.expected_saving_total
         self.kept_steps, self.block_steps = 0, 0
         return out
 
@@ -361,7 +366,8 @@ class LayerDrop:
             w = sum((b + 1) / self.depth * enc[b] for b in range(k, self.depth))
             saved += 3.0 * (1.0 - self.theta_bar) * w * s_one_minus_exp(lo, hi)
             run += (hi - lo) * (base_cost(lo) if base_cost is not None
-                                else flops['shared_fwd'] + 3.0 * sum(flops['unit_fwd']))
+                                else flops['shared_fwd'] + 3.0 * sum(flops['unit_fwd'])
+                                + sum(f for _, f in flops.get('nograd_fwd', ())))
         return saved / run if run else 0.0
 
     def describe(self) -> str:
@@ -493,10 +499,13 @@ class StageDecoder(nn.Module):
         return self.scale >= 1
 
     def forward(self, x: torch.Tensor, ids_restore: torch.Tensor, rows: Optional[torch.Tensor] = None,
-                out: str = 'pred') -> Any:
+                return_tokens: bool = False, out: str = 'pred') -> Any:
         """``out``: 'pred' (the prediction), 'hidden' (the normed decoder tokens the head reads: [B, M, E] at
         ``rows``, else [B, L, E]) or 'both' (``(pred, hidden)``); the prefix target (prefix_target.py) reads the
-        hidden tokens with its own head."""
+        hidden tokens with its own head. ``return_tokens``: the same as ``out='both'`` (self-distillation's student
+        features)."""
+        if return_tokens:
+            out = 'both'
         x = self.embed(x)
         b, n_vis, d = x.shape
         n_mask = ids_restore.shape[1] + 1 - n_vis
@@ -577,6 +586,8 @@ class LocalMIM(nn.Module):
             ``layer_drop`` = theta_bar, 0 = off).
         prefix_target, prefix_target_weight: ``'replace'``/``'add'``: once the prefix is frozen, active stages also
             (or only) predict its full-image features (``prefix_target.PrefixTarget``); None: off, nothing built.
+        self_distill, distill_ema: self-distillation across stages (``self_distill.SelfDistill``: the weight W of
+            each stage's term, 0 = off; the EMA teacher's momentum, None = the live encoder).
     """
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 16, embed_dim: int = 1024,
@@ -592,7 +603,8 @@ class LocalMIM(nn.Module):
                  stage_taps: Union[str, Sequence[int], None] = None,
                  tap_scales: Union[str, Sequence[float], None] = None,
                  layer_drop: float = 0.0, layer_drop_gamma: float = 100.0, layer_drop_seed: int = 0,
-                 prefix_target: Optional[str] = None, prefix_target_weight: float = 1.0):
+                 prefix_target: Optional[str] = None, prefix_target_weight: float = 1.0,
+                 self_distill: float = 0.0, distill_ema: Optional[float] = None):
         super().__init__()
         if isinstance(img_size, (tuple, list)):
             if len(img_size) != 2 or img_size[0] != img_size[1]:
@@ -659,6 +671,14 @@ class LocalMIM(nn.Module):
         self.embed_frozen = False
         # None: every block runs every step, untouched; else host-side decisions (no parameters, no state dict)
         self.layer_drop = LayerDrop(layer_drop, layer_drop_gamma, depth, layer_drop_seed) if layer_drop else None
+        # last: its heads' init draws come after everything else's, so the rest of the model is initialised alike
+        # with and without it; None (W = 0): nothing is built, the model is the one without the flags
+        from self_distill import SelfDistill, check_config
+        if prefix_target and self_distill:  # both put heads on the stage decoders and extra passes in the step
+            raise UserError('--prefix_target with --self_distill: not combined (their decoder heads and extra '
+                            'full-image passes are untested together); choose one')
+        check_config(float(self_distill or 0.0), distill_ema, self.stage_blocks)
+        self.self_distill = SelfDistill(self, self_distill, distill_ema) if self_distill else None
 
     def _init_encoder(self) -> None:
         w = self.patch_embed.proj.weight.data
@@ -744,6 +764,36 @@ class LocalMIM(nn.Module):
             out['prefix_cache_extend_share'] = c.extended / c.batches  # from a shallower depth + the new blocks
             c.hits = c.extended = c.batches = 0
         return out
+
+    @property
+    def optimizer_step_hook(self) -> Optional[Callable[[], None]]:
+        """What the engine calls after every optimizer step (the self-distillation EMA update), or None."""
+        sd = self.self_distill
+        if sd is not None and sd.ema is not None:
+            return lambda: sd.update_ema(self)
+        return None
+
+    def checkpoint_extras(self) -> Dict[str, Any]:
+        """Training state outside ``state_dict()`` that a checkpoint must hold for an exact resume:
+        ``{'distill_ema': ...}`` with an EMA teacher, else {} (checkpoints as without self-distillation)."""
+        sd = self.self_distill
+        return {'distill_ema': sd.ema_state_dict()} if sd is not None and sd.ema is not None else {}
+
+    def load_checkpoint_extras(self, ckpt: Dict[str, Any], where: str) -> None:
+        """Restore :meth:`checkpoint_extras` from a checkpoint (``where``: how to name it in an error)."""
+        sd = self.self_distill
+        if sd is None or sd.ema is None:
+            return
+        if not ckpt.get('distill_ema'):
+            raise UserError(f'{where}: the checkpoint has no distill_ema (saved without --distill_ema), so the EMA '
+                            f'teacher cannot be restored; resume without --distill_ema, or start a new run')
+        sd.load_ema_state_dict(ckpt['distill_ema'], where)
+
+    def extra_step_flops(self, input_size: int, mask_ratio: float, device: torch.device) -> Dict[str, Any]:
+        """Training work the eval forward does not show to a FLOP counter (``freezeout.measure_unit_flops``):
+        ``{'unit_fwd': [[unit, flops]], 'nograd_fwd': [[unit, flops]]}`` per image, {} without any."""
+        sd = self.self_distill
+        return sd.extra_step_flops(self, input_size, mask_ratio, device) if sd is not None else {}
 
     def current_stage_weights(self) -> List[float]:
         """The weights the loss uses now (host copy, for logging)."""
@@ -887,26 +937,40 @@ class LocalMIM(nn.Module):
         return torch.argsort(ids_restore, dim=1)[:, keep:]  # ids_shuffle[:, keep:], as random_masking drew it
 
     def decode(self, latents: Dict[int, torch.Tensor], mask: torch.Tensor, ids_restore: torch.Tensor,
-               targets: Dict[int, torch.Tensor], mask_ratio: float, full: bool = False
+               targets: Dict[int, torch.Tensor], mask_ratio: float, full: bool = False,
+               tokens: Optional[Dict[int, torch.Tensor]] = None, rows: Optional[torch.Tensor] = None
                ) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]:
         """Per active stage: (losses, predictions). ``full=False`` (training): stages with scale >= 1 predict and
         are scored on masked tokens only (same loss and gradients as the full path, up to float rounding: the
         visible cells have weight 0); the 0.5-scale stage pools 2×2 tokens, so nearly every pooled cell holds a
         masked token (1 - 0.25^4 = 99.6% at ratio 0.75) and it runs in full. ``full=True``: every stage predicts
-        every cell (visualisation, and the reference semantics the test compares against)."""
+        every cell (visualisation, and the reference semantics the test compares against).
+
+        ``tokens`` (a dict, filled for the stages among its keys, whose values are ignored): the decoder tokens
+        the head reads, at the masked positions (:meth:`masked_rows` order) [B, M, d_dec] (self-distillation);
+        ``rows``: those positions if the caller has them already."""
         losses: Dict[int, torch.Tensor] = {}
         preds: Dict[int, torch.Tensor] = {}
-        rows = None
+        want = set(tokens) if tokens is not None else set()
         for k in latents:
             dec = self.decoder[k]
             if full or not dec.per_token:
-                preds[k] = dec(latents[k], ids_restore)
+                if k in want:
+                    preds[k], tok = dec(latents[k], ids_restore, return_tokens=True)
+                    if rows is None:
+                        rows = self.masked_rows(ids_restore, mask_ratio)
+                    tokens[k] = torch.gather(tok, 1, rows.unsqueeze(-1).expand(-1, -1, tok.shape[-1]))
+                else:
+                    preds[k] = dec(latents[k], ids_restore)
                 losses[k] = self.stage_loss(preds[k], targets[k], self.stage_mask(mask, self.stage_scales[k]))
                 continue
             if rows is None:
                 rows = self.masked_rows(ids_restore, mask_ratio)
             s = int(self.stage_scales[k])
-            preds[k] = dec(latents[k], ids_restore, rows)
+            if k in want:
+                preds[k], tokens[k] = dec(latents[k], ids_restore, rows, return_tokens=True)
+            else:
+                preds[k] = dec(latents[k], ids_restore, rows)
             per_cell = (preds[k].float() - self.token_cells(targets[k], s, rows)).pow(2).mean(dim=-1)
             losses[k] = per_cell.sum() / max(1, per_cell.numel())  # = masked mean: every selected cell has weight 1
         return losses, preds
@@ -961,6 +1025,9 @@ class LocalMIM(nn.Module):
         """imgs [B,3,H,W] (normalised) -> dict with
         ``loss`` (weighted sum over active stages), ``stage_losses`` ({stage: scalar}, graph kept),
         and with ``return_vis``: ``pred``/``target`` ({stage: [B,cells,dim]}, every cell) and ``mask`` [B,L].
+        With self-distillation, in training mode: ``distill_loss`` (the unweighted sum of the stage terms; the
+        loss includes W times it). Not in eval mode: the teacher signal is a training term, and FLOP counting
+        (``freezeout.measure_unit_flops``) takes its cost from :meth:`extra_step_flops` instead.
         ``full_decode`` (default: ``return_vis``) predicts every cell of every stage instead of only the masked
         ones; the loss is the same up to float rounding, the work is not. ``ids_shuffle`` [B,L], ``index`` [B] and
         ``view`` [B] come from the fixed-views loader (``fixed_views.py``): the mask order of each image's view, and
@@ -969,6 +1036,8 @@ class LocalMIM(nn.Module):
             raise UserError(f'--mask_ratio {mask_ratio}: must be in (0, 1) and remove at least one of the '
                             f'{self.num_patches} patches (the loss is computed on removed patches only)')
         full = return_vis if full_decode is None else full_decode
+        sd = self.self_distill  # never together with the prefix target (refused at build)
+        distilled, tokens, rows = [], None, None
         if self.prefix is not None and not full and PrefixTarget.active(self):
             hit = cache_lookup(self, cached, 'full') if cached is not None else None
             # before the encoder: no RNG, the masks are unchanged
@@ -983,9 +1052,20 @@ class LocalMIM(nn.Module):
             targets = self.compute_targets(imgs, self.active_stages())
             latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, ids_shuffle,
                                                               None if full else cached)
-            stage_losses, preds = self.decode(latents, mask, ids_restore, targets, mask_ratio, full)
+            distilled = sd.stages(latents) if (sd is not None and self.training) else []
+            tokens = dict.fromkeys(distilled) if distilled else None
+            rows = self.masked_rows(ids_restore, mask_ratio) if distilled else None
+            stage_losses, preds = self.decode(latents, mask, ids_restore, targets, mask_ratio, full, tokens, rows)
         loss = self.total_loss(stage_losses, imgs)
         out: Dict[str, object] = {'loss': loss, 'stage_losses': stage_losses}
+        if sd is not None and self.training:
+            # 0 once every distilled stage is frozen: the key stays, so the per-epoch log keeps its column
+            if distilled:
+                d = sd.loss(self, imgs, tokens, rows)
+                loss = loss + sd.weight * d
+            else:
+                d = imgs.new_zeros((), dtype=torch.float32)
+            out.update(loss=loss, distill_loss=d)
         if return_vis:
             out.update(pred=preds, target=targets, mask=mask)
         return out

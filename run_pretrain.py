@@ -17,6 +17,7 @@ from timm.optim import param_groups_weight_decay
 import models_mim
 from masking import check_mask_curriculum
 from checkpoint_formats import adopt_reference_pretrain
+from self_distill import add_self_distill_args
 from engine_common import restore_training
 from engine_pretrain import PretrainState, fit
 from fixed_views import check_fixed_views, wrap_dataset
@@ -91,6 +92,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help='one target per stage, shallow to deep (e.g. hog,hog,pixel,pixel), each as for --target; '
                         'a single name applies to every stage; overrides --target (default: none, --target '
                         'everywhere)', domain=check_targets, defines_run=True)
+    g.add_argument('--teacher', default=None, type=str, metavar='CKPT',
+                   help='with the teacher target (--target teacher, or a teacher entry of --stage_targets): the '
+                        'frozen encoder whose features are regressed, any checkpoint run_knn.py --finetune reads '
+                        '(ours, MAE, LocalMIM, a tools/export.py timm export); run under no_grad with the run\'s '
+                        'AMP on the full unmasked image, once per step for all its stages. Its SHA-256 goes into '
+                        'the checkpoints, its weights do not: a resume re-reads this file and refuses a changed '
+                        'one (default: none)', domain=_check_teacher_file, defines_run=True)
+    g.add_argument('--teacher_layer', default=None, type=int, metavar='N',
+                   help='with --teacher: the target is the output of teacher blocks 1..N (1 <= N <= the teacher\'s '
+                        'depth; deeper blocks are not run), patch tokens LayerNorm\'ed without affine, average-'
+                        'pooled (or repeated) onto each stage\'s cell grid (default: the last block)',
+                   domain=integer(1), defines_run=True)
     g.add_argument('--mask_curriculum', default=None, type=str, metavar='START:END',
                    help='mask curriculum by token distance: block-wise masks (s x s blocks of patches, tokens of '
                         'the last visible block at random) whose difficulty = the mean Euclidean distance, in '
@@ -162,6 +175,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         '--stage_weights (step 0) to this (reached at step T; preset or comma list, same rules); '
                         'logged per epoch (default: none, weights fixed)',
                    domain=models_mim.check_stage_weights, defines_run=True)
+    add_self_distill_args(g)
     g = p.add_argument_group('FreezeOut (on when --t_0 or --how_scale is given, or any --freeze_policy but '
                              'schedule)')
     g.add_argument('--plan_only', action='store_true',
@@ -215,6 +229,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_teacher_file(flag: str, value: str):
+    return None if os.path.isfile(value) else f'--teacher {value}: ' + (
+        'is a directory, not a checkpoint file' if os.path.isdir(value) else 'file not found')
+
+
 def prepare_args(args: argparse.Namespace) -> None:
     argv = getattr(args, 'argv', [])
     if args.demo:
@@ -243,7 +262,7 @@ def prepare_args(args: argparse.Namespace) -> None:
 
 
 def build_model(args: argparse.Namespace) -> models_mim.LocalMIM:
-    return models_mim.create_model(
+    model = models_mim.create_model(
         args.model, img_size=args.input_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
         depth=args.depth, num_heads=args.num_heads, hog_nbins=args.hog_nbins, hog_bias=args.hog_bias,
         all_stages=args.all_stages, stage_weights=args.stage_weights, hog_bias_seed=args.seed,
@@ -252,7 +271,11 @@ def build_model(args: argparse.Namespace) -> models_mim.LocalMIM:
         mask_curriculum=args.mask_curriculum, mask_ratio=args.mask_ratio, stage_taps=args.stage_taps,
         tap_scales=args.stage_scales, layer_drop=args.layer_drop, layer_drop_gamma=args.layer_drop_gamma,
         layer_drop_seed=args.seed, prefix_target=args.prefix_target,
-        prefix_target_weight=args.prefix_target_weight)
+        prefix_target_weight=args.prefix_target_weight, self_distill=args.self_distill, distill_ema=args.distill_ema)
+    if getattr(args, 'teacher', None) is not None or getattr(args, 'teacher_layer', None) is not None:
+        from target_teacher import check_teacher_flags
+        check_teacher_flags(args, model.target)  # flags no stage reads would be ignored silently
+    return model
 
 
 def main(args: argparse.Namespace) -> None:
@@ -310,6 +333,15 @@ def main(args: argparse.Namespace) -> None:
         if flops is None:
             flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
         du.print0(layer_drop_plan(model, freezer, flops, schedule.total_steps, args.dont_freeze_pe))
+    if target_plan_lines(model, None):  # a target with its own compute (the teacher): its share of the FLOPs
+        if flops is None:
+            flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
+        for line in target_plan_lines(model, flops, args.dont_freeze_pe):
+            du.print0(line)
+    if model.self_distill is not None:  # its teacher pass is in the FLOP plan (step_cost): say how much
+        if flops is None:
+            flops = measure_unit_flops(model, args.input_size, args.mask_ratio, device, args.dont_freeze_pe)
+        du.print0(model.self_distill.describe(flops))
     check_stage_weights(model, freezer, schedule.total_steps, spe)  # a zero loss after a freeze: refused now
     groups = _freezeout_param_groups(freezer, args) if freezer else param_groups_weight_decay(model, args.weight_decay)
     du.print0(param_group_summary(groups))
@@ -340,6 +372,7 @@ def main(args: argparse.Namespace) -> None:
         resumed = (resumed[0], adopt_reference_pretrain(*resumed, model, optimizer, freezer, spe))
         ckpt = restore_training(resumed, model, optimizer, amp.scaler, freezer, args,
                                 f'checkpoint does not match --model {args.model} with these flags ({{detail}})')
+        model.load_checkpoint_extras(ckpt, f'--resume {resumed[0]}')  # the EMA teacher (exact resume)
         state.global_step = int(ckpt.get('step', args.start_epoch * spe))
         du.print0(f'Resumed from {resumed[0]}: epoch {ckpt["epoch"]} done, optimizer step {state.global_step}')
     if args.compile:
@@ -403,6 +436,7 @@ def layer_drop_plan(model, freezer, flops, total_steps: int, dont_freeze_pe: boo
     ld = model.layer_drop
     if freezer is None:
         saving = ld.expected_saving(flops, total_steps, lambda step: 0)
+        ld.expected_saving_total = saving
         return f'{ld.describe()}\nlayer drop: expected saving of training FLOPs (FLOP model): {100 * saving:.1f}%'
     pe = freezer.dont_freeze_pe
 
@@ -412,10 +446,38 @@ def layer_drop_plan(model, freezer, flops, total_steps: int, dont_freeze_pe: boo
     bounds = freezer.state_boundaries()
     saving = ld.expected_saving(flops, total_steps, blocks_at, bounds,
                                 base_cost=lambda step: step_cost(flops, freezer.num_frozen_at(step), pe))
+    ld.expected_saving_total = saving
     fo = decided_saving(freezer, flops, total_steps)
     both = 1.0 - (1.0 - fo) * (1.0 - saving)
     return (f'{ld.describe()}\nlayer drop: expected saving of training FLOPs (FLOP model) {100 * saving:.1f}% of the '
             f'FreezeOut run; with FreezeOut {100 * both:.1f}% vs neither')
+
+
+def target_plan_lines(model, flops, dont_freeze_pe: bool = False) -> list:
+    """The FLOP-plan lines of the targets that print one (``Target.plan_line``: the teacher's forward and share of
+    a step); without ``flops`` they are asked with no numbers (an empty list: nothing to measure for)."""
+    from freezeout import step_cost
+    from targets import target_parts
+    names = {id(m): n for n, m in model.named_modules()}
+    step = step_cost(flops, 0, dont_freeze_pe) if flops is not None else None
+    lines = []
+    for part, stages in target_parts(model.target, model.stages):
+        fwd = _subtree_flops(flops.get('module_fwd', {}), names[id(part)]) if flops is not None else None
+        line = part.plan_line(stages, fwd, step)
+        if line:
+            lines.append(line)
+    return lines
+
+
+def _subtree_flops(counts: dict, name: str) -> float:
+    """Counted FLOPs of module ``name`` and everything under it. A module called through a method rather than
+    ``__call__`` (a target's ``forward_stages``) has no count of its own, so its topmost counted descendants are
+    summed (disjoint subtrees: nothing counted twice)."""
+    if name in counts:
+        return counts[name]
+    under = [k for k in counts if k.startswith(name + '.')]
+    top = [k for k in under if not any(k.startswith(a + '.') for a in under)]
+    return float(sum(counts[k] for k in top))
 
 
 def _freezeout_param_groups(freezer, args) -> list:

@@ -13,7 +13,8 @@ frozen). Optional hooks, with defaults that fit most targets: :meth:`Target.forw
 pass; HOG shares its gradient pass), ``flop_counted`` (False: the FLOP plan times the target, because counters miss
 its work), :meth:`Target.picture` (TensorBoard) and :meth:`Target.compile_regions` (``--compile``).
 
-Registered targets: ``hog`` (the default: LocalMIM's HOG), ``pixel`` (MAE's norm_pix per cell). ``--target
+Registered targets: ``hog`` (the default: LocalMIM's HOG), ``pixel`` (MAE's norm_pix per cell), ``teacher`` (a
+frozen encoder's features, ``target_teacher.py``; ``--teacher CKPT --teacher_layer N``). ``--target
 module:Class`` takes any Target subclass importable from ``PYTHONPATH``; ``--stage_targets hog,hog,pixel,pixel``
 gives each stage its own (stages naming the same target share one instance).
 
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from util.errors import UserError
 
 __all__ = ['Stage', 'Target', 'HOGTargets', 'HOGTarget', 'PixelTarget', 'StageTargets', 'TARGETS', 'register',
-           'resolve_target', 'parse_stage_targets', 'build_target', 'cells_to_maps']
+           'resolve_target', 'parse_stage_targets', 'build_target', 'cells_to_maps', 'target_parts', 'LAZY_TARGETS']
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -127,6 +128,13 @@ class Target(nn.Module):
         """``torch.compile`` the target's work for ``--compile`` (default: the module's forward)."""
         self.compile(**opts)
 
+    def plan_line(self, stages: Sequence[Stage], fwd_flops: Optional[float], step_flops: Optional[float]
+                  ) -> Optional[str]:
+        """A line for the FLOP plan (``--plan_only``) about this target's own compute, or None (the default).
+        ``stages``: those using it; ``fwd_flops``: the counted forward FLOPs per image of its module;
+        ``step_flops``: a training step's FLOPs per image with nothing frozen (FLOP model)."""
+        return None
+
 
 def cells_to_maps(x: torch.Tensor, side: int) -> torch.Tensor:
     """[B, side², F] (row-major cells) -> [B, F, side, side]."""
@@ -147,6 +155,9 @@ def _upscale(x: torch.Tensor, px: int) -> torch.Tensor:
 # Registry and resolver
 
 TARGETS: Dict[str, Type[Target]] = {}
+# Registered names whose class lives in its own module, imported on first use (``teacher`` pulls in the checkpoint
+# readers and timm, which the other targets do not need).
+LAZY_TARGETS: Dict[str, str] = {'teacher': 'target_teacher'}
 
 
 def register(name: str):
@@ -164,12 +175,15 @@ def resolve_target(spec: Union[str, Type[Target]], flag: str = '--target') -> Ty
             raise UserError(f'{flag} {spec.__name__}: not a subclass of targets.Target')
         return spec
     name = str(spec).strip()
+    if name not in TARGETS and name in LAZY_TARGETS:
+        importlib.import_module(LAZY_TARGETS[name])  # registers it
     if name in TARGETS:
         return TARGETS[name]
     mod_name, sep, cls_name = name.partition(':')
     if not sep:
-        raise UserError(f"{flag} {name!r}: unknown target; choose {', '.join(TARGETS)} or module:Class (a "
-                        f'targets.Target subclass importable from PYTHONPATH)')
+        known = ', '.join(dict.fromkeys([*TARGETS, *LAZY_TARGETS]))
+        raise UserError(f'{flag} {name!r}: unknown target; choose {known} or module:Class (a targets.Target '
+                        f'subclass importable from PYTHONPATH)')
     if not mod_name or not cls_name.isidentifier():
         raise UserError(f'{flag} {name!r}: write module:Class, e.g. my_target:MeanColor')
     try:
@@ -237,6 +251,13 @@ def build_target(target: Union[str, Type[Target], Target] = 'hog', stage_targets
             raise UserError(f'target {target_name(out, s)}: dim(stage {s.index}) = {d!r}; must be a positive int')
     out.requires_grad_(False)  # targets are computed under no_grad and never trained
     return out
+
+
+def target_parts(target: Target, stages: Sequence[Stage]) -> List[Tuple[Target, List[Stage]]]:
+    """``[(target, the stages using it)]``: the parts of a :class:`StageTargets`, else ``target`` for all."""
+    if isinstance(target, StageTargets):
+        return target._grouped(stages)
+    return [(target, list(stages))]
 
 
 def target_name(target: Target, stage: Optional[Stage] = None) -> str:

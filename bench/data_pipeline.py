@@ -29,7 +29,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 if __name__ == '__main__' and not __package__:  # run as a file (python bench/x.py): rerun as python -m
     os.execv(sys.executable, [sys.executable, '-m', 'bench.data_pipeline', *sys.argv[1:]])
@@ -130,26 +130,34 @@ def finish(batch: torch.Tensor) -> torch.Tensor:
     return (batch.float().div(255) - MEAN) / STD if batch.dtype == torch.uint8 else batch
 
 
+def time_batches(loader, batches: int, finish=finish, sync=lambda: None) -> Tuple[int, float]:
+    """(images, seconds) of ``batches`` batches from any iterable of ``(images, labels)`` (a DataLoader, a
+    util.dali_loader.DaliLoader), after one untimed batch; ``finish`` is applied to each batch and ``sync`` (a CUDA
+    synchronize for a device loader) runs before the clock is read."""
+    it, n, t0 = iter(loader), 0, None
+    for k in range(batches + 1):
+        try:
+            x, _ = next(it)
+        except StopIteration:  # fewer images than needed: start another pass (workers restart, counted)
+            it = iter(loader)
+            x, _ = next(it)
+        finish(x)
+        if k == 0:
+            sync()
+            t0 = time.perf_counter()  # after the first batch: worker start-up is not throughput
+        else:
+            n += x.shape[0]
+    sync()
+    return n, time.perf_counter() - t0
+
+
 def time_loader(paths, variant, size, workers, batch_size, batches, seed) -> Dict[str, float]:
     ds = Pipeline(paths, variant, size, seed)
     g = torch.Generator().manual_seed(seed)
     dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, generator=g,
                                      drop_last=True, persistent_workers=False,
                                      prefetch_factor=2 if workers else None)
-    need = batches + 1
-    it, n, t0 = iter(dl), 0, None
-    for k in range(need):
-        try:
-            x, _ = next(it)
-        except StopIteration:  # fewer images than needed: start another pass (workers restart, counted)
-            it = iter(dl)
-            x, _ = next(it)
-        finish(x)
-        if k == 0:
-            t0 = time.perf_counter()  # after the first batch: worker start-up is not throughput
-        else:
-            n += x.shape[0]
-    dt = time.perf_counter() - t0
+    n, dt = time_batches(dl, batches)
     ips = n / dt if dt > 0 else float('nan')
     return {'variant': variant, 'workers': workers, 'images': n, 'seconds': dt, 'img_per_s': ips,
             'img_per_s_per_worker': ips / max(1, workers)}

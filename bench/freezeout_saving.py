@@ -106,7 +106,7 @@ def sweep(args: argparse.Namespace, states: Sequence[int], distributed: bool = F
           log=print) -> Dict[int, Dict[str, object]]:
     """Time the training step in every freeze state in ``states`` (see the module docstring)."""
     from util.amp import make_amp
-    device = torch.device('cpu')
+    device = torch.device(getattr(args, 'device', 'cpu'))  # CUDA for bench.supply_demand's demand on a GPU
     sync = ps.sync_fn(device)
     torch.manual_seed(args.seed)
     model = ps.build_model(args).to(device)
@@ -115,11 +115,11 @@ def sweep(args: argparse.Namespace, states: Sequence[int], distributed: bool = F
     names = FreezeOut.unit_names(model, args.dont_freeze_pe)
     sched = make_schedule(args, names, 'linear', 0.5)  # any schedule: the sweep only uses apply_frozen(n)
     freezer = FreezeOut(model, sched, args.dont_freeze_pe)
-    amp = make_amp(device, 'none')
+    amp = make_amp(device, 'none' if device.type == 'cpu' else getattr(args, 'amp', 'auto'))
     rank = dist.get_rank() if distributed else 0
     gen_args = argparse.Namespace(**vars(args))
     gen_args.seed = args.seed + rank
-    batch = ps.make_batch(gen_args, device)
+    batch = ps.make_batch(gen_args, device).to(device)  # on the device already: the step alone, no copy
     res: Dict[int, Dict[str, object]] = {n: {'times': [], 'cpu_times': [], 'phases': {ph: [] for ph in PHASES}}
                                          for n in states}
     for rnd in range(args.rounds):
@@ -458,13 +458,15 @@ def load_json(path: str) -> Dict[str, object]:
     return res
 
 
-def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ps.add_model_args(p)
-    p.set_defaults(batch_size=8)
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    """How each freeze state is timed (:func:`sweep`)."""
     p.add_argument('--steps', default=3, type=int, help='timed steps per state per round (default: 3)')
     p.add_argument('--warmup', default=1, type=int, help='untimed steps per state per round (default: 1)')
     p.add_argument('--rounds', default=2, type=int, help='passes over the states, alternating order (default: 2)')
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    """The FreezeOut plan (:func:`make_schedule`) and the optimizer the sweep builds."""
     p.add_argument('--t_0', default=0.8, type=float)
     p.add_argument('--how_scale', default='cubic', choices=['linear', 'squared', 'cubic'])
     p.add_argument('--freeze_schedule', default='vitfreeze', choices=['vitfreeze', 'freezeout'],
@@ -482,6 +484,14 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--lr', default=1.5e-4, type=float)
     p.add_argument('--min_lr', default=1e-6, type=float)
     p.add_argument('--weight_decay', default=0.05, type=float)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ps.add_model_args(p)
+    p.set_defaults(batch_size=8)
+    add_sweep_args(p)
+    add_plan_args(p)
     p.add_argument('--ddp', default=0, type=int, help='also sweep under N-process gloo DDP, 1 thread each')
     p.add_argument('--e2e', action='store_true', help='also run the run_pretrain.py --demo pair')
     p.add_argument('--e2e_only', action='store_true', help='only the end-to-end pair (no state sweep)')

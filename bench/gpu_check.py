@@ -22,6 +22,9 @@ inside the run:
     flops        the FLOP plan of ViT-Ti/16 224 px measured on CPU and on the GPU: equal (attention once)
     step_eager   bench.pretrain_step ViT-B/16 224 px batch 64, eager: img/s, peak memory
     step_compile the same with --compile (inductor): img/s, peak memory, compile time of the first step
+    supply_demand bench.supply_demand ViT-B/16 224 px batch 64: loader supply per backend (pil, pil_prepared, and
+                 dali_cpu / dali_gpu where DALI is installed) vs demand per freeze state of cubic t_0 0.8 on the
+                 GPU, the predicted 1/2/4/8-GPU savings at the machine's cores per GPU (docs/PERFORMANCE.md 8.7)
 
 Without CUDA it writes ``{"cuda": false, ...}`` with every part marked skipped and exits 0, unless
 ``--allow_cpu``: then the parts run on CPU (``--quick``: tiny step configs; fp16 parts run in fp32 there).
@@ -196,6 +199,29 @@ def _step(name, args, timeout, device, quick, tmp) -> Dict[str, object]:
     return r
 
 
+def _supply_demand(device: str, quick: bool, tmp: str) -> Dict[str, object]:
+    import torch
+    out = os.path.join(tmp, 'supply_demand.json')
+    backends = ['pil', 'pil_prepared']
+    try:
+        import nvidia.dali  # noqa: F401
+        backends += ['dali_cpu'] + (['dali_gpu'] if device == 'cuda' else [])
+    except ImportError:
+        pass
+    cores = max(1, (os.cpu_count() or 1) // max(1, torch.cuda.device_count() if device == 'cuda' else 1))
+    size = (TINY + ['--batch_size', '4', '--images', '8', '--supply_batches', '2', '--max_side', '64', '--steps', '1',
+                    '--warmup', '0', '--rounds', '1', '--epochs', '2', '--warmup_epochs', '0', '--steps_per_epoch', '4']
+            if quick else ['--model', 'MIM_vit_base_patch16', '--input_size', '224', '--batch_size', '64',
+                           '--images', '512', '--supply_batches', '6', '--supply_cores', '1'])
+    r = _run('supply_demand', [PY, '-m', 'bench.supply_demand', '--device', device, '--backends', ','.join(backends),
+                               '--cores_per_gpu', str(cores), '--dir', os.path.join(tmp, 'supply'), '--json', out,
+                               *size], 240)
+    if r['ok'] and os.path.isfile(out):
+        res = json.load(open(out))
+        r.update({k: res.get(k) for k in ('supply', 'demand_step_ms', 'steps_in_state', 'flop_saving', 'table')})
+    return r
+
+
 def plan(args, tmp: str, device: str) -> List:
     q = args.quick
     vit_b = ['--model', 'MIM_vit_base_patch16', '--input_size', '224', '--batch_size', '64']
@@ -210,6 +236,7 @@ def plan(args, tmp: str, device: str) -> List:
         ('flops', _flops),
         ('step_eager', lambda: _step('step_eager', vit_b, 45, device, q, tmp)),
         ('step_compile', lambda: _step('step_compile', vit_b, 180, device, q or device == 'cpu', tmp)),
+        ('supply_demand', lambda: _supply_demand(device, q, tmp)),
     ]
 
 

@@ -100,3 +100,73 @@ def test_scaling_smoke(tmp_path):
     assert all(x['step_ms'] > 0 and x['activation_mb'] > 0 and x['gflop_fwd_per_img'] > 0 for x in rows)
     assert [x['input_size'] for x in r['input_sweep']['MIM_vit_tiny_patch16']] == [32, 64]
     assert 'MIM_vit_tiny_patch16' in r['flags']
+
+
+def test_supply_demand_prediction_is_the_max_formula():
+    """bench.supply_demand on injected numbers: a step in state k takes max(t_k, B / supply); the plan's saving
+    integrates that over the steps per state; infinite supply is bench.freezeout_saving's compute saving."""
+    from types import SimpleNamespace
+    from bench import freezeout_saving as fs
+    from bench import supply_demand as sd
+    step_ms, steps, b = {0: 100.0, 1: 80.0, 2: 50.0}, [4, 3, 3], 10
+    free = sd.predict(step_ms, steps, b, math.inf)
+    assert free['saving'] == pytest.approx(1 - (4 * 100 + 3 * 80 + 3 * 50) / (10 * 100))
+    assert free['bound_from_state'] is None and free['data_bound_steps'] == 0
+    plan = SimpleNamespace(steps_in_state=lambda: steps, total_steps=10)
+    assert free['saving'] == pytest.approx(fs.measured_saving(plan, step_ms))
+    mid = sd.predict(step_ms, steps, b, 160.0)  # 62.5 ms per batch: only state 2 (50 ms) waits for data
+    assert mid['supply_ms_per_batch'] == pytest.approx(62.5)
+    assert mid['saving'] == pytest.approx(1 - (400 + 240 + 3 * 62.5) / 1000)
+    assert mid['bound_from_state'] == 2 and mid['data_bound_steps'] == pytest.approx(0.3)
+    slow = sd.predict(step_ms, steps, b, 50.0)  # 200 ms per batch: data-bound throughout, nothing saved
+    assert slow['saving'] == pytest.approx(0.0) and slow['bound_from_state'] == 0
+    with pytest.raises(ValueError, match='must be > 0'):
+        sd.predict(step_ms, steps, b, 0.0)
+    res = {'demand_step_ms': step_ms, 'steps_in_state': steps, 'batch_size': b, 'flop_saving': 0.25,
+           'supply': {'pil': {'img_per_s': 20.0, 'img_per_s_per_core': 20.0, 'cores': 1},
+                      'dali_gpu': {'img_per_s': 1000.0, 'img_per_s_per_core': 125.0, 'cores': 8, 'per_gpu': True}}}
+    rows = sd.table(res, cores_per_gpu=8, host_cores=16)
+    assert [r['gpus'] for r in rows] == [1, 2, 4, 8] and [r['cores_per_gpu'] for r in rows] == [8, 8, 4, 2]
+    assert [r['backends']['pil']['supply_img_s'] for r in rows] == [160.0, 160.0, 80.0, 40.0]
+    assert [r['backends']['pil']['saving'] for r in rows] == pytest.approx([mid['saving']] * 2 + [0.0, 0.0])
+    assert all(r['backends']['dali_gpu']['supply_img_s'] == 1000.0 for r in rows)  # the GPU decodes: not per core
+    assert all(r['backends']['dali_gpu']['saving'] == pytest.approx(free['saving']) for r in rows)
+    assert all(r['compute_saving'] == pytest.approx(free['saving']) and r['flop_saving'] == 0.25 for r in rows)
+
+
+def test_supply_demand_smoke(tmp_path, capsys):
+    """The tiny config end to end in-process: every requested backend measured, one demand per freeze state of the
+    plan, the 1/2/4/8-GPU table is the formula on those numbers; --from_json re-predicts for other cores."""
+    from bench import supply_demand as sd
+    backends = ['pil', 'pil_prepared']
+    try:
+        import nvidia.dali  # noqa: F401
+        backends.append('dali_cpu')
+    except ImportError:
+        pass
+    out, fig = tmp_path / 'sd.json', tmp_path / 'sd.png'
+    tiny = TINY[:TINY.index('--steps')]  # this bench's --steps is per freeze state
+    res = sd.main([*tiny, '--steps', '1', '--warmup', '0', '--rounds', '1', '--epochs', '2', '--warmup_epochs', '0',
+                   '--steps_per_epoch', '4', '--images', '6', '--supply_batches', '2', '--max_side', '64',
+                   '--dir', str(tmp_path / 'img'), '--backends', ','.join(backends), '--cores_per_gpu', '4',
+                   '--host_cores', '8', '--json', str(out), '--out', str(fig)])
+    assert list(res['supply']) == backends and all(s['img_per_s'] > 0 for s in res['supply'].values())
+    steps = res['steps_in_state']
+    assert sum(steps) == 8 and {k for k, n in enumerate(steps) if n} <= set(res['demand_step_ms'])
+    assert (tmp_path / 'img' / 'prepared-64' / 'c0').is_dir()  # pil_prepared read tools/prepare_dataset's copy
+    rows = res['table']
+    assert [r['gpus'] for r in rows] == [1, 2, 4, 8] and [r['cores_per_gpu'] for r in rows] == [4, 4, 2, 1]
+    for r in rows:
+        assert list(r['backends']) == backends
+        for name, cell in r['backends'].items():
+            per_core = res['supply'][name]['img_per_s_per_core']
+            assert cell['supply_img_s'] == pytest.approx(per_core * r['cores_per_gpu'])
+            assert cell['saving'] == pytest.approx(
+                sd.predict(res['demand_step_ms'], steps, 2, cell['supply_img_s'])['saving'])
+    printed = capsys.readouterr().out
+    assert 'predicted wall saving of the plan' in printed and 'GPUs cores/GPU' in printed
+    assert fig.stat().st_size > 0
+    again = sd.main(['--from_json', str(out), '--cores_per_gpu', '2'])
+    assert [r['cores_per_gpu'] for r in again['table']] == [2] * 4
+    assert again['table'][0]['backends']['pil']['supply_img_s'] == pytest.approx(
+        res['supply']['pil']['img_per_s_per_core'] * 2)

@@ -158,6 +158,33 @@ def test_sweep_print_expands_grid_into_named_runs(tmp_path, capsys, monkeypatch)
     assert not out.exists()  # printing creates nothing
 
 
+def test_sweep_device_and_amp_reach_every_step(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    out = tmp_path / 'sw'
+    base = ['--grid', 't_0=0.7,0.9', '--then', 'knn,finetune', '--out', str(out), '--run', 'print']
+    assert sw.main([*base, '--device', 'cuda', '--amp', 'bf16', '--', 'run_pretrain.py', '--demo']) == 0
+    cmds = [shlex.split(l) for l in capsys.readouterr().out.splitlines() if l and not l.startswith('#')]
+    assert len(cmds) == 6
+    for words in cmds:  # pre-training, k-NN and fine-tuning: one --device and one --amp each
+        assert [words[i + 1] for i, w in enumerate(words) if w == '--device'] == ['cuda'], words
+        assert [words[i + 1] for i, w in enumerate(words) if w == '--amp'] == ['bf16'], words
+    # the default: nothing added, the scripts' own defaults (CPU runs unchanged)
+    assert sw.main([*base, '--', 'run_pretrain.py', '--demo']) == 0
+    printed = capsys.readouterr().out
+    assert '--device' not in printed and '--amp' not in printed
+
+    def err(*argv):
+        with pytest.raises(sl.LaunchError) as e:
+            sw.main([*base, *argv])
+        return str(e.value)
+    assert err('--amp', 'fp16', '--', 'run_pretrain.py', '--demo', '--amp', 'bf16') == \
+        "--amp fp16 and --amp bf16 in the common flags: give it once (the sweep's --amp applies to every step)"
+    assert err('--device', 'cpu', '--knn_args', '--device cuda', '--', 'run_pretrain.py', '--demo') == \
+        "--device cpu and --device in --knn_args: give it once (the sweep's --device applies to every step)"
+    assert err('--amp', 'fp8', '--', 'run_pretrain.py', '--demo').startswith("argument --amp: invalid choice: 'fp8'")
+    assert not out.exists()
+
+
 def test_sweep_bad_grid_fails_in_one_line_before_anything_starts(tmp_path):
     out = tmp_path / 'sw'
     res = _tool('sweep.py', ['--grid', 't_0=0.7,0.8', '--grid', 'bogus=1,2', '--out', out, '--run', 'local', '--',

@@ -133,6 +133,14 @@ def last_value(records: Sequence[Dict[str, Any]], *keys: str) -> Tuple[Optional[
     return None, None
 
 
+def combined_saving(freeze: Optional[float], layer_drop: Optional[float]) -> Optional[float]:
+    """FLOP-model saving of a freeze plan and layer dropping together: dropping saves its share of what the freeze
+    plan leaves (layer_drop is logged relative to the same run without dropping), so the costs multiply."""
+    if freeze is None and layer_drop is None:
+        return None
+    return 1.0 - (1.0 - (freeze or 0.0)) * (1.0 - (layer_drop or 0.0))
+
+
 def knn_top1(rec: Dict[str, Any]) -> Optional[Tuple[int, float]]:
     """(k, top-1) for k = 20 if logged, else the smallest k logged."""
     ks = sorted(int(k[5:-5]) for k in rec if k.startswith('knn_k') and k.endswith('_top1') and k[5:-5].isdigit()
@@ -220,12 +228,14 @@ def read_run(run_dir: str, name: str, point: Optional[Dict[str, str]] = None) ->
         run['measured_saving'] = whole_run_saving(epochs) if whole_run_saving(epochs) is not None \
             else run['measured_saving']
     run['freezeout'] = bool(args.get('freezeout')) or run['planned_saving'] is not None
+    run['layer_drop_saving'], _ = last_value(epochs, 'layer_drop_expected_saving')
+    run['flop_saving'] = combined_saving(run['planned_saving'], run['layer_drop_saving'])
     run['frozen_units'], _ = last_value(epochs, 'frozen_units')
     online = [(r['epoch'], knn_top1(r)) for r in epochs if knn_top1(r)]
     run['online_knn'] = dict(epoch=online[-1][0], k=online[-1][1][0], top1=online[-1][1][1]) if online else None
     # training compute in full-model epochs (the FLOP model's price of the freeze plan)
     if epochs:
-        run['compute_epochs'] = len(epochs) * (1.0 - (run['planned_saving'] or 0.0))
+        run['compute_epochs'] = len(epochs) * (1.0 - (run['flop_saving'] or 0.0))
     else:
         run['compute_epochs'] = None
     evals = {}
@@ -554,6 +564,96 @@ def _save(fig, path: str, written: List[str]) -> None:
     written.append(os.path.basename(path))
 
 
+# ---- the accuracy-vs-saving frontier (one point per row of runs) ---------------------------------------------------
+
+def frontier_rows(groups: Sequence[Tuple[str, Sequence[Dict[str, Any]]]]) -> List[Dict[str, Any]]:
+    """One entry per row (a named set of runs, e.g. the seeds of one configuration): the FLOP-model saving and the
+    last online k-NN top-1 of each finished run. Rows with no finished run with a k-NN are left out."""
+    out = []
+    for name, runs in groups:
+        fin = [r for r in runs if r['status'] == 'finished' and r['online_knn']]
+        if fin:
+            out.append(dict(name=name, saving=[100.0 * (r['flop_saving'] or 0.0) for r in fin],
+                            top1=[r['online_knn']['top1'] for r in fin], k=fin[0]['online_knn']['k'],
+                            seeds=[r['name'] for r in fin]))
+    return out
+
+
+def write_frontier(rows: Sequence[Dict[str, Any]], path: str, marks: Sequence[str] = ('nofreeze', 'cubic08'),
+                   title: str = '') -> Optional[str]:
+    """k-NN top-1 vs FLOP-model saving: every row a point at its mean over runs, bars spanning its runs' min..max on
+    both axes, the rows named in ``marks`` drawn as reference markers, and the front of rows that no other row beats
+    on both (more saving and more accuracy). Returns why no figure was written, or None."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return 'matplotlib is not installed (pip install matplotlib, or -r requirements-dev.txt)'
+    if not rows:
+        return 'no row has a finished run with an online k-NN result'
+    mean = [(sum(r['saving']) / len(r['saving']), sum(r['top1']) / len(r['top1'])) for r in rows]
+    front = set(pareto([(-x, y) for x, y in mean]))
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    ref_style = [dict(marker='*', color='black', s=220), dict(marker='D', color='tab:red', s=110),
+                 dict(marker='P', color='tab:blue', s=140)]
+    for j, (r, (x, y)) in enumerate(zip(rows, mean)):
+        ax.errorbar([x], [y], xerr=[[x - min(r['saving'])], [max(r['saving']) - x]],
+                    yerr=[[y - min(r['top1'])], [max(r['top1']) - y]], fmt='none', ecolor='grey', alpha=0.5,
+                    linewidth=1, zorder=1)
+        if r['name'] in marks:
+            st = ref_style[list(marks).index(r['name']) % len(ref_style)]
+            ax.scatter([x], [y], zorder=4, label=f"{r['name']} (reference)", edgecolors='white', **st)
+        else:
+            ax.scatter([x], [y], s=50, color='tab:green' if j in front else 'tab:grey',
+                       edgecolors='black' if j in front else 'none', zorder=3)
+        ax.annotate(f"{r['name']} (n={len(r['top1'])})", (x, y), textcoords='offset points', xytext=(6, 4),
+                    fontsize=8)
+    fr = sorted(front, key=lambda j: mean[j][0])
+    ax.plot([mean[j][0] for j in fr], [mean[j][1] for j in fr], color='tab:green', alpha=0.6, linewidth=1,
+            label='front (no row saves more and is more accurate)', zorder=2)
+    for name in marks:  # horizontal guides: a row above a reference's line is at least as accurate as it
+        for r, (x, y) in zip(rows, mean):
+            if r['name'] == name:
+                ax.axhline(y, color=ref_style[list(marks).index(name) % len(ref_style)]['color'], alpha=0.25,
+                           linestyle='--', linewidth=1)
+    ax.set_xlabel('training FLOPs saved vs no freezing (FLOP model, %)')
+    ax.set_ylabel(f"online k-NN top-1 (k={rows[0]['k']}, %)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title or 'Accuracy vs FLOP saving: mean over seeds, bars = range over seeds')
+    ax.legend(fontsize=8, loc='best')
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches='tight')
+    plt.close(fig)
+    return None
+
+
+def write_frontier_report(dirs: Sequence[str], out_dir: str, marks: Sequence[str]) -> str:
+    """--frontier: each DIR is one row (its run folders are the row's runs, e.g. seeds): frontier.png + .md."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ReportError(f'--out {out_dir}: is a file, not a folder; choose another --out')
+    groups = [(os.path.basename(os.path.normpath(d)), discover([d])) for d in dirs]
+    rows = frontier_rows(groups)
+    os.makedirs(out_dir, exist_ok=True)
+    missing = write_frontier(rows, os.path.join(out_dir, 'frontier.png'), marks)
+    lines = ['# Accuracy vs FLOP saving', '', '| row | runs | FLOP-model saving % (per run) | k-NN top-1 (per run) |',
+             '|---|---|---|---|']
+    for r in rows:
+        lines.append(f"| {r['name']} | {len(r['top1'])} | {', '.join(f'{v:.1f}' for v in r['saving'])} | "
+                     f"{', '.join(f'{v:.1f}' for v in r['top1'])} |")
+    for name, runs in groups:
+        if name not in {r['name'] for r in rows}:
+            lines.append(f'| {name} | 0 finished with a k-NN | | |')
+    lines += ['', '![frontier](frontier.png)' if missing is None else f'Figure not written: {missing}.', '']
+    with open(os.path.join(out_dir, 'frontier.md'), 'w') as f:
+        f.write('\n'.join(lines))
+    if missing:
+        print(f'note: figure not written: {missing}', file=sys.stderr)
+    print(f'frontier: {os.path.join(out_dir, "frontier.md")} ({len(rows)} rows)')
+    return os.path.join(out_dir, 'frontier.md')
+
+
 # ---- report.md ----------------------------------------------------------------------------------------------------
 
 def write_report(dirs: Sequence[str], out_dir: str, figures: bool = True) -> str:
@@ -610,6 +710,12 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument('--out', default=None,
                    help='where report.md and the PNGs go (default: DIR when one folder is given)')
     p.add_argument('--no_figures', action='store_true', help='tables only (default: figures too)')
+    p.add_argument('--frontier', action='store_true',
+                   help='instead of the report: each DIR is one row (its run folders are the row\'s seeds, as in '
+                        'bench/experiments.py\'s OUT/ROW/sS); write frontier.png (online k-NN top-1 vs FLOP-model '
+                        'saving, mean and range over seeds) and frontier.md (default: off)')
+    p.add_argument('--mark', default='nofreeze,cubic08',
+                   help='with --frontier: comma list of row names drawn as references (default: nofreeze,cubic08)')
 
     def _error(message: str) -> None:
         raise ReportError(message)
@@ -619,6 +725,9 @@ def main(argv: Sequence[str]) -> int:
         if len(args.dirs) != 1:
             raise ReportError(f'{len(args.dirs)} folders given: pass --out DIR for the report')
         args.out = args.dirs[0]
+    if args.frontier:
+        write_frontier_report(args.dirs, args.out, [m for m in args.mark.split(',') if m])
+        return 0
     write_report(args.dirs, args.out, figures=not args.no_figures)
     return 0
 

@@ -58,6 +58,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         p.add_argument(f'--{name}_args', default='', metavar='"FLAGS"',
                        help=f'extra flags for every {EVALS[name]} of --then {name}, one shell-quoted string; '
                             f'--demo, --device and a --data_path holding val/ are inherited (default: none)')
+    p.add_argument('--device', default=None, choices=['cpu', 'cuda'],
+                   help='device of every step (pre-training and each --then evaluation): appended as --device to '
+                        'each; refused when the common flags or an --EVAL_args set it too (default: none: each '
+                        'script\'s own default, cuda with a CPU fallback)')
+    p.add_argument('--amp', default=None, choices=['auto', 'bf16', 'fp16', 'none'],
+                   help='mixed precision of every step, appended as --amp to each (CUDA only; on CPU the scripts run '
+                        'fp32 whatever it says); refused when the common flags or an --EVAL_args set it too '
+                        '(default: none: each script\'s own default, auto)')
     p.add_argument('--run', default='print', choices=['print', 'local', 'slurm'],
                    help='print the record.sh command lines; run them here one after another; or submit one job per '
                         'run through tools/submitit_launch.py (the SLURM flags below) (default: print)')
@@ -187,6 +195,21 @@ def build_runs(opts: argparse.Namespace, command: Sequence[str], cwd: str) -> Di
         if f'--{key}' in common or any(a.startswith(f'--{key}=') for a in common):
             raise LaunchError(f'--{key} in the common flags: the sweep sets it for every run (drop it; runs go to '
                               f'--out {opts.out})')
+    # --device / --amp of the sweep: one value for every step, never two spellings of it in one command
+    every: List[str] = []
+    for flag in ('device', 'amp'):
+        value = getattr(opts, flag, None)
+        if value is None:
+            continue
+        if sl.flag_value(common, f'--{flag}') is not None:
+            raise LaunchError(f'--{flag} {value} and --{flag} {sl.flag_value(common, "--" + flag)} in the common '
+                              f'flags: give it once (the sweep\'s --{flag} applies to every step)')
+        for t in EVALS:
+            if sl.flag_value(shlex.split(getattr(opts, f'{t}_args')), f'--{flag}') is not None:
+                raise LaunchError(f'--{flag} {value} and --{flag} in --{t}_args: give it once (the sweep\'s '
+                                  f'--{flag} applies to every step)')
+        every += [f'--{flag}', value]
+    common = [*common, *every]
     thens = [t.strip() for spec in opts.then for t in spec.split(',') if t.strip()]
     for t in thens:
         if t not in EVALS:
@@ -212,7 +235,7 @@ def build_runs(opts: argparse.Namespace, command: Sequence[str], cwd: str) -> Di
             raise LaunchError(f'--grid point {name}: {e}') from None
         steps = [dict(script=str(sl.script_path(script)), argv=argv, output_dir=run_dir)]
         for t in thens:
-            extra = shlex.split(getattr(opts, f'{t}_args'))
+            extra = shlex.split(getattr(opts, f'{t}_args')) + (['--amp', opts.amp] if opts.amp else [])
             eargv = [*eval_data_flags(common, extra, cwd), *extra, '--finetune',
                      os.path.join(run_dir, 'checkpoint-last.pth'), '--output_dir', os.path.join(run_dir, t)]
             try:  # its checkpoint is written by the step before: every other rule is checked now

@@ -102,7 +102,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, output_dir: str, num_wor
     g.add_argument('--data_backend', default='pil', choices=['pil', 'dali'],
                    help='image decoding and augmentation: pil = torchvision DataLoader; dali = NVIDIA DALI '
                         '(decode on the GPU with CUDA, else on the CPU; optional: pip install -r '
-                        'requirements-dali.txt; util/dali_loader.py lists what differs) (default: pil)')
+                        'requirements-dali.txt; util/dali_loader.py lists what differs) (default: pil)',
+                   defines_run=True)
     g.add_argument('--bad_images', default='fail', choices=['fail', 'skip'],
                    help='an unreadable image in the dataset: fail naming the file, or skip it with a warning '
                         '(default: fail)')

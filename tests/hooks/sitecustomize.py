@@ -8,7 +8,7 @@ The tests put this directory first on the ``PYTHONPATH`` of the scripts they sta
   + iteration) becomes NaN; the stage losses stay finite, as for a real blow-up of the weighted sum.
 * ``VITFREEZE_TEST_DUMP_RANK_WEIGHTS=<dir>``: after every epoch's checkpoint call, every rank (only rank 0 writes
   checkpoints) writes sha256 digests of the model and optimizer state it passed, of the MIM masks it drew during
-  that epoch's training and of its RNG state, and its FreezeOut frozen set and adaptive decisions,
+  that epoch's training, of the image batches it trained on (its data shard, in order) and of its RNG state, and its FreezeOut frozen set and adaptive decisions,
   ``rank{R}-epoch{E}.json``.
 
 * ``VITFREEZE_TEST_NAN_WEIGHTS_AT_EPOCH=<e>``: the last tensor of the model state handed to epoch ``e``'s
@@ -82,13 +82,23 @@ def _patch_nan(engine) -> None:
     engine.train_one_epoch = train_one_epoch
 
 
-_MASKS = {'on': False, 'hash': None}  # the MIM masks drawn inside train_one_epoch (dump hook)
+_MASKS = {'on': False, 'hash': None, 'data': None}  # masks / input batches seen inside train_one_epoch (dump hook)
 
 
 def _patch_masks(models_mim) -> None:
-    """Feed every mask ``LocalMIM.random_masking`` returns while a training epoch runs into ``_MASKS['hash']``."""
+    """Feed every mask ``LocalMIM.random_masking`` returns while a training epoch runs into ``_MASKS['hash']``, and
+    every image batch ``LocalMIM.forward`` gets into ``_MASKS['data']``."""
     import hashlib
     original = models_mim.LocalMIM.random_masking
+    forward = models_mim.LocalMIM.forward
+
+    def forward_hashed(self, imgs, *a, **kw):
+        if _MASKS['on'] and self.training:
+            if _MASKS['data'] is None:
+                _MASKS['data'] = hashlib.sha256()
+            _MASKS['data'].update(imgs.detach().float().cpu().contiguous().numpy().tobytes())
+        return forward(self, imgs, *a, **kw)
+    models_mim.LocalMIM.forward = forward_hashed
 
     def random_masking(self, *a, **kw):
         out = original(self, *a, **kw)
@@ -104,7 +114,7 @@ def _patch_epoch_masks(engine) -> None:
     original = engine.train_one_epoch
 
     def train_one_epoch(*a, **kw):
-        _MASKS['on'], _MASKS['hash'] = True, None
+        _MASKS['on'], _MASKS['hash'], _MASKS['data'] = True, None, None
         try:
             return original(*a, **kw)
         finally:
@@ -154,6 +164,7 @@ def _patch_dump(checkpoint) -> None:
             json.dump({'rank': du.get_rank(), 'epoch': epoch, 'model': digest(sorted(state['model'].items())),
                        'optimizer': digest(opt), 'world_size': du.get_world_size(),
                        'masks': _MASKS['hash'].hexdigest() if _MASKS['hash'] is not None else None,
+                       'data': _MASKS['data'].hexdigest() if _MASKS['data'] is not None else None,
                        'rng': digest([('torch', rng['torch']), ('numpy', rng['numpy']['keys']),
                                       ('numpy_pos', torch.tensor([rng['numpy']['pos']])),
                                       ('python', torch.tensor(rng['python']['state'], dtype=torch.int64))]),
