@@ -139,3 +139,9 @@ def test_cli_errors_are_one_line(demo_root, tmp_path, extra, msg):
     lines = [l for l in err.splitlines() if l.strip()]
     assert rc != 0 and len(lines) == 1 and lines[0].startswith(msg), err
     assert not (tmp_path / 'o').exists()
+
+
+def test_not_combined_with_self_distillation():
+    from util.errors import UserError
+    with pytest.raises(UserError, match=r'^--prefix_target with --self_distill: not combined .*; choose one$'):
+        tiny(prefix_target='add', self_distill=1.0)
