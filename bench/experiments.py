@@ -25,7 +25,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from tools import report
+if __name__ == '__main__' and not __package__:  # run as a file (python bench/x.py): rerun as python -m
+    os.execv(sys.executable, [sys.executable, '-m', 'bench.experiments', *sys.argv[1:]])
+
+from tools import report  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -196,8 +199,8 @@ def seeds_done(out: Path, row: str) -> List[int]:
 
 def paired(out: Path, row: str, ref: str, metric: str = 'knn_top1') -> str:
     """``metric`` of row minus ref, seed by seed over the seeds both finished: 'd0, d1, ... (mean m; verdict)'.
-    The verdict is 'noise' when the seeds disagree by more than the effect (max - min of the differences > |mean|),
-    else 'real'; one seed gives no verdict."""
+    The verdict is 'identical' when every difference is 0, 'noise' when the seeds disagree by more than the effect
+    (max - min of the differences > |mean|), else 'real'; one seed gives no verdict."""
     if row == ref:
         return ''
     diffs = []
@@ -211,7 +214,8 @@ def paired(out: Path, row: str, ref: str, metric: str = 'knn_top1') -> str:
     body = ', '.join(f'{d:+.0f}' for d in diffs)
     if len(diffs) == 1:
         return f'{body} (1 seed)'
-    verdict = 'noise' if max(diffs) - min(diffs) > abs(mean) else 'real'
+    verdict = 'identical' if max(map(abs, diffs)) == 0 else \
+        'noise' if max(diffs) - min(diffs) > abs(mean) else 'real'
     return f'{body} (mean {mean:+.1f}; {verdict})'
 
 

@@ -44,8 +44,8 @@ def test_gpu_check_without_gpu_writes_skipped_json(tmp_path):
     p = _run(['-m', 'bench.gpu_check', '--json', out])
     r = json.loads(out.read_text())
     assert r['cuda'] is False and 'no CUDA device' in p.stdout
-    assert [x['part'] for x in r['parts']] == ['ddp', 'amp_bf16', 'amp_fp16', 'compile', 'finetune', 'flops',
-                                               'step_eager', 'step_compile']
+    assert [x['part'] for x in r['parts']] == ['ddp', 'amp_bf16', 'amp_fp16', 'compile', 'finetune', 'prefix_cache',
+                                               'flops', 'step_eager', 'step_compile', 'supply_demand']
     assert all(x['skipped'] == 'no CUDA device' for x in r['parts'])
 
 

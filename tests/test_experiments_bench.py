@@ -63,6 +63,9 @@ def test_paired_differences_and_the_noise_verdict(tmp_path):
     # +5, -8, +1: the seeds disagree by 13 > |mean| 0.7
     assert ex.paired(tmp_path, 'grad_norm', 'nofreeze') == '+5, -8, +1 (mean -0.7; noise)'
     assert ex.paired(tmp_path, 'nofreeze', 'nofreeze') == ''
+    _write(tmp_path / 'adaptive' / 's0', [{'epoch': 0, 'knn_k20_top1': 51.0}], 1.0)
+    _write(tmp_path / 'adaptive' / 's1', [{'epoch': 0, 'knn_k20_top1': 58.0}], 1.0)
+    assert ex.paired(tmp_path, 'adaptive', 'nofreeze') == '+0, +0 (mean +0.0; identical)'
     assert ex.paired(tmp_path, 'missing', 'nofreeze') == '-'
     assert ex.seeds_done(tmp_path, 'grad_norm') == [0, 1, 2, 7]
 
