@@ -73,15 +73,17 @@ PRETRAIN_ROWS = {
     # issue 22: fixed views, the frozen prefix as target and as cache
     'cubic08_fv4': (['--how_scale', 'cubic', '--t_0', '0.8', '--fixed_views', '4'], '--fixed_views',
                     'cubic 0.8, 4 fixed (view, mask) pairs per image'),
-    'prefix_add': (['--how_scale', 'cubic', '--t_0', '0.8', '--prefix_target', 'add'], '--prefix_target',
-                   'cubic 0.8, + frozen-prefix features as a second target'),
-    'prefix_replace': (['--how_scale', 'cubic', '--t_0', '0.8', '--prefix_target', 'replace'], '--prefix_target',
-                       'cubic 0.8, frozen-prefix features replace HOG after a freeze'),
-    'prefix_cache': (['--how_scale', 'cubic', '--t_0', '0.8', '--fixed_views', '4', '--prefix_cache', '{run}/cache'],
-                     '--prefix_cache', 'cubic 0.8, 4 fixed views, frozen prefix read from a cache'),
-    'prefix_add_cache': (['--how_scale', 'cubic', '--t_0', '0.8', '--fixed_views', '4', '--prefix_target', 'add',
-                          '--prefix_cache', '{run}/cache'], '--prefix_cache',
-                         'cubic 0.8, 4 fixed views, prefix target add, prefix and its full-image features cached'),
+    'cubic08_fv4_add': (['--how_scale', 'cubic', '--t_0', '0.8', '--fixed_views', '4', '--prefix_target', 'add'],
+                        '--prefix_target', 'cubic08_fv4 + the frozen prefix\'s features as a second target'),
+    'cubic08_fv4_replace': (['--how_scale', 'cubic', '--t_0', '0.8', '--fixed_views', '4', '--prefix_target',
+                             'replace'], '--prefix_target',
+                            'cubic08_fv4, the frozen prefix\'s features replace HOG after a freeze'),
+    'cubic08_fv4_cache': (['--how_scale', 'cubic', '--t_0', '0.8', '--fixed_views', '4', '--prefix_cache',
+                           '{run}/prefix_cache'], '--prefix_cache',
+                          'cubic08_fv4 with the frozen prefix read from a cache (same numbers, less compute)'),
+    'cubic08_fv4_add_cache': (['--how_scale', 'cubic', '--t_0', '0.8', '--fixed_views', '4', '--prefix_target', 'add',
+                               '--prefix_cache', '{run}/prefix_cache'], '--prefix_cache',
+                              'cubic08_fv4_add with the prefix and its full-image features cached'),
 }
 FINETUNE_ROWS = {
     'ft_plain': ([], None, 'fine-tune the nofreeze encoder, no freezing'),
@@ -94,8 +96,8 @@ ROW_SETS = {
              'curriculum'],
     'issue21': ['nofreeze', 'cubic08', 'stage_pixel', 'teacher', 'self_distill', 'self_distill_ema', 'taps_all',
                 'taps_all_cubic08', 'taps_36', 'layerdrop', 'layerdrop_cubic08', 'grad_norm', 'mask_curr'],
-    'issue22': ['nofreeze', 'cubic08', 'cubic08_fv4', 'prefix_add', 'prefix_replace', 'prefix_cache',
-                'prefix_add_cache'],
+    'issue22': ['nofreeze', 'cubic08', 'cubic08_fv4', 'cubic08_fv4_add', 'cubic08_fv4_replace', 'cubic08_fv4_cache',
+                'cubic08_fv4_add_cache'],
     'finetune': list(FINETUNE_ROWS),
 }
 REFERENCES = ('nofreeze', 'cubic08')  # every row is compared with these, seed by seed

@@ -78,8 +78,8 @@ def test_row_sets_and_placeholders():
     assert cmd[cmd.index('--teacher') + 1] == '/x/nofreeze/s3/checkpoint-last.pth'
     assert ex.row_command('cubic08', 0, out, 'py', None, False, 'cuda', 'bf16')[-4:] == ['--device', 'cuda', '--amp',
                                                                                        'bf16']
-    cmd = ex.row_command('prefix_cache', 0, out, 'py', None, False)
-    assert cmd[cmd.index('--prefix_cache') + 1] == '/x/prefix_cache/s0/cache'
+    cmd = ex.row_command('cubic08_fv4_cache', 0, out, 'py', None, False)
+    assert cmd[cmd.index('--prefix_cache') + 1] == '/x/cubic08_fv4_cache/s0/prefix_cache'
 
 
 def test_frontier_figure_every_row_a_point(tmp_path):
