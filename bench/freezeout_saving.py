@@ -4,6 +4,7 @@
         --steps 3 --schedules cubic:0.8,linear:0.5,cubic:0.9 --json out.json
     python -m bench.freezeout_saving ... --ddp 2        # the same sweep in 2 gloo processes (1 thread each)
     python -m bench.freezeout_saving ... --e2e          # + a real run_pretrain.py --demo pair (plain vs cubic 0.8)
+    python -m bench.freezeout_saving --e2e_only --e2e_variants "plain:--t_0 1;cubic:--how_scale cubic --t_0 0.8"
 
 (a) Every freeze state the plan passes through (0, 1, 2, ... frozen units) is timed on one model: per state the
     parameters are made trainable again, a fresh AdamW is built from ``FreezeOut.param_groups`` and
@@ -236,23 +237,46 @@ def summarise(args, names, schedules, flops, single, ddp) -> Dict[str, object]:
 # end to end
 
 
+DEFAULT_VARIANTS = [('plain', ['--how_scale', 'cubic', '--t_0', '1']),  # --demo's plain run: t_0 1 = no FreezeOut
+                    ('freezeout', ['--how_scale', 'cubic', '--t_0', '0.8'])]
+
+
+def parse_variants(spec: Optional[str]) -> List[Tuple[str, List[str]]]:
+    """``--e2e_variants 'NAME:FLAGS;NAME:FLAGS;...'`` -> [(name, flags)]; the first is the baseline. ``{run}`` in the
+    flags is the run's own output folder (a per-run --prefix_cache). None: plain vs cubic 0.8."""
+    if not spec:
+        return list(DEFAULT_VARIANTS)
+    out = []
+    for part in (x.strip() for x in spec.split(';') if x.strip()):
+        name, sep, flags = part.partition(':')
+        if not sep or not name.strip() or not name.strip().isidentifier():
+            raise SystemExit(f'error: --e2e_variants {part!r}: expected NAME:FLAGS (NAME a word), e.g. '
+                             f'"plain:--t_0 1;cubic:--how_scale cubic --t_0 0.8"')
+        out.append((name.strip(), flags.split()))
+    if len(out) < 2 or len({n for n, _ in out}) != len(out):
+        raise SystemExit('error: --e2e_variants: give at least two variants with distinct names (the first is the '
+                         'baseline)')
+    return out
+
+
 def e2e(args: argparse.Namespace, log=print) -> Dict[str, object]:
-    """A real run_pretrain.py --demo pair (plain vs cubic 0.8), same seed and flags; ABBA order for repeats > 1."""
-    runs = {'plain': [], 'freezeout': []}
-    plan_saving = None
+    """Real run_pretrain.py --demo runs, same seed and flags, one per variant (default: plain vs cubic 0.8), in one
+    interleaved sequence: A B C, then C B A, ... for repeats > 1, so drift on a shared machine hits every variant
+    alike. Each variant's saving is measured against the first's training loop time."""
+    variants = parse_variants(getattr(args, 'e2e_variants', None))
+    runs: Dict[str, List[Dict[str, object]]] = {n: [] for n, _ in variants}
+    flop: Dict[str, Optional[float]] = {n: None for n, _ in variants}
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED='1')
     base = [sys.executable, os.path.join(REPO, 'run_pretrain.py'), '--demo', '--epochs', str(args.e2e_epochs),
             '--warmup_epochs', str(args.e2e_warmup_epochs), '--seed', str(args.seed), '--knn_eval_freq', '0',
             '--save_freq', '1000'] + (args.e2e_flags.split() if args.e2e_flags else [])
-    order = []
+    order: List[Tuple[str, List[str]]] = []
     for r in range(args.e2e_repeats):
-        order += ['plain', 'freezeout'] if r % 2 == 0 else ['freezeout', 'plain']
+        order += variants if r % 2 == 0 else variants[::-1]
     with tempfile.TemporaryDirectory() as d:
-        for i, kind in enumerate(order):
+        for i, (kind, flags) in enumerate(order):
             od = os.path.join(d, f'{kind}{i}')
-            cmd = base + ['--output_dir', od, '--log_dir', os.path.join(od, 'tb')]
-            # --demo runs FreezeOut by default; --t_0 1 is its plain run (bit-identical to no FreezeOut)
-            cmd += ['--how_scale', 'cubic', '--t_0', '0.8' if kind == 'freezeout' else '1']
+            cmd = base + ['--output_dir', od, '--log_dir', os.path.join(od, 'tb')] + [f.format(run=od) for f in flags]
             t = time.time()
             ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -263,8 +287,9 @@ def e2e(args: argparse.Namespace, log=print) -> Dict[str, object]:
             with open(os.path.join(od, 'log.txt')) as f:
                 recs = [json.loads(line) for line in f if line.strip()]
             m = re.search(r'projected saving of training FLOPs[^:]*: ([0-9.]+)%', p.stdout)
-            if m:
-                plan_saving = float(m.group(1)) / 100
+            if m:  # a prefix cache prints the FLOPs it saves on top of the plan
+                c = re.search(r'saves ([0-9.]+)% of the no-freeze training FLOPs', p.stdout)
+                flop[kind] = (float(m.group(1)) + (float(c.group(1)) if c else 0.0)) / 100
             runs[kind].append({'train_loop_s': sum(r['train_epoch_time'] for r in recs),
                                'compute_s': sum(r.get('train_compute_time', 0.0) for r in recs),
                                'process_s': time.time() - t, 'process_cpu_s': cpu_s, 'epochs': len(recs),
@@ -273,18 +298,27 @@ def e2e(args: argparse.Namespace, log=print) -> Dict[str, object]:
             log(f'  e2e {kind:<9}: training loop {runs[kind][-1]["train_loop_s"]:.1f}s '
                 f'(compute {runs[kind][-1]["compute_s"]:.1f}s; process CPU time {cpu_s:.1f}s), frozen units per '
                 f'epoch {runs[kind][-1]["frozen_units"]}', flush=True)
-    a = sum(r['train_loop_s'] for r in runs['plain'])
-    b = sum(r['train_loop_s'] for r in runs['freezeout'])
-    ac = sum(r['compute_s'] for r in runs['plain'])
-    bc = sum(r['compute_s'] for r in runs['freezeout'])
-    pa = sum(r['process_cpu_s'] for r in runs['plain'])
-    pb = sum(r['process_cpu_s'] for r in runs['freezeout'])
-    res = {'command': ' '.join(base[1:]), 'runs': runs, 'measured_saving': 1 - b / a,
-           'measured_saving_process_cpu': 1 - pb / pa if pa else float('nan'),
-           'threads': args.threads, 'loadavg_at_end': ps.loadavg(),
-           'measured_saving_compute': 1 - bc / ac if ac else float('nan'), 'flop_saving': plan_saving}
-    if plan_saving:
-        res['ratio'] = res['measured_saving'] / plan_saving
+
+    def total(kind: str, key: str) -> float:
+        return sum(r[key] for r in runs[kind])
+    ref = variants[0][0]
+    per = {}
+    for kind, flags in variants:
+        a, b = total(ref, 'train_loop_s'), total(kind, 'train_loop_s')
+        ac, bc = total(ref, 'compute_s'), total(kind, 'compute_s')
+        pa, pb = total(ref, 'process_cpu_s'), total(kind, 'process_cpu_s')
+        per[kind] = {'flags': ' '.join(flags), 'train_loop_s': b, 'measured_saving': 1 - b / a,
+                     'measured_saving_compute': 1 - bc / ac if ac else float('nan'),
+                     'measured_saving_process_cpu': 1 - pb / pa if pa else float('nan'),
+                     'flop_saving': flop[kind], 'final_loss': runs[kind][-1]['final_loss']}
+    second = variants[1][0]
+    res = {'command': ' '.join(base[1:]), 'runs': runs, 'variants': per, 'baseline': ref,
+           'threads': args.threads, 'loadavg_at_end': ps.loadavg(), 'repeats': args.e2e_repeats,
+           # the first two variants' numbers at the top level (plain vs cubic 0.8 by default), as before
+           **{k: per[second][k] for k in ('measured_saving', 'measured_saving_compute',
+                                          'measured_saving_process_cpu', 'flop_saving')}}
+    if res['flop_saving']:
+        res['ratio'] = res['measured_saving'] / res['flop_saving']
     return res
 
 
@@ -347,12 +381,23 @@ def print_report(res: Dict[str, object], metric: str = 'wall') -> None:
 
 
 def print_e2e(e: Dict[str, object]) -> None:
-    fl = f"{100 * e['flop_saving']:.1f}%" if e.get('flop_saving') else 'n/a'
-    print(f"\nend to end ({e['command']}): plain {sum(r['train_loop_s'] for r in e['runs']['plain']):.1f}s vs "
-          f"cubic 0.8 {sum(r['train_loop_s'] for r in e['runs']['freezeout']):.1f}s of training loop -> measured "
-          f"saving {100 * e['measured_saving']:.1f}% (compute only {100 * e['measured_saving_compute']:.1f}%; "
-          f"whole-process CPU time {100 * e.get('measured_saving_process_cpu', float('nan')):.1f}%), "
-          f"FLOP model {fl}")
+    if 'variants' not in e:  # a result saved before variants existed: plain vs cubic 0.8
+        e = dict(e, baseline='plain', variants={
+            'plain': {'train_loop_s': sum(r['train_loop_s'] for r in e['runs']['plain']), 'measured_saving': 0.0,
+                      'measured_saving_compute': 0.0, 'measured_saving_process_cpu': 0.0, 'flop_saving': 0.0},
+            'freezeout': {k: e.get(k) for k in ('measured_saving', 'measured_saving_compute',
+                                                'measured_saving_process_cpu', 'flop_saving')}
+            | {'train_loop_s': sum(r['train_loop_s'] for r in e['runs']['freezeout'])}})
+    print(f"\nend to end ({e['command']}), {e.get('repeats', 1)} run(s) per variant, interleaved; savings vs "
+          f"{e['baseline']}:")
+    print(f"{'variant':<22} {'training loop s':>15} {'measured':>9} {'compute':>8} {'process CPU':>11} "
+          f"{'FLOP model':>10} {'measured/FLOP':>13}")
+    for kind, v in e['variants'].items():
+        fl = v.get('flop_saving')
+        ratio = f"{v['measured_saving'] / fl:>13.2f}" if fl else f"{'-':>13}"
+        print(f"{kind:<22} {v['train_loop_s']:>15.1f} {100 * v['measured_saving']:>8.1f}% "
+              f"{100 * v['measured_saving_compute']:>7.1f}% {100 * v['measured_saving_process_cpu']:>10.1f}% "
+              f"{(f'{100 * fl:.1f}%' if fl is not None else 'n/a'):>10} {ratio}")
 
 
 def plot_results(res: Dict[str, object], plot_dir: str, tag: Optional[str] = None, metric: str = 'wall'
@@ -497,8 +542,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--e2e_only', action='store_true', help='only the end-to-end pair (no state sweep)')
     p.add_argument('--e2e_epochs', default=6, type=int)
     p.add_argument('--e2e_warmup_epochs', default=1, type=int)
-    p.add_argument('--e2e_repeats', default=1, type=int, help='pairs (ABBA order) (default: 1)')
-    p.add_argument('--e2e_flags', default='', help='extra run_pretrain.py flags for both runs of the pair')
+    p.add_argument('--e2e_repeats', default=1, type=int,
+                   help='runs per variant, in order A B .., then .. B A (default: 1)')
+    p.add_argument('--e2e_flags', default='', help='extra run_pretrain.py flags for every end-to-end run')
+    p.add_argument('--e2e_variants', default=None, metavar='"NAME:FLAGS;NAME:FLAGS;..."',
+                   help='end-to-end variants instead of the plain/cubic-0.8 pair, the first the baseline of the '
+                        'savings; {run} in FLAGS = the run\'s own output folder (e.g. --prefix_cache {run}/pc) '
+                        '(default: "plain:--how_scale cubic --t_0 1;freezeout:--how_scale cubic --t_0 0.8")')
     p.add_argument('--json', default=None)
     p.add_argument('--plot_dir', default=None, help='write the staircase and saving-vs-t_0 PNGs here')
     p.add_argument('--from_json', default=None, help='re-print and re-plot a saved --json result, measure nothing')

@@ -170,3 +170,22 @@ def test_supply_demand_smoke(tmp_path, capsys):
     assert [r['cores_per_gpu'] for r in again['table']] == [2] * 4
     assert again['table'][0]['backends']['pil']['supply_img_s'] == pytest.approx(
         res['supply']['pil']['img_per_s_per_core'] * 2)
+
+
+def test_e2e_variants_parse_and_print(capsys):
+    from bench import freezeout_saving as fs
+    assert fs.parse_variants(None) == fs.DEFAULT_VARIANTS
+    assert fs.parse_variants('plain:--t_0 1; cache:--t_0 0.8 --prefix_cache {run}/pc') == [
+        ('plain', ['--t_0', '1']), ('cache', ['--t_0', '0.8', '--prefix_cache', '{run}/pc'])]
+    for bad in ('plain', 'plain:--t_0 1', 'a:x;a:y', 'no name:--t_0 1;b:x'):
+        with pytest.raises(SystemExit, match='^error: --e2e_variants'):
+            fs.parse_variants(bad)
+    e = {'command': 'run_pretrain.py --demo', 'baseline': 'plain', 'repeats': 2, 'variants': {
+        'plain': dict(train_loop_s=100.0, measured_saving=0.0, measured_saving_compute=0.0,
+                      measured_saving_process_cpu=0.0, flop_saving=0.0),
+        'cache': dict(train_loop_s=80.0, measured_saving=0.2, measured_saving_compute=0.25,
+                      measured_saving_process_cpu=0.1, flop_saving=0.16)}}
+    fs.print_e2e(e)
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == 'end to end (run_pretrain.py --demo), 2 run(s) per variant, interleaved; savings vs plain:'
+    assert out[-1].split() == ['cache', '80.0', '20.0%', '25.0%', '10.0%', '16.0%', '1.25']
