@@ -141,6 +141,9 @@ class PrefixCache:
 
     def _map(self, depth: int, view: int, kind: str, create: bool) -> Optional[np.memmap]:
         key = (depth, view, kind)
+        if create and key in self._maps and self._maps[key].mode == 'r':
+            # opened read-only by read() in this process (no loader workers: a resumed run, another rank's file)
+            del self._maps[key]
         if key not in self._maps:
             path = self._file(depth, view, kind)
             shape = self._shape(kind)

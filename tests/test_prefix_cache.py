@@ -197,3 +197,22 @@ def test_cli_bit_identical_across_freezes_and_a_warm_resume(demo_root, tmp_path)
     for d in (cached, res):
         wb = torch.load(d / 'checkpoint-last.pth', map_location='cpu', weights_only=True)['model']
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_write_after_a_read_only_open_in_the_same_process(tmp_path):
+    # --num_workers 0: read() runs in the main process and opens existing files read-only (a resume, or a file
+    # another rank created); a later write of a missing row of that file must reopen it writable
+    m = tiny()
+    m.set_frozen(2, embed_frozen=True)
+    first = _cache(tmp_path, n=8)
+    first.open()
+    first.set_depth(m, 2)
+    first.write(2, [0, 0], [0, 1], {'vis': torch.randn(2, 1 + KEEP, D)})
+    c = _cache(tmp_path, n=8)  # a new process on the same folder
+    c.open()
+    c.set_depth(m, 2)
+    assert c.read(0, 0)['depth'] == 2 and c.read(5, 0)['depth'] == -1
+    rows = torch.randn(2, 1 + KEEP, D)
+    c.write(2, [0, 0], [5, 6], {'vis': rows})
+    got = c.read(5, 0)
+    assert got['depth'] == 2 and torch.equal(got['vis'], rows[0])
