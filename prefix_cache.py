@@ -186,6 +186,10 @@ class PrefixCache:
             flags = self._map(depth, view, f'{kind}flags', False)
             if flags is None or not flags[index]:
                 return False
+            # mapped now, with its flags: another process may unlink a view's shallower files once it is complete
+            # deeper (_drop_shallower), and a map stays readable after the unlink, a path does not
+            if self._map(depth, view, kind, False) is None:
+                return False
         return True
 
     def _drop_shallower(self, depth: int, view: int) -> None:

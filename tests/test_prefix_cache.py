@@ -216,3 +216,21 @@ def test_write_after_a_read_only_open_in_the_same_process(tmp_path):
     c.write(2, [0, 0], [5, 6], {'vis': rows})
     got = c.read(5, 0)
     assert got['depth'] == 2 and torch.equal(got['vis'], rows[0])
+
+
+def test_read_falls_back_when_the_data_file_is_gone(tmp_path):
+    # a view's shallower files are unlinked by the process that completes it deeper (another rank, or the main
+    # process under a worker): a reader that has the flags but not yet the data file treats the row as missing
+    m = tiny()
+    m.set_frozen(1, embed_frozen=True)
+    w = _cache(tmp_path, n=8)
+    w.open()
+    w.set_depth(m, 1)
+    w.write(1, [0], [3], {'vis': torch.randn(1, 1 + KEEP, D)})
+    r = _cache(tmp_path, n=8)
+    r.open()
+    r.set_depth(m, 2)
+    assert r._map(1, 0, 'visflags', False)[3] == 1  # its flags mapped (as by an earlier read)
+    (tmp_path / 'depth1_view0.vis').unlink()
+    got = r.read(3, 0)
+    assert got['depth'] == -1 and not got['vis'].any()
