@@ -209,7 +209,9 @@ class PrefixCache:
         """The rows of (index, view) at the deepest depth <= the current one that has them (``depth``), or zeros
         with depth -1 (a miss). A shallower row is extended by the model (the newly frozen blocks only)."""
         out: Dict[str, Any] = {'depth': -1}
-        d = self.depth if self.depth is not None else -1
+        if self.depth is None:  # nothing frozen yet (this epoch): no row can be used, so none is built and copied
+            return {'depth': -1, 'vis': torch.zeros(0), 'full': torch.zeros(0)}
+        d = self.depth
         while d >= 0 and not self._has(d, view, index):
             d -= 1
         for kind in self._kinds():

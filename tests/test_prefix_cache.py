@@ -234,3 +234,17 @@ def test_read_falls_back_when_the_data_file_is_gone(tmp_path):
     (tmp_path / 'depth1_view0.vis').unlink()
     got = r.read(3, 0)
     assert got['depth'] == -1 and not got['vis'].any()
+
+
+def test_nothing_frozen_reads_empty_rows(tmp_path):
+    # before the first freeze every row is a miss: the loader must not build and ship zero rows of
+    # [1 + keep, D] (and [1 + L, D] with --prefix_target) per image and step
+    c = _cache(tmp_path, n=8, full=True)
+    c.open()
+    got = c.read(3, 0)
+    assert got['depth'] == -1 and got['vis'].numel() == 0 and got['full'].numel() == 0
+    m = tiny()
+    m.set_frozen(1, embed_frozen=True)
+    c.set_depth(m, 1)  # frozen: a missing row keeps its shape (a batch may mix present and missing rows)
+    got = c.read(3, 0)
+    assert got['depth'] == -1 and got['vis'].shape == (1 + KEEP, D) and got['full'].shape == (1 + L, D)
