@@ -207,7 +207,7 @@ class PrefixCache:
 
     def read(self, index: int, view: int) -> Dict[str, Any]:
         """The rows of (index, view) at the deepest depth <= the current one that has them (``depth``), or zeros
-        with depth -1 (a miss). A shallower row is extended by the model (the newly frozen blocks only)."""
+        with depth -1 (a miss; empty tensors while nothing is frozen). A shallower row is extended by the model (the newly frozen blocks only)."""
         out: Dict[str, Any] = {'depth': -1}
         if self.depth is None:  # nothing frozen yet (this epoch): no row can be used, so none is built and copied
             return {'depth': -1, 'vis': torch.zeros(0), 'full': torch.zeros(0)}
