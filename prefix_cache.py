@@ -141,6 +141,9 @@ class PrefixCache:
 
     def _map(self, depth: int, view: int, kind: str, create: bool) -> Optional[np.memmap]:
         key = (depth, view, kind)
+        if create and key in self._maps and self._maps[key].mode == 'r':
+            # opened read-only by read() in this process (no loader workers: a resumed run, another rank's file)
+            del self._maps[key]
         if key not in self._maps:
             path = self._file(depth, view, kind)
             shape = self._shape(kind)
@@ -183,6 +186,10 @@ class PrefixCache:
             flags = self._map(depth, view, f'{kind}flags', False)
             if flags is None or not flags[index]:
                 return False
+            # mapped now, with its flags: another process may unlink a view's shallower files once it is complete
+            # deeper (_drop_shallower), and a map stays readable after the unlink, a path does not
+            if self._map(depth, view, kind, False) is None:
+                return False
         return True
 
     def _drop_shallower(self, depth: int, view: int) -> None:
@@ -200,9 +207,11 @@ class PrefixCache:
 
     def read(self, index: int, view: int) -> Dict[str, Any]:
         """The rows of (index, view) at the deepest depth <= the current one that has them (``depth``), or zeros
-        with depth -1 (a miss). A shallower row is extended by the model (the newly frozen blocks only)."""
+        with depth -1 (a miss; empty tensors while nothing is frozen). A shallower row is extended by the model (the newly frozen blocks only)."""
         out: Dict[str, Any] = {'depth': -1}
-        d = self.depth if self.depth is not None else -1
+        if self.depth is None:  # nothing frozen yet (this epoch): no row can be used, so none is built and copied
+            return {'depth': -1, 'vis': torch.zeros(0), 'full': torch.zeros(0)}
+        d = self.depth
         while d >= 0 and not self._has(d, view, index):
             d -= 1
         for kind in self._kinds():

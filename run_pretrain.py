@@ -163,7 +163,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'memory-mapped fp32 files under DIR (the visible tokens\' output as computed from the visible '
                         'tokens only, and with --prefix_target the full-image features), written in the first epoch '
                         'of each view after a freeze and read instead of running the prefix afterwards; the loss is '
-                        'bit-identical to the uncached run. A deeper freeze rebuilds for the new depth. DIR is '
+                        'bit-identical to the uncached run. A deeper freeze extends the stored rows (only the blocks '
+                        'frozen since run on them). DIR is '
                         'checked against the run (data list, K, seed, mask ratio, shapes; the prefix weights at each '
                         'depth) and refused if foreign or if it would not fit the free disk space; --plan_only '
                         'prints its size and the compute it saves. docs/PREFIX_CACHE.md (default: none: no cache)')

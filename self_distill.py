@@ -128,6 +128,7 @@ class SelfDistill(nn.Module):
         # a list hides the copy from the module tree: not in state_dict(), parameters() or the optimizer
         self._ema: List[_EncoderCopy] = [_EncoderCopy(model)] if ema is not None else []
         self._synced: set = set()  # names of EMA params copied from non-training live params
+        self._pairs: Optional[list] = None  # [(name, ema param, live param)], built at the first update
 
     @property
     def ema(self) -> Optional[_EncoderCopy]:
@@ -162,10 +163,11 @@ class SelfDistill(nn.Module):
         """After an optimizer step: ``ema = M*ema + (1-M)*live`` for training params, a copy for the others."""
         if self.ema is None:
             return
-        live = dict(model.named_parameters())
+        if self._pairs is None:  # once, not per step: parameters keep their identity (to(), load_state_dict)
+            live = dict(model.named_parameters())
+            self._pairs = [(n, e, live[n]) for n, e in self.ema.named_parameters()]
         ema_p, live_p = [], []
-        for n, e in self.ema.named_parameters():
-            p = live[n]
+        for n, e, p in self._pairs:
             if p.requires_grad:
                 ema_p.append(e)
                 live_p.append(p.detach())

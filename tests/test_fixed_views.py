@@ -123,6 +123,8 @@ def test_cli_trains_and_resumes_exactly(demo_root, tmp_path):
 @pytest.mark.parametrize('extra,msg', [
     (['--fixed_views', '-1'], 'error: --fixed_views -1: must be'),
     (['--fixed_views', '2', '--mask_curriculum', 'min:max'], 'error: --fixed_views 2 with --mask_curriculum'),
+    # before the DALI import check: the same line with or without DALI installed
+    (['--fixed_views', '2', '--data_backend', 'dali'], 'error: --fixed_views 2 with --data_backend dali'),
 ])
 def test_cli_errors_are_one_line(demo_root, tmp_path, extra, msg):
     rc, out, err = cli('run_pretrain.py', _args(demo_root, tmp_path / 'o', *extra))

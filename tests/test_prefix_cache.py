@@ -197,3 +197,54 @@ def test_cli_bit_identical_across_freezes_and_a_warm_resume(demo_root, tmp_path)
     for d in (cached, res):
         wb = torch.load(d / 'checkpoint-last.pth', map_location='cpu', weights_only=True)['model']
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_write_after_a_read_only_open_in_the_same_process(tmp_path):
+    # --num_workers 0: read() runs in the main process and opens existing files read-only (a resume, or a file
+    # another rank created); a later write of a missing row of that file must reopen it writable
+    m = tiny()
+    m.set_frozen(2, embed_frozen=True)
+    first = _cache(tmp_path, n=8)
+    first.open()
+    first.set_depth(m, 2)
+    first.write(2, [0, 0], [0, 1], {'vis': torch.randn(2, 1 + KEEP, D)})
+    c = _cache(tmp_path, n=8)  # a new process on the same folder
+    c.open()
+    c.set_depth(m, 2)
+    assert c.read(0, 0)['depth'] == 2 and c.read(5, 0)['depth'] == -1
+    rows = torch.randn(2, 1 + KEEP, D)
+    c.write(2, [0, 0], [5, 6], {'vis': rows})
+    got = c.read(5, 0)
+    assert got['depth'] == 2 and torch.equal(got['vis'], rows[0])
+
+
+def test_read_falls_back_when_the_data_file_is_gone(tmp_path):
+    # a view's shallower files are unlinked by the process that completes it deeper (another rank, or the main
+    # process under a worker): a reader that has the flags but not yet the data file treats the row as missing
+    m = tiny()
+    m.set_frozen(1, embed_frozen=True)
+    w = _cache(tmp_path, n=8)
+    w.open()
+    w.set_depth(m, 1)
+    w.write(1, [0], [3], {'vis': torch.randn(1, 1 + KEEP, D)})
+    r = _cache(tmp_path, n=8)
+    r.open()
+    r.set_depth(m, 2)
+    assert r._map(1, 0, 'visflags', False)[3] == 1  # its flags mapped (as by an earlier read)
+    (tmp_path / 'depth1_view0.vis').unlink()
+    got = r.read(3, 0)
+    assert got['depth'] == -1 and not got['vis'].any()
+
+
+def test_nothing_frozen_reads_empty_rows(tmp_path):
+    # before the first freeze every row is a miss: the loader must not build and ship zero rows of
+    # [1 + keep, D] (and [1 + L, D] with --prefix_target) per image and step
+    c = _cache(tmp_path, n=8, full=True)
+    c.open()
+    got = c.read(3, 0)
+    assert got['depth'] == -1 and got['vis'].numel() == 0 and got['full'].numel() == 0
+    m = tiny()
+    m.set_frozen(1, embed_frozen=True)
+    c.set_depth(m, 1)  # frozen: a missing row keeps its shape (a batch may mix present and missing rows)
+    got = c.read(3, 0)
+    assert got['depth'] == -1 and got['vis'].shape == (1 + KEEP, D) and got['full'].shape == (1 + L, D)

@@ -306,3 +306,23 @@ def test_ddp_two_ranks_with_freezeout_and_ema(demo_root, tmp_path):
     assert recs[-1]['active_stages'] == [1, 3]  # the distilled stages 0, 2 (block 2) went with their block
     ck = torch.load(out / 'checkpoint-last.pth', map_location='cpu', weights_only=True)
     assert 'distill_ema' in ck
+
+
+def test_ema_update_walks_the_model_once_not_every_step():
+    # the EMA update runs after every optimizer step: the (EMA, live) parameter pairs are found once, and a freeze
+    # between steps is still seen (requires_grad is read each step)
+    m = tiny(self_distill=1.0, distill_ema=0.5)
+    calls = []
+    orig = m.named_parameters
+    m.named_parameters = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    hook = m.optimizer_step_hook
+    for _ in range(3):
+        hook()
+    assert len(calls) == 1
+    ema = dict(m.self_distill.ema.named_parameters())
+    with torch.no_grad():
+        for p in m.blocks[1].parameters():
+            p.requires_grad_(False)
+            p.add_(1.0)
+    hook()
+    assert all(torch.equal(ema[f'blocks.1.{n}'], p) for n, p in m.blocks[1].named_parameters())
