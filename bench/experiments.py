@@ -73,8 +73,8 @@ PRETRAIN_ROWS = {
                           'cubic 0.8 + layer dropping of the trained suffix'),
     'grad_norm': (['--freeze_policy', 'grad_norm'], '--grad_percentile',
                   'gradient-signal freezing (AutoFreeze-style), defaults'),
-    'mask_curr': (['--t_0', '1', '--mask_curriculum', 'min:2.5'], '--mask_curriculum',
-                  'no freezing, mask difficulty random -> 2.5 patches'),
+    'mask_curr': (['--t_0', '1', '--mask_curriculum', 'min:max'], '--mask_curriculum',
+                  'no freezing, mask difficulty random (1.27) -> hardest blocks (2.31 on the 8x8 grid)'),
     # issue 22: fixed views, the frozen prefix as target and as cache
     'cubic08_fv4': (['--how_scale', 'cubic', '--t_0', '0.8', '--fixed_views', '4'], '--fixed_views',
                     'cubic 0.8, 4 fixed (view, mask) pairs per image'),
