@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from prefix_target import require_frozen_prefix
 from util.errors import UserError
 
 VERSION = 1
@@ -295,12 +296,7 @@ def check_prefix_cache(args) -> None:
     if not getattr(args, 'fixed_views', 0):
         raise UserError(f'--prefix_cache {root}: needs --fixed_views K (a cached row is reusable only when the image '
                         f'comes back with the same crop, flip and mask)')
-    if not getattr(args, 'freezeout', False):
-        raise UserError(f'--prefix_cache {root}: needs FreezeOut (--t_0/--how_scale or a --freeze_policy): only a '
-                        f'frozen prefix can be cached')
-    if getattr(args, 'dont_freeze_pe', False):
-        raise UserError(f'--prefix_cache {root} with --dont_freeze_pe: the embedding keeps training, so no prefix is '
-                        f'ever frozen; drop --dont_freeze_pe')
+    require_frozen_prefix(args, f'--prefix_cache {root}', 'only a frozen prefix can be cached')
 
 
 def build_cache(args, model: torch.nn.Module, dataset: Any) -> Optional[PrefixCache]:

@@ -107,17 +107,23 @@ def decode_with_prefix(model: nn.Module, latents: Dict[int, torch.Tensor], ids_r
     return losses
 
 
+def require_frozen_prefix(args, flag: str, what: str) -> None:
+    """The refusals shared by the flags that need a frozen prefix (the prefix target, the prefix cache): FreezeOut
+    on, and the embedding allowed to freeze. ``flag``: how the error line names the flag; ``what``: why it needs it."""
+    if not getattr(args, 'freezeout', False):
+        raise UserError(f'{flag}: needs FreezeOut (--t_0/--how_scale or a --freeze_policy): {what}')
+    if getattr(args, 'dont_freeze_pe', False):
+        raise UserError(f'{flag} with --dont_freeze_pe: the embedding keeps training, so no prefix is ever frozen; '
+                        f'drop --dont_freeze_pe')
+
+
 def check_prefix_target(args) -> None:
     """Combinations --prefix_target cannot honour, refused in one line before any work."""
     mode = getattr(args, 'prefix_target', None)
     if mode is None:
         return
-    if not getattr(args, 'freezeout', False):
-        raise UserError(f'--prefix_target {mode}: needs FreezeOut (--t_0/--how_scale or a --freeze_policy): the target '
-                        f'is the frozen prefix, and without freezing nothing is ever frozen')
-    if getattr(args, 'dont_freeze_pe', False):
-        raise UserError(f'--prefix_target {mode} with --dont_freeze_pe: the embedding keeps training, so the prefix '
-                        f'is never frozen and its features would move; drop --dont_freeze_pe')
+    require_frozen_prefix(args, f'--prefix_target {mode}', 'the target is the frozen prefix, and without freezing '
+                                                          'nothing is ever frozen')
 
 
 def prefix_extra_flops(model: nn.Module, input_size: int, mask_ratio: float, device: torch.device

@@ -39,3 +39,21 @@ def cli(script: str, argv: List[str]) -> Tuple[object, str, str]:
     finally:
         sys.argv = old
     return rc, out.getvalue(), err.getvalue()
+
+
+def resume_from_epoch0(script: str, ref: Path, res: Path, argv_for) -> Tuple[dict, dict, List[dict], List[dict]]:
+    """A run in ``res`` resumed from the finished run ``ref``'s ``checkpoint-0.pth`` (its first log record kept), with
+    the same flags: ``argv_for(out_dir)`` -> argv. Returns (ref's, res's last checkpoint, ref's, res's log records),
+    so a test compares an interrupted-and-resumed run with the uninterrupted one."""
+    import json
+    import shutil
+
+    import torch
+    res.mkdir()
+    shutil.copy(ref / 'checkpoint-0.pth', res / 'checkpoint-last.pth')
+    (res / 'log.txt').write_text((ref / 'log.txt').read_text().splitlines(keepends=True)[0])
+    rc, out, err = cli(script, argv_for(res))
+    assert rc == 0 and 'Resumed from' in out, err[-3000:]
+    a, b = (torch.load(d / 'checkpoint-last.pth', map_location='cpu', weights_only=True) for d in (ref, res))
+    logs = [[json.loads(line) for line in (d / 'log.txt').read_text().splitlines()] for d in (ref, res)]
+    return a, b, logs[0], logs[1]

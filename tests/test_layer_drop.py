@@ -5,12 +5,11 @@ the FreezeOut prefix never dropped, off by default and bit-identical at theta = 
 against a brute-force sum, and through the CLI: theta per epoch in log.txt, an exact resume, one-line errors."""
 import json
 import math
-import shutil
 
 import pytest
 import torch
 
-from cli_inproc import cli
+from cli_inproc import cli, resume_from_epoch0
 from conftest import TINY_PRETRAIN_FLAGS
 from freezeout import measure_unit_flops
 from models_mim import LayerDrop, create_model
@@ -165,17 +164,10 @@ def test_cli_logs_theta_and_resumes_exactly(demo_root, tmp_path):
     for r, j in zip(recs, (3, 7)):  # the epoch's last optimizer step j of T = 8
         assert r['layer_drop_theta'] == pytest.approx(0.7 * math.exp(-4 * j / 8) + 0.3)
         assert 0 < r['layer_drop_kept_share'] <= 1
-    res.mkdir()
-    shutil.copy(ref / 'checkpoint-0.pth', res / 'checkpoint-last.pth')
-    (res / 'log.txt').write_text((ref / 'log.txt').read_text().splitlines(keepends=True)[0])
-    rc, out, err = cli('run_pretrain.py', _args(demo_root, res, *flags))
-    assert rc == 0 and 'Resumed from' in out, err[-3000:]
-    a = torch.load(ref / 'checkpoint-last.pth', map_location='cpu', weights_only=True)
-    b = torch.load(res / 'checkpoint-last.pth', map_location='cpu', weights_only=True)
+    a, b, _, rb = resume_from_epoch0('run_pretrain.py', ref, res, lambda d: _args(demo_root, d, *flags))
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     keep = ('train_loss', 'layer_drop_theta', 'layer_drop_kept_share', 'step')
-    assert [{k: r[k] for k in keep} for r in recs] == \
-           [{k: r[k] for k in keep} for r in map(json.loads, (res / 'log.txt').read_text().splitlines())]
+    assert [{k: r[k] for k in keep} for r in recs] == [{k: r[k] for k in keep} for r in rb]
 
 
 @pytest.mark.parametrize('extra,msg', [

@@ -5,13 +5,12 @@ frozen stage's term skipped, and through the CLI: train_distill_loss in log.txt 
 checkpoint and an exact resume, the plan text, one-line errors."""
 import copy
 import json
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cli_inproc import cli
+from cli_inproc import cli, resume_from_epoch0
 from conftest import TINY_PRETRAIN_FLAGS
 from freezeout import measure_unit_flops, step_cost
 from models_mim import create_model
@@ -240,18 +239,11 @@ def test_cli_resume_with_ema_is_exact(demo_root, tmp_path):
     ref, res = tmp_path / 'ref', tmp_path / 'res'
     rc, out, err = cli('run_pretrain.py', _args(demo_root, ref, *flags))
     assert rc == 0, err[-3000:]
-    res.mkdir()
-    shutil.copy(ref / 'checkpoint-0.pth', res / 'checkpoint-last.pth')
-    (res / 'log.txt').write_text((ref / 'log.txt').read_text().splitlines(keepends=True)[0])
-    rc, out, err = cli('run_pretrain.py', _args(demo_root, res, *flags))
-    assert rc == 0 and 'Resumed from' in out, err[-3000:]
-    a = torch.load(ref / 'checkpoint-last.pth', map_location='cpu', weights_only=True)
-    b = torch.load(res / 'checkpoint-last.pth', map_location='cpu', weights_only=True)
+    a, b, ra, rb = resume_from_epoch0('run_pretrain.py', ref, res, lambda d: _args(demo_root, d, *flags))
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     assert all(torch.equal(a['distill_ema'][k], b['distill_ema'][k]) for k in a['distill_ema'])
     keep = ('train_loss', 'train_distill_loss', 'step')
-    assert [{k: r[k] for k in keep} for r in map(json.loads, (ref / 'log.txt').read_text().splitlines())] == \
-           [{k: r[k] for k in keep} for r in map(json.loads, (res / 'log.txt').read_text().splitlines())]
+    assert [{k: r[k] for k in keep} for r in ra] == [{k: r[k] for k in keep} for r in rb]
 
 
 @pytest.mark.parametrize('extra,msg', [
