@@ -607,8 +607,17 @@ def write_frontier(rows: Sequence[Dict[str, Any]], path: str, marks: Sequence[st
         else:
             ax.scatter([x], [y], s=50, color='tab:green' if j in front else 'tab:grey',
                        edgecolors='black' if j in front else 'none', zorder=3)
-        ax.annotate(f"{r['name']} (n={len(r['top1'])})", (x, y), textcoords='offset points', xytext=(6, 4),
-                    fontsize=8)
+    # labels: rows at about the same place (many rows save 0%) get their names stacked instead of overprinted
+    span = max(1e-9, max(y for _, y in mean) - min(y for _, y in mean))
+    step, placed = span / 28, []
+    for j in sorted(range(len(rows)), key=lambda j: -mean[j][1]):
+        x, y = mean[j]
+        ly = y
+        while any(abs(px - x) < 4.5 and abs(py - ly) < step for px, py in placed):
+            ly -= step
+        placed.append((x, ly))
+        ax.annotate(f"{rows[j]['name']} (n={len(rows[j]['top1'])})", (x, y), xytext=(x + 0.35, ly), fontsize=7,
+                    va='center', arrowprops=dict(arrowstyle='-', color='grey', lw=0.4) if ly != y else None)
     fr = sorted(front, key=lambda j: mean[j][0])
     ax.plot([mean[j][0] for j in fr], [mean[j][1] for j in fr], color='tab:green', alpha=0.6, linewidth=1,
             label='front (no row saves more and is more accurate)', zorder=2)
