@@ -85,7 +85,7 @@ PRETRAIN_ROWS = {
                             'cubic08_fv4, the frozen prefix\'s features replace HOG after a freeze'),
     'cubic08_fv4_cache': (['--how_scale', 'cubic', '--t_0', '0.8', '--fixed_views', '4', '--prefix_cache',
                            '{run}/prefix_cache'], '--prefix_cache',
-                          'cubic08_fv4 with the frozen prefix read from a cache (same numbers, less compute)'),
+                          'cubic08_fv4 with the frozen prefix read from a cache (the same numbers)'),
     'cubic08_fv4_add_cache': (['--how_scale', 'cubic', '--t_0', '0.8', '--fixed_views', '4', '--prefix_target', 'add',
                                '--prefix_cache', '{run}/prefix_cache'], '--prefix_cache',
                               'cubic08_fv4_add with the prefix and its full-image features cached'),
