@@ -9,7 +9,9 @@ and write them where absent; a batch is served from the cache when all its rows 
 current one: shallower rows are extended), otherwise it runs the prefix on the whole batch (the same batch shape as
 the uncached run) and writes its rows.
 
-Layout under DIR (fp32, the dtype the prefix computes in, so a hit is bit-identical):
+Layout under DIR (fp32 by default, the dtype the prefix computes in, so a hit is bit-identical;
+``--prefix_cache_dtype float16|bfloat16`` halves the files and rounds every stored value: a hit is then close, not
+equal):
     cache.json                    run fingerprint: data list hash, images, K, seed, mask ratio, shapes
     depth{d}.json                 sha256 of the frozen prefix's weights at depth d (embedding + d blocks)
     depth{d}_view{v}.vis|.full    memory-mapped [N, 1 + keep, D] / [N, 1 + L, D] rows, indexed by dataset index
@@ -38,6 +40,23 @@ from prefix_target import require_frozen_prefix
 from util.errors import UserError
 
 VERSION = 1
+# storage dtypes: numpy's for the memmap, and how a stored row becomes the fp32 tensor the model computes with.
+# bfloat16 has no numpy dtype: its bits are stored as int16 and viewed back (an exact round trip of the bf16 value)
+STORAGE = {'float32': np.float32, 'float16': np.float16, 'bfloat16': np.int16}
+
+
+def to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
+    """fp32 rows -> the array written to a ``dtype`` file (rounded to nearest for the 16-bit dtypes)."""
+    t = t.detach().to('cpu', torch.float32)
+    if dtype == 'bfloat16':
+        return t.to(torch.bfloat16).view(torch.int16).numpy()
+    return t.to(torch.float16).numpy() if dtype == 'float16' else t.numpy()
+
+
+def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """Rows read from a ``dtype`` file -> fp32."""
+    t = torch.from_numpy(np.array(a))
+    return t.view(torch.bfloat16).float() if dtype == 'bfloat16' else t.float()
 
 
 def data_list_hash(samples: Sequence) -> str:
@@ -85,12 +104,15 @@ class PrefixCache:
     """Rows of the frozen prefix per (depth, view, image); see the module doc."""
 
     def __init__(self, root: str, num_images: int, views: int, keep: int, num_patches: int, dim: int,
-                 full: bool, fingerprint: Dict[str, Any]):
+                 full: bool, fingerprint: Dict[str, Any], dtype: str = 'float32'):
         self.root, self.n, self.views, self.keep, self.L, self.dim = root, int(num_images), int(views), int(keep), \
             int(num_patches), int(dim)
         self.full = bool(full)
+        if dtype not in STORAGE:
+            raise UserError(f"--prefix_cache_dtype {dtype}: choose {', '.join(STORAGE)}")
+        self.dtype = dtype
         self.fingerprint = dict(fingerprint, version=VERSION, images=self.n, views=self.views, keep=self.keep,
-                                num_patches=self.L, dim=self.dim, full=self.full, dtype='float32')
+                                num_patches=self.L, dim=self.dim, full=self.full, dtype=dtype)
         self.depth: Optional[int] = None  # the depth rows are served and written for
         self._maps: Dict[tuple, np.memmap] = {}
         self._checked: Dict[int, str] = {}
@@ -100,7 +122,7 @@ class PrefixCache:
 
     def bytes_per_view(self) -> int:
         row = (1 + self.keep) * self.dim + ((1 + self.L) * self.dim if self.full else 0)
-        return self.n * (4 * row + (2 if self.full else 1))
+        return self.n * (np.dtype(STORAGE[self.dtype]).itemsize * row + (2 if self.full else 1))
 
     def bytes_on_disk(self) -> int:
         """The cache at one depth: K views (a view's shallower rows are deleted once it is complete at a deeper
@@ -148,7 +170,7 @@ class PrefixCache:
         if key not in self._maps:
             path = self._file(depth, view, kind)
             shape = self._shape(kind)
-            dtype = np.uint8 if kind.endswith('flags') else np.float32
+            dtype = np.uint8 if kind.endswith('flags') else STORAGE[self.dtype]
             if create:
                 size = int(np.prod(shape)) * np.dtype(dtype).itemsize
                 _create_once(path, lambda tmp: open(tmp, 'wb').truncate(size))  # sparse zeros
@@ -216,7 +238,7 @@ class PrefixCache:
         while d >= 0 and not self._has(d, view, index):
             d -= 1
         for kind in self._kinds():
-            out[kind] = (torch.from_numpy(np.array(self._map(d, view, kind, False)[index])) if d >= 0
+            out[kind] = (from_storage(self._map(d, view, kind, False)[index], self.dtype) if d >= 0
                          else torch.zeros(self._shape(kind)[1:]))
         if not self.full:
             out['full'] = torch.zeros(0)
@@ -236,7 +258,7 @@ class PrefixCache:
                     todo.setdefault(v, []).append(b)
             if not todo:
                 continue
-            arr = t.detach().to('cpu', torch.float32).numpy()  # a fill batch only: hit batches never come here
+            arr = to_storage(t, self.dtype)  # a fill batch only: hit batches never come here
             for v, rows in todo.items():
                 idx = [index[b] for b in rows]
                 mm = self._map(depth, v, kind, True)
@@ -291,7 +313,10 @@ def store(model: torch.nn.Module, cached: Optional[Dict[str, Any]], kind: str, r
 def check_prefix_cache(args) -> None:
     """Combinations --prefix_cache cannot honour, refused in one line before any work."""
     root = getattr(args, 'prefix_cache', None)
+    dtype = getattr(args, 'prefix_cache_dtype', 'float32')
     if not root:
+        if dtype != 'float32':  # a storage dtype with nothing stored would be ignored silently
+            raise UserError(f'--prefix_cache_dtype {dtype}: needs --prefix_cache DIR')
         return
     if not getattr(args, 'fixed_views', 0):
         raise UserError(f'--prefix_cache {root}: needs --fixed_views K (a cached row is reusable only when the image '
@@ -306,7 +331,7 @@ def build_cache(args, model: torch.nn.Module, dataset: Any) -> Optional[PrefixCa
     fp = {'data': data_list_hash(dataset.samples), 'seed': int(args.seed), 'mask_ratio': float(args.mask_ratio),
           'input_size': int(args.input_size), 'patch_size': int(model.patch_size), 'model': args.model}
     return PrefixCache(args.prefix_cache, len(dataset), args.fixed_views, keep, model.num_patches, model.embed_dim,
-                       model.prefix is not None, fp)
+                       model.prefix is not None, fp, getattr(args, 'prefix_cache_dtype', 'float32'))
 
 
 def cache_plan(cache: PrefixCache, freezer: Any, flops: Dict[str, Any], steps_per_epoch: int, epochs: int,
@@ -332,6 +357,7 @@ def cache_plan(cache: PrefixCache, freezer: Any, flops: Dict[str, Any], steps_pe
     base = step_cost(flops, 0, freezer.dont_freeze_pe) * T
     fo = decided_saving(freezer, flops, T)
     return (f'prefix cache {cache.root}: {cache.bytes_on_disk() / 2**30:.3f} GiB on disk at one depth ({views} views '
-            f'x {cache.n} images x {cache.bytes_per_view() / cache.n / 1024:.1f} KiB, fp32); {served} of {epochs} '
+            f'x {cache.n} images x {cache.bytes_per_view() / cache.n / 1024:.1f} KiB, {cache.dtype}); {served} of '
+            f'{epochs} '
             f'epochs read it; saves {100 * saved / base:.1f}% of the no-freeze training FLOPs (FLOP model) on top of '
             f'the {100 * fo:.1f}% planned without it')

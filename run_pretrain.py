@@ -168,6 +168,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         'checked against the run (data list, K, seed, mask ratio, shapes; the prefix weights at each '
                         'depth) and refused if foreign or if it would not fit the free disk space; --plan_only '
                         'prints its size and the compute it saves. docs/PREFIX_CACHE.md (default: none: no cache)')
+    g.add_argument('--prefix_cache_dtype', default='float32', choices=['float32', 'float16', 'bfloat16'],
+                   help='with --prefix_cache: the dtype of the stored rows. float32 is bit-identical to the uncached '
+                        'run; float16 / bfloat16 halve the files and round every stored value (relative error '
+                        '<= 2^-11 / 2^-8 per value), so a cached batch is close to, not equal to, the uncached one '
+                        '(docs/PREFIX_CACHE.md gives the measured loss and k-NN difference) (default: float32)',
+                   defines_run=True)
     g.add_argument('--stage_weights', default='equal', type=str,
                    help=f'per-stage loss weights, shallow->deep: {models_mim.STAGE_WEIGHTS_HELP} (default: equal)',
                    domain=models_mim.check_stage_weights, defines_run=True)

@@ -78,6 +78,12 @@ PRETRAIN_ROWS = {
     # issue 22: fixed views, the frozen prefix as target and as cache
     'cubic08_fv4': (['--how_scale', 'cubic', '--t_0', '0.8', '--fixed_views', '4'], '--fixed_views',
                     'cubic 0.8, 4 fixed (view, mask) pairs per image'),
+    'cubic08_fv4_cache_fp16': (['--how_scale', 'cubic', '--t_0', '0.8', '--fixed_views', '4', '--prefix_cache',
+                                '{run}/prefix_cache', '--prefix_cache_dtype', 'float16'], '--prefix_cache_dtype',
+                               'cubic08_fv4_cache with fp16 rows (half the disk; close, not equal)'),
+    'cubic08_fv4_cache_bf16': (['--how_scale', 'cubic', '--t_0', '0.8', '--fixed_views', '4', '--prefix_cache',
+                                '{run}/prefix_cache', '--prefix_cache_dtype', 'bfloat16'], '--prefix_cache_dtype',
+                               'cubic08_fv4_cache with bf16 rows (half the disk; close, not equal)'),
     'cubic08_fv4_add': (['--how_scale', 'cubic', '--t_0', '0.8', '--fixed_views', '4', '--prefix_target', 'add'],
                         '--prefix_target', 'cubic08_fv4 + the frozen prefix\'s features as a second target'),
     'cubic08_fv4_replace': (['--how_scale', 'cubic', '--t_0', '0.8', '--fixed_views', '4', '--prefix_target',
@@ -103,7 +109,7 @@ ROW_SETS = {
                 'self_distill_01', 'self_distill_ema_01', 'taps_all',
                 'taps_all_cubic08', 'taps_36', 'layerdrop', 'layerdrop_cubic08', 'grad_norm', 'mask_curr'],
     'issue22': ['nofreeze', 'cubic08', 'cubic08_fv4', 'cubic08_fv4_add', 'cubic08_fv4_replace', 'cubic08_fv4_cache',
-                'cubic08_fv4_add_cache'],
+                'cubic08_fv4_cache_fp16', 'cubic08_fv4_cache_bf16', 'cubic08_fv4_add_cache'],
     'finetune': list(FINETUNE_ROWS),
 }
 REFERENCES = ('nofreeze', 'cubic08')  # every row is compared with these, seed by seed

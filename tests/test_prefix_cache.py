@@ -147,7 +147,7 @@ def test_plan_only_prints_the_size_and_creates_nothing(demo_root, tmp_path):
     assert rc == 0, err[-3000:]
     line = next(l for l in out.splitlines() if l.startswith('prefix cache'))
     kib = (4 * (1 + KEEP) * D + 1) / 1024
-    assert f'(2 views x 32 images x {kib:.1f} KiB, fp32); ' in line and 'on top of the' in line
+    assert f'(2 views x 32 images x {kib:.1f} KiB, float32); ' in line and 'on top of the' in line
     assert not (tmp_path / 'c').exists()
 
 
@@ -160,6 +160,29 @@ def test_cli_refusals_are_one_line(demo_root, tmp_path, extra, msg):
     lines = [l for l in err.splitlines() if l.strip()]
     assert rc != 0 and len(lines) == 1 and msg in lines[0], err
     assert not (tmp_path / 'o').exists() and not (tmp_path / 'c').exists()
+
+
+def test_cli_storage_dtype_without_a_cache_refused(demo_root, tmp_path):
+    rc, out, err = cli('run_pretrain.py', _args(demo_root, tmp_path / 'o', '--prefix_cache_dtype', 'float16'))
+    assert rc != 0 and err.strip().splitlines() == ['error: --prefix_cache_dtype float16: needs --prefix_cache DIR']
+
+
+@pytest.mark.slow
+def test_cli_half_precision_cache_trains_close_to_the_uncached_run(demo_root, tmp_path):
+    """fp16 rows: the losses of the epochs that read the cache differ from the uncached run's (rounded inputs),
+    but by far less than the loss itself; the epochs before any cached read are identical."""
+    ref, half = tmp_path / 'ref', tmp_path / 'half'
+    rc, out, err = cli('run_pretrain.py', _args(demo_root, ref))
+    assert rc == 0, err[-3000:]
+    rc, out, err = cli('run_pretrain.py', _args(demo_root, half, '--prefix_cache', tmp_path / 'c',
+                                                '--prefix_cache_dtype', 'float16'))
+    assert rc == 0, err[-3000:]
+    a = [json.loads(l)['train_loss'] for l in (ref / 'log.txt').read_text().splitlines()]
+    b = [json.loads(l) for l in (half / 'log.txt').read_text().splitlines()]
+    read = [i for i, r in enumerate(b) if r.get('prefix_cache_hit_share', 0) + r.get('prefix_cache_extend_share', 0)]
+    assert read and a[:read[0]] == [r['train_loss'] for r in b][:read[0]]
+    assert [r['train_loss'] for r in b] != a
+    assert all(abs(r['train_loss'] - x) < 1e-2 * x for r, x in zip(b, a))
 
 
 def test_cli_foreign_cache_refused(demo_root, tmp_path):
@@ -248,3 +271,25 @@ def test_nothing_frozen_reads_empty_rows(tmp_path):
     c.set_depth(m, 1)  # frozen: a missing row keeps its shape (a batch may mix present and missing rows)
     got = c.read(3, 0)
     assert got['depth'] == -1 and got['vis'].shape == (1 + KEEP, D) and got['full'].shape == (1 + L, D)
+
+
+@pytest.mark.parametrize('dtype,rel', [('float16', 2.0 ** -11), ('bfloat16', 2.0 ** -8)])
+def test_half_precision_storage_rounds_within_its_bound_and_halves_the_files(tmp_path, dtype, rel):
+    """--prefix_cache_dtype: rows come back as fp32 within the dtype's rounding (relative error <= 2^-11 fp16, 2^-8
+    bf16, for normal values), the files are half the fp32 size, and the dtype is part of the fingerprint."""
+    from prefix_cache import PrefixCache, from_storage, to_storage
+    from util.errors import UserError
+    torch.manual_seed(0)
+    rows = torch.randn(3, 5, 8) * 4
+    back = from_storage(to_storage(rows, dtype), dtype)
+    assert back.dtype == torch.float32 and back.shape == rows.shape
+    assert ((back - rows).abs() <= rel * rows.abs()).all()
+    assert not torch.equal(back, rows)  # it does round
+    assert torch.equal(from_storage(to_storage(rows, 'float32'), 'float32'), rows)
+    args = dict(num_images=4, views=2, keep=4, num_patches=16, dim=8, full=True, fingerprint={'seed': 0})
+    assert PrefixCache(str(tmp_path / 'h'), dtype=dtype, **args).bytes_per_view() == \
+        4 * (2 * (5 * 8 + 17 * 8) + 2)
+    assert PrefixCache(str(tmp_path / 'f'), **args).bytes_per_view() == 4 * (4 * (5 * 8 + 17 * 8) + 2)
+    PrefixCache(str(tmp_path / 'c'), dtype=dtype, **args).open()
+    with pytest.raises(UserError, match=r'holds the cache of another run \(dtype differ\)'):
+        PrefixCache(str(tmp_path / 'c'), **args).open()
